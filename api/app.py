@@ -1,0 +1,121 @@
+"""`comfy-worker api`: build the wrapper from settings and serve it until SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+
+from api.comfy import ClientTimeouts, ComfyClient
+from api.inputs import InputFetcher
+from api.modifiers import BUILTIN_DIR, ModifierRegistry
+from api.s3 import S3Settings, S3Uploader
+from api.server import build_app
+from api.service import GenerationService
+from api.store import ResultStore
+from api.webhooks import WebhookDispatcher, WebhookSettings
+from config import Settings
+
+logger = logging.getLogger(__name__)
+
+
+def s3_defaults(settings: Settings) -> S3Settings:
+    s = settings.s3
+    return S3Settings(access_key_id=s.access_key_id, secret_access_key=s.secret_access_key,
+                      bucket_name=s.bucket_name, endpoint_url=s.endpoint_url, region=s.region)
+
+
+def webhook_defaults(settings: Settings) -> WebhookSettings:
+    w = settings.webhook
+    return WebhookSettings(url=w.url, timeout=w.timeout, secret=w.secret, extra_params={})
+
+
+def modifier_registry(settings: Settings) -> ModifierRegistry:
+    folders = [BUILTIN_DIR]
+    if settings.api.modifiers_dir is not None:
+        folders.append(Path(settings.api.modifiers_dir))
+    return ModifierRegistry(folders, limit=lambda name: settings.get(name))
+
+
+class WrapperRuntime:
+    """Everything the wrapper owns, created in order and closed in reverse."""
+
+    def __init__(self, settings: Settings, *, port: int | None = None, host: str | None = None):
+        self.settings = settings
+        self.host = host or settings.api.host
+        self.port = port or settings.api.port
+        self.runner: web.AppRunner | None = None
+        self.session: aiohttp.ClientSession | None = None
+        self.client: ComfyClient | None = None
+        self.uploader: S3Uploader | None = None
+        self.webhooks: WebhookDispatcher | None = None
+        self.service: GenerationService | None = None
+
+    async def start(self) -> None:
+        s = self.settings
+        state = Path(s.worker.state_dir)
+        output_dir = s.comfyui_output_dir
+        self.session = aiohttp.ClientSession()
+        self.client = ComfyClient(s.comfyui.url, output_dir=output_dir,
+                                  timeouts=ClientTimeouts(ws_idle=s.api.ws_idle_timeout))
+        self.uploader = S3Uploader(max_parallel=s.s3.max_parallel, retries=s.s3.retries,
+                                   presign_expiry=s.s3.presign_expiry)
+        self.webhooks = WebhookDispatcher(
+            spool_dir=state / "webhooks", retries=s.webhook.retries,
+            backoff_initial=s.webhook.backoff_initial, backoff_max=s.webhook.backoff_max,
+            max_age=s.webhook.spool_max_age,
+            allow_private_targets=s.webhook.allow_private_targets,
+            trusted_urls={s.webhook.url} if s.webhook.url else set())
+        await self.webhooks.start()
+        self.service = GenerationService(
+            client=self.client, registry=modifier_registry(s),
+            store=ResultStore(state / "results", s.api.result_ttl, s.api.result_max),
+            fetcher=InputFetcher(self.session, s.api.input_max_bytes, s.api.input_timeout,
+                                 s.api.allow_private_inputs),
+            uploader=self.uploader, webhooks=self.webhooks, s3_defaults=s3_defaults(s),
+            webhook_defaults=webhook_defaults(s), output_dir=output_dir,
+            queue_size=s.api.queue_size, request_timeout=s.api.request_timeout,
+            base64_max_bytes=s.api.base64_max_bytes,
+            allow_private_webhooks=s.webhook.allow_private_targets)
+        await self.service.start()
+        app = build_app(self.service, max_body_bytes=s.api.max_body_bytes,
+                        max_json_depth=s.worker.max_json_depth)
+        # handler_cancellation: a client that hangs up on /generate/sync cancels its request.
+        self.runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, self.host, self.port)
+        await site.start()
+        logger.info("API wrapper listening on http://%s:%d (ComfyUI at %s)", self.host, self.port,
+                    s.comfyui.url)
+
+    async def close(self) -> None:
+        if self.runner:
+            await self.runner.cleanup()
+        if self.service:
+            await self.service.stop()
+        if self.webhooks:
+            await self.webhooks.close()
+        if self.uploader:
+            await self.uploader.close()
+        if self.client:
+            await self.client.close()
+        if self.session:
+            await self.session.close()
+
+
+async def serve(settings: Settings, *, port: int | None = None, host: str | None = None) -> None:
+    runtime = WrapperRuntime(settings, port=port, host=host)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await runtime.start()
+        await stop.wait()
+        logger.info("API wrapper stopping")
+    finally:
+        await runtime.close()

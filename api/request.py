@@ -1,0 +1,205 @@
+"""The request contract: turn a body into a `GenerateRequest`, or into a list of clear problems.
+
+Every problem is reported at once, keyed by the field it concerns, so a client fixes its request in
+one round trip: ``{"error": "invalid request", "errors": {"input.modifier": "..."}}``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_INPUT_KEYS = {"request_id", "modifier", "modifications", "workflow_json", "s3", "webhook",
+               "return_outputs_as_base64", "handler"}
+_S3_KEYS = {"access_key_id", "secret_access_key", "endpoint_url", "bucket_name", "region"}
+_WEBHOOK_KEYS = {"url", "extra_params", "secret", "timeout"}
+
+UI_FORMAT_HINT = (
+    "workflow_json looks like a UI-format export (it has 'nodes' and 'links'); the API needs the "
+    "API format: in ComfyUI use Workflow > Export (API) (older versions: enable dev mode in the "
+    "settings, then 'Save (API Format)') and send that file's content")
+
+
+class RequestInvalid(Exception):
+    """A request that breaks the contract; `problems` maps a field to what is wrong with it."""
+
+    def __init__(self, problems: dict[str, str], request_id: str | None = None):
+        self.problems = problems
+        self.request_id = request_id
+        super().__init__("; ".join(f"{k}: {v}" for k, v in problems.items()))
+
+    def body(self) -> dict[str, Any]:
+        count = len(self.problems)
+        body: dict[str, Any] = {
+            "error": f"invalid request: {count} problem{'s' if count != 1 else ''}",
+            "errors": self.problems,
+            "status": "failed",
+        }
+        if self.request_id:
+            body["id"] = self.request_id
+        return body
+
+
+@dataclass
+class GenerateRequest:
+    request_id: str
+    modifier: str | None = None
+    modifications: dict[str, Any] = field(default_factory=dict)
+    workflow: dict[str, Any] | None = None
+    s3: dict[str, Any] | None = None
+    webhook: dict[str, Any] | None = None
+    return_base64: bool = False
+    include_comfyui_response: bool = False
+    id_was_given: bool = False
+
+    def to_record(self) -> dict[str, Any]:
+        """What is persisted about the request (no credentials)."""
+        return {"request_id": self.request_id, "modifier": self.modifier,
+                "mode": "modifier" if self.modifier else "workflow_json"}
+
+
+def json_depth(value: Any, limit: int) -> bool:
+    """True when `value` nests no deeper than `limit` (iterative: no recursion on hostile input)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return False
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+    return True
+
+
+def parse_json_body(raw: bytes, max_depth: int = 64) -> Any:
+    """Decode a body, raising RequestInvalid with the position of a syntax error."""
+    if not raw.strip():
+        raise RequestInvalid({"body": "empty; expected a JSON object like {\"input\": {...}}"})
+    try:
+        data = json.loads(raw)
+    except UnicodeDecodeError:
+        raise RequestInvalid({"body": "not UTF-8 text"}) from None
+    except json.JSONDecodeError as exc:
+        raise RequestInvalid({"body": f"not valid JSON: {exc.msg} at line {exc.lineno} "
+                                      f"column {exc.colno}"}) from None
+    except RecursionError:
+        raise RequestInvalid({"body": f"nested deeper than {max_depth} levels"}) from None
+    if not json_depth(data, max_depth):
+        raise RequestInvalid({"body": f"nested deeper than {max_depth} levels"})
+    return data
+
+
+def check_api_graph(workflow: Any, problems: dict[str, str], where: str = "input.workflow_json"
+                    ) -> None:
+    """An API-format graph is {node id: {"class_type": str, "inputs": {...}}}."""
+    if not isinstance(workflow, dict):
+        problems[where] = "expected an object (a ComfyUI API-format workflow)"
+        return
+    if isinstance(workflow.get("nodes"), list) or "links" in workflow or "last_node_id" in workflow:
+        problems[where] = UI_FORMAT_HINT
+        return
+    if not workflow:
+        problems[where] = "empty; expected a ComfyUI API-format workflow"
+        return
+    for node_id, node in workflow.items():
+        if not isinstance(node, dict):
+            problems[f"{where}.{node_id}"] = "expected a node object with class_type and inputs"
+        elif not isinstance(node.get("class_type"), str) or not node.get("class_type"):
+            problems[f"{where}.{node_id}.class_type"] = "missing; every node needs its class_type"
+        elif "inputs" in node and not isinstance(node["inputs"], dict):
+            problems[f"{where}.{node_id}.inputs"] = "expected an object"
+
+
+def _check_block(block: Any, name: str, keys: set[str], problems: dict[str, str]) -> None:
+    if block is None:
+        return
+    if not isinstance(block, dict):
+        problems[f"input.{name}"] = "expected an object"
+        return
+    for key, value in block.items():
+        if key not in keys:
+            problems[f"input.{name}.{key}"] = f"unknown key (known: {', '.join(sorted(keys))})"
+        elif key == "extra_params":
+            if not isinstance(value, dict):
+                problems[f"input.{name}.{key}"] = "expected an object"
+        elif key == "timeout":
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                problems[f"input.{name}.{key}"] = "expected a positive number of seconds"
+        elif not isinstance(value, str):
+            problems[f"input.{name}.{key}"] = "expected a string"
+
+
+def parse_request(data: Any, *, headers: dict[str, str] | None = None) -> GenerateRequest:
+    """Validate a decoded body against the contract (structure only; modifiers are checked later)."""
+    headers = {k.lower(): v for k, v in (headers or {}).items()}
+    if not isinstance(data, dict):
+        raise RequestInvalid({"body": "expected a JSON object like {\"input\": {...}}"})
+    if "input" not in data:
+        hint = " (behind the autoscaler, send it as payload)" if "auth_data" in data else ""
+        raise RequestInvalid({"input": "missing; the body must be {\"input\": {...}}" + hint})
+    body = data["input"]
+    if not isinstance(body, dict):
+        raise RequestInvalid({"input": "expected an object"})
+
+    problems: dict[str, str] = {}
+    raw_id = body.get("request_id")
+    request_id = ""
+    if raw_id is None or raw_id == "":
+        request_id = str(uuid.uuid4())
+    elif not isinstance(raw_id, str):
+        problems["input.request_id"] = "expected a string"
+    elif not REQUEST_ID_RE.match(raw_id):
+        problems["input.request_id"] = ("only letters, digits, '.', '_' and '-' (at most 128, "
+                                        "not starting with '.', '_' or '-'): it names a folder")
+    else:
+        request_id = raw_id
+
+    for key in body:
+        if key not in _INPUT_KEYS:
+            problems[f"input.{key}"] = "unknown key (known: " + ", ".join(
+                sorted(_INPUT_KEYS - {"handler"})) + ")"
+
+    modifier = body.get("modifier")
+    workflow = body.get("workflow_json")
+    modifications = body.get("modifications")
+    has_modifier = modifier not in (None, "")
+    has_workflow = workflow not in (None, {}, "")
+    if has_modifier and has_workflow:
+        problems["input"] = "give either modifier (with modifications) or workflow_json, not both"
+    elif not has_modifier and not has_workflow:
+        problems["input"] = "give either modifier (with modifications) or workflow_json"
+    if has_modifier and not isinstance(modifier, str):
+        problems["input.modifier"] = "expected the name of a modifier"
+    if modifications not in (None, {}) and not has_modifier:
+        problems["input.modifications"] = "only allowed together with modifier"
+    if modifications is not None and not isinstance(modifications, dict):
+        problems["input.modifications"] = "expected an object of key: value"
+    if has_workflow and not has_modifier:
+        check_api_graph(workflow, problems)
+
+    _check_block(body.get("s3"), "s3", _S3_KEYS, problems)
+    _check_block(body.get("webhook"), "webhook", _WEBHOOK_KEYS, problems)
+
+    flag = body.get("return_outputs_as_base64", False)
+    if not isinstance(flag, bool):
+        problems["input.return_outputs_as_base64"] = "expected true or false"
+        flag = False
+    if headers.get("x-return-outputs-as-base64", "").strip().lower() in ("1", "true", "yes"):
+        flag = True
+    include = headers.get("x-include-comfyui-response", "").strip().lower() in ("1", "true", "yes")
+
+    if problems:
+        raise RequestInvalid(problems, request_id or None)
+    return GenerateRequest(
+        request_id=request_id,
+        modifier=modifier if has_modifier else None,
+        modifications=dict(modifications or {}),
+        workflow=workflow if has_workflow else None,
+        s3=body.get("s3"), webhook=body.get("webhook"),
+        return_base64=flag, include_comfyui_response=include,
+        id_was_given=bool(raw_id))

@@ -1,0 +1,415 @@
+"""The generation service: a bounded FIFO in front of ComfyUI, one prompt at a time.
+
+Each request goes through three stages:
+
+1. *prepare* (right after it is accepted, in parallel with other requests): apply the modifier,
+   fetch and upload input images — so downloads never keep ComfyUI idle;
+2. *generate* (the single runner, in arrival order): submit the graph, follow it to the end;
+3. *finish* (a task of its own, so the runner moves on at once): collect the output files into
+   the request's folder, inline base64, upload to S3, store the result, send the webhook.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from api.comfy import (
+    ComfyClient,
+    ComfyConnectionError,
+    ComfyError,
+    Finished,
+    PromptRejected,
+    PromptStatus,
+    PromptVanished,
+)
+from api.comfy import Progress as ProgressEvent
+from api.inputs import InputError, InputFetcher, looks_like_image_reference
+from api.jobs import FailureKind, Job, JobStatus, now_ms
+from api.modifiers import ModifierRegistry, replace_random_ints
+from api.outputs import collect, inline_base64
+from api.request import GenerateRequest, RequestInvalid
+from api.s3 import S3Settings, S3Uploader, UploadItem
+from api.s3 import merge as merge_s3
+from api.store import ResultStore
+from api.webhooks import WebhookDispatcher, WebhookSettings
+from api.webhooks import merge as merge_webhook
+
+logger = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    pass
+
+
+class DuplicateRequest(Exception):
+    pass
+
+
+class GenerationService:
+    def __init__(self, *, client: ComfyClient, registry: ModifierRegistry, store: ResultStore,
+                 fetcher: InputFetcher, uploader: S3Uploader | None,
+                 webhooks: WebhookDispatcher | None, s3_defaults: S3Settings,
+                 webhook_defaults: WebhookSettings, output_dir: Path, queue_size: int,
+                 request_timeout: float, base64_max_bytes: int,
+                 allow_private_webhooks: bool = False):
+        self.client = client
+        self.registry = registry
+        self.store = store
+        self.fetcher = fetcher
+        self.uploader = uploader
+        self.webhooks = webhooks
+        self.s3_defaults = s3_defaults
+        self.webhook_defaults = webhook_defaults
+        self.output_dir = output_dir
+        self.queue_size = queue_size
+        self.request_timeout = request_timeout
+        self.base64_max_bytes = base64_max_bytes
+        self.allow_private_webhooks = allow_private_webhooks
+        self.active: dict[str, Job] = {}
+        self.current: Job | None = None
+        self.last_event_at: float | None = None  # monotonic, while a prompt runs
+        self.served = collections.Counter()
+        self._pending: collections.deque[Job] = collections.deque()
+        self._wakeup = asyncio.Event()
+        self._runner: asyncio.Task | None = None
+        self._background: set[asyncio.Task] = set()
+
+    # --- lifecycle ------------------------------------------------------------------------------
+    async def start(self) -> None:
+        recovered = await asyncio.to_thread(self.store.load)
+        if recovered:
+            logger.info("result store: %d earlier results available", recovered)
+        self._runner = asyncio.create_task(self._run(), name="generation-runner")
+
+    async def stop(self) -> None:
+        if self._runner:
+            self._runner.cancel()
+            await asyncio.gather(self._runner, return_exceptions=True)
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+
+    # --- intake ---------------------------------------------------------------------------------
+    def queue_depth(self) -> int:
+        return len(self._pending)
+
+    def position(self, job: Job) -> int:
+        """1-based place in the queue; 0 when running or done."""
+        try:
+            return self._pending.index(job) + 1
+        except ValueError:
+            return 0
+
+    def submit(self, request: GenerateRequest) -> Job:
+        """Accept a valid request (raises RequestInvalid, DuplicateRequest or QueueFull)."""
+        if request.request_id in self.active:
+            raise DuplicateRequest(request.request_id)
+        if len(self._pending) >= self.queue_size:
+            raise QueueFull()
+        graph = self._build_graph(request)
+        job = Job(request)
+        job.prepared = asyncio.get_running_loop().create_future()
+        self.active[job.id] = job
+        self._pending.append(job)
+        self._spawn(self._prepare(job, graph), f"prepare-{job.id}")
+        self._spawn(self.store.save(job.to_record()), f"persist-{job.id}")
+        self._wakeup.set()
+        self._announce(job)
+        return job
+
+    def _build_graph(self, request: GenerateRequest) -> dict[str, Any]:
+        if request.modifier:
+            modifier = self.registry.get(request.modifier)
+            if modifier is None:
+                known = ", ".join(self.registry.names()) or "none"
+                raise RequestInvalid({"input.modifier": f"unknown modifier '{request.modifier}' "
+                                                        f"(known: {known})"}, request.request_id)
+            applied, problems = self.registry.apply(modifier, request.modifications)
+            if problems:
+                raise RequestInvalid(problems, request.request_id)
+            return applied.graph
+        return replace_random_ints(request.workflow)
+
+    def get(self, request_id: str) -> Job | dict[str, Any] | None:
+        return self.active.get(request_id) or self.store.get(request_id)
+
+    async def cancel(self, request_id: str) -> Job | dict[str, Any] | None:
+        job = self.active.get(request_id)
+        if job is None:
+            return self.store.get(request_id)
+        if job.status.terminal:
+            return job
+        job.cancel_requested = True
+        if job in self._pending:
+            self._pending.remove(job)
+            await self._finish(job, JobStatus.CANCELLED, "Cancelled while queued.")
+        elif job is self.current and job.prompt_id:
+            try:
+                await self.client.interrupt(job.prompt_id)
+            except ComfyError as exc:
+                logger.warning("interrupt of %s failed: %s", job.id, exc)
+        return job
+
+    # --- stage 1: inputs ------------------------------------------------------------------------
+    async def _prepare(self, job: Job, graph: dict[str, Any]) -> None:
+        started = time.monotonic()
+        try:
+            graph = await self._upload_inputs(job, graph)
+        except InputError as exc:
+            job.prepared.set_exception(exc)
+        except ComfyConnectionError as exc:
+            job.prepared.set_exception(exc)
+        except Exception as exc:  # a bug: report it as such, keep serving
+            logger.exception("preparing %s failed", job.id)
+            job.prepared.set_exception(exc)
+        else:
+            job.prepared.set_result(graph)
+        job.preprocess_ms = int((time.monotonic() - started) * 1000)
+
+    async def _upload_inputs(self, job: Job, graph: dict[str, Any]) -> dict[str, Any]:
+        count = 0
+        for node_id, node in graph.items():
+            inputs = node.get("inputs") or {}
+            for name, value in list(inputs.items()):
+                if not looks_like_image_reference(value) and not (
+                        name == "image" and isinstance(value, str) and len(value) > 256):
+                    continue
+                try:
+                    image = await self.fetcher.load(value)
+                except InputError as exc:
+                    raise InputError(f"node {node_id} input '{name}': {exc}") from None
+                count += 1
+                uploaded = await self.client.upload_image(
+                    image.data, f"{job.id}_{count}.{image.extension}", overwrite=True)
+                inputs[name] = (f"{uploaded.subfolder}/{uploaded.name}" if uploaded.subfolder
+                                else uploaded.name)
+        return graph
+
+    # --- stage 2: ComfyUI -----------------------------------------------------------------------
+    async def _run(self) -> None:
+        while True:
+            while not self._pending:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            job = self._pending.popleft()
+            for waiting in self._pending:
+                self._announce(waiting)
+            self.current = job
+            try:
+                await self._generate(job)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("request %s: unexpected error", job.id)
+                await self._finish(job, JobStatus.FAILED, "Internal error in the wrapper.",
+                                   FailureKind.INTERNAL)
+            finally:
+                self.current = None
+                self.last_event_at = None
+
+    async def _generate(self, job: Job) -> None:
+        job.status = JobStatus.PROCESSING
+        job.message = "Preparing inputs."
+        self._announce(job)
+        try:
+            graph = await job.prepared
+        except InputError as exc:
+            await self._finish(job, JobStatus.FAILED, f"Input rejected: {exc}", FailureKind.INVALID,
+                               {"errors": {"input": str(exc)}})
+            return
+        except ComfyConnectionError as exc:
+            await self._finish(job, JobStatus.FAILED, f"ComfyUI unreachable: {exc}",
+                               FailureKind.COMFYUI_LOST)
+            return
+        if job.cancel_requested:
+            await self._finish(job, JobStatus.CANCELLED, "Cancelled before it started.")
+            return
+
+        job.status = JobStatus.GENERATING
+        job.message = "Generating."
+        job.started_at_ms = now_ms()
+        self.last_event_at = time.monotonic()
+        self._announce(job)
+
+        def on_event(event: Any) -> None:
+            self.last_event_at = time.monotonic()
+            if isinstance(event, ProgressEvent):
+                job.last_progress = {"step": int(event.value), "max": int(event.max),
+                                     "its": round(event.its_per_second, 3)
+                                     if event.its_per_second else None, "node": event.node}
+                job.publish({"event": "progress", **self._status_event(job),
+                             "progress": job.last_progress})
+            elif not isinstance(event, Finished) and getattr(event, "prompt_id", None):
+                job.prompt_id = event.prompt_id
+
+        run = asyncio.create_task(self.client.run_prompt(graph, on_event=on_event))
+        try:
+            result = await asyncio.wait_for(asyncio.shield(run), self.request_timeout)
+        except asyncio.TimeoutError:
+            await self._interrupt_and_wait(job, run)
+            await self._finish(job, JobStatus.TIMEOUT,
+                               f"Timed out after {self.request_timeout:g} s; the prompt was "
+                               "interrupted.")
+            return
+        except PromptRejected as exc:
+            await self._finish(job, JobStatus.FAILED,
+                               f"ComfyUI rejected the workflow: {exc.error.get('message', '')}",
+                               FailureKind.INVALID,
+                               {"error": exc.error, "node_errors": exc.node_errors})
+            return
+        except PromptVanished as exc:
+            await self._finish(job, JobStatus.FAILED, f"ComfyUI lost the prompt: {exc}",
+                               FailureKind.COMFYUI_LOST)
+            return
+        except ComfyConnectionError as exc:
+            await self._finish(job, JobStatus.FAILED, f"ComfyUI lost: {exc}",
+                               FailureKind.COMFYUI_LOST)
+            return
+        except asyncio.CancelledError:
+            run.cancel()
+            raise
+
+        job.prompt_id = result.prompt_id
+        job.generated_at_ms = now_ms()
+        job.steps = result.sampling.steps
+        job.sampling_its = result.sampling.its
+        job.comfyui_response = {result.prompt_id: result.history} if result.history else {}
+        if result.status is PromptStatus.INTERRUPTED:
+            status = JobStatus.CANCELLED if job.cancel_requested else JobStatus.FAILED
+            message = "Cancelled while running." if job.cancel_requested else \
+                "Interrupted in ComfyUI by someone else."
+            await self._finish(job, status, message,
+                               None if job.cancel_requested else FailureKind.EXECUTION)
+            return
+        if result.status is PromptStatus.FAILED:
+            err = result.error
+            detail = {"error": {"type": "execution_error", "node_id": err.node_id,
+                                "node_type": err.node_type,
+                                "exception_type": err.exception_type,
+                                "exception_message": err.exception_message}} if err else {}
+            where = f"node {err.node_id} ({err.node_type})" if err else "a node"
+            text = f"{err.exception_type}: {err.exception_message}" if err else "unknown error"
+            await self._finish(job, JobStatus.FAILED, f"ComfyUI failed in {where}: {text}",
+                               FailureKind.EXECUTION, detail)
+            return
+        job.status = JobStatus.GENERATED
+        job.message = "Generated; collecting outputs."
+        self._announce(job)
+        # The runner moves on now: outputs, uploads and webhooks never hold ComfyUI.
+        self._spawn(self._postprocess(job, result), f"postprocess-{job.id}")
+
+    async def _interrupt_and_wait(self, job: Job, run: asyncio.Task) -> None:
+        try:
+            if job.prompt_id:
+                await self.client.interrupt(job.prompt_id)
+            await asyncio.wait_for(asyncio.shield(run), 30)
+        except (asyncio.TimeoutError, ComfyError, asyncio.CancelledError):
+            run.cancel()
+        except Exception:  # the prompt's own outcome no longer matters
+            pass
+
+    # --- stage 3: outputs -----------------------------------------------------------------------
+    async def _postprocess(self, job: Job, result: Any) -> None:
+        try:
+            entries = await asyncio.to_thread(collect, result.outputs, self.output_dir, job.id)
+            entries += [{"node_id": t.node_id, "output_type": t.output_type, "text": t.text,
+                         "type": "text"} for t in result.texts]
+            if job.request.return_base64:
+                await asyncio.to_thread(inline_base64, entries, self.base64_max_bytes)
+            await self._upload(job, entries)
+            job.output = entries
+            failed = sum(1 for e in entries if e.get("upload_error"))
+            message = "Processing complete." if not failed else \
+                f"Processing complete; {failed} upload(s) failed, the files are kept on disk."
+            await self._finish(job, JobStatus.COMPLETED, message)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("request %s: collecting outputs failed", job.id)
+            await self._finish(job, JobStatus.FAILED, "Internal error while collecting outputs.",
+                               FailureKind.INTERNAL)
+
+    async def _upload(self, job: Job, entries: list[dict[str, Any]]) -> None:
+        settings = merge_s3(self.s3_defaults, job.request.s3)
+        if not settings.enabled or self.uploader is None:
+            return
+        files = [e for e in entries if e.get("local_path") and not e.get("error")
+                 and e.get("type") != "text"]
+        items = [UploadItem(Path(e["local_path"]), e["filename"], e["mimetype"]) for e in files]
+        outcomes = await self.uploader.upload(settings, job.id, items)
+        for entry, outcome in zip(files, outcomes):
+            if outcome.url:
+                entry["url"] = outcome.url
+            else:
+                entry["upload_error"] = outcome.error
+
+    # --- the end of every request ---------------------------------------------------------------
+    async def _finish(self, job: Job, status: JobStatus, message: str,
+                      failure: FailureKind | None = None,
+                      detail: dict[str, Any] | None = None) -> None:
+        job.status = status
+        job.message = message
+        job.failure = failure if status is JobStatus.FAILED else None
+        job.detail = detail or {}
+        job.completed_at_ms = now_ms()
+        if job.generated_at_ms is None and job.started_at_ms:
+            job.generated_at_ms = job.completed_at_ms
+        self.served[status.value] += 1
+        level = logging.INFO if status is JobStatus.COMPLETED else logging.WARNING
+        logger.log(level, "request %s %s: %s", job.id, status.value, message)
+        await self.store.save(job.to_record())
+        self.active.pop(job.id, None)
+        job.publish({"event": "final_result", "request_id": job.id, "status": "final_result",
+                     "result": job.result(), "elapsed_time": _elapsed(job)})
+        job.done.set()
+        self._send_webhook(job)
+
+    def _send_webhook(self, job: Job) -> None:
+        if self.webhooks is None:
+            return
+        settings = merge_webhook(self.webhook_defaults, job.request.webhook)
+        if not settings.url:
+            return
+        payload = {"id": job.id, "status": job.status.value, "message": job.message,
+                   "output": job.output, "timings": job.timings(),
+                   "extra": settings.extra_params or {}}
+        self.webhooks.submit(settings, payload, job.id)
+
+    # --- helpers --------------------------------------------------------------------------------
+    def _status_event(self, job: Job) -> dict[str, Any]:
+        return {"request_id": job.id, "status": job.status.value, "message": job.message,
+                "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "elapsed_time": _elapsed(job),
+                "queue_position": {"position": self.position(job),
+                                   "queue_size": len(self._pending)}}
+
+    def _announce(self, job: Job) -> None:
+        if job.listeners:
+            event = "queued" if job.status is JobStatus.PENDING else "status"
+            job.publish({"event": event, **self._status_event(job)})
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def health_detail(self) -> dict[str, Any]:
+        job = self.current
+        return {
+            "queue_depth": len(self._pending),
+            "running": job.id if job else None,
+            "prompt_id": job.prompt_id if job else None,
+            "seconds_since_progress": round(time.monotonic() - self.last_event_at, 3)
+            if job and self.last_event_at else None,
+            "served": dict(self.served),
+        }
+
+
+def _elapsed(job: Job) -> float:
+    return round((now_ms() - job.queued_at_ms) / 1000, 3)
+
