@@ -90,5 +90,63 @@ def api_command(ctx: click.Context, port: int | None, host: str | None) -> None:
         sys.exit(1)
 
 
+# --- run / demo ----------------------------------------------------------------------------------
+def _run_daemon(settings) -> None:
+    from supervisor import preflight
+    from supervisor.daemon import Daemon
+    from supervisor.wiring import build_components, WiringError
+
+    setup_logging(settings.worker.log_level, settings.secrets(), name="[supervisor]")
+    problems = preflight.check(settings)
+    if problems:
+        for problem in problems:
+            click.echo(f"comfy-worker: {problem}", err=True)
+        sys.exit(2)
+    try:
+        components = build_components(settings)
+    except WiringError as exc:
+        click.echo(f"comfy-worker: {exc}", err=True)
+        sys.exit(2)
+    daemon = Daemon(settings, **components)
+    sys.exit(asyncio.run(daemon.run()))
+
+
+@main.command("run")
+@click.pass_context
+def run_command(ctx: click.Context) -> None:
+    """Run the worker daemon: ComfyUI, the wrapper, the public port (systemd starts this)."""
+    _run_daemon(_load(ctx.obj["config_path"]))
+
+
+@main.command("demo")
+@click.option("--port", type=int, default=3000, show_default=True, help="Public port.")
+@click.option("--state", "state_dir", default=".demo-state", show_default=True,
+              help="Folder for the demo's files.")
+@click.pass_context
+def demo_command(ctx: click.Context, port: int, state_dir: str) -> None:
+    """Run the whole worker with the ComfyUI simulator: no GPU, no ComfyUI needed."""
+    import os
+    import secrets as _secrets
+
+    from supervisor.demo import demo_environment
+
+    token = os.environ.get("WORKER_AUTH_TOKEN") or _secrets.token_urlsafe(18)
+    env = demo_environment(Path(state_dir).resolve(), port, token)
+    for key, value in env.items():
+        os.environ.setdefault(key, value)
+    settings = _load(ctx.obj["config_path"])
+    click.echo(
+        f"\ncomfy-worker demo: ComfyUI simulator + API wrapper + supervisor on "
+        f"http://127.0.0.1:{settings.worker.port}\n"
+        f"  try:   curl -s -H 'Authorization: Bearer {settings.worker.auth_token}' "
+        f"-H 'Content-Type: application/json' "
+        f"-d '{{\"input\": {{\"modifier\": \"Text2Image\", \"modifications\": "
+        f"{{\"prompt\": \"a lighthouse at dusk\", \"width\": 256, \"height\": 256, "
+        f"\"steps\": 10}}}}}}' http://127.0.0.1:{settings.worker.port}/generate/sync\n"
+        f"  health: WORKER_ADMIN_SOCKET={settings.worker.admin_socket} .venv/bin/comfy-worker "
+        f"health\n  files in {state_dir}/ ; Ctrl-C stops it.\n", err=True)
+    _run_daemon(settings)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -1,0 +1,403 @@
+"""`comfy-worker run`: the daemon that a systemd unit starts on a GPU host.
+
+It owns, in start order (and stops in reverse): the GPU monitor, ComfyUI, the API wrapper, the
+public server, the admin socket and the autoscaler reporter. One loop — the *watch loop* — ticks
+every second: it derives the worker state, pets the systemd watchdog (so a stuck loop is caught),
+and checks that a running prompt is making progress. Signal handlers only set flags; the main
+coroutine does the work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+from aiohttp import web
+
+from api.comfy import ComfyClient
+from config import Settings
+from supervisor.admin import AdminServer
+from supervisor.child import ChildProcess, ChildSpec, ChildState, ProbeFailed
+from supervisor.gates import AutoscalerGate, Gate, OpenGate, TokenGate
+from supervisor.metrics import WorkerMetrics
+from supervisor.public import PublicServer, RequestHooks
+from supervisor.sdnotify import SystemdNotifier
+from supervisor.state import OK, ChildView, Inputs, Verdict, WorkerState, WorkerStateTracker, derive
+
+logger = logging.getLogger(__name__)
+
+WATCH_INTERVAL = 1.0
+#: Stop stages, in seconds; their sum must fit in the unit's TimeoutStopSec (a test checks it).
+ADMIN_CLOSE_TIMEOUT = 2.0
+REPORTER_FLUSH_TIMEOUT = 3.0
+
+
+def stop_budget(settings: Settings) -> float:
+    """The longest a clean stop can take: drain, then each child's TERM→KILL, then the rest."""
+    child = settings.supervisor.child_stop_timeout + 5.0  # + the kill/reap allowance
+    return settings.worker.drain_timeout + 2 * child + ADMIN_CLOSE_TIMEOUT + REPORTER_FLUSH_TIMEOUT
+
+
+class Daemon:
+    def __init__(self, settings: Settings, *, environ: dict[str, str] | None = None,
+                 gpu_monitor: Any = None, benchmark: Any = None, autoscaler: Any = None):
+        self.settings = settings
+        self.environ = dict(os.environ if environ is None else environ)
+        self.tracker = WorkerStateTracker()
+        self.metrics = WorkerMetrics()
+        self.notifier = SystemdNotifier(self.environ)
+        self.gpu = gpu_monitor
+        self.benchmark = benchmark
+        self.autoscaler = autoscaler
+        self.started_at = time.time()
+        self.draining = False
+        self.stopping = False
+        self._stop_requests = 0
+        self._stop_event = asyncio.Event()
+        self._last_tick = time.monotonic()
+        self._wrapper_detail: dict[str, Any] = {}
+        self._events: list[dict[str, Any]] = []
+        self._announced_ready = False
+        self.comfy_client = ComfyClient(settings.comfyui.url)
+        self.comfyui = ChildProcess(self._comfyui_spec())
+        self.wrapper = ChildProcess(self._wrapper_spec())
+        self.public: PublicServer | None = None
+        self.admin: AdminServer | None = None
+        self._public_runner: web.AppRunner | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._tasks: list[asyncio.Task] = []
+
+    # --- children -------------------------------------------------------------------------------
+    def _common(self) -> dict[str, Any]:
+        s = self.settings.supervisor
+        return dict(probe_interval=s.probe_interval, probe_timeout=s.probe_timeout,
+                    hang_timeout=s.hang_timeout, backoff_initial=s.backoff_initial,
+                    backoff_max=s.backoff_max, crash_loop_count=s.crash_loop_count,
+                    crash_loop_window=s.crash_loop_window, failed_cooldown=s.failed_cooldown,
+                    stop_timeout=s.child_stop_timeout, log_max_bytes=s.log_max_bytes,
+                    log_backups=s.log_backups)
+
+    def _comfyui_spec(self) -> ChildSpec:
+        c = self.settings.comfyui
+        log_dir = Path(self.settings.worker.log_dir)
+        return ChildSpec(name="comfyui", command=list(c.command), cwd=c.cwd, env=dict(c.env),
+                         probe=self._probe_comfyui, startup_timeout=c.startup_timeout,
+                         log_path=log_dir / "comfyui.log", **self._common())
+
+    def _wrapper_spec(self) -> ChildSpec:
+        w = self.settings.wrapper
+        log_dir = Path(self.settings.worker.log_dir)
+        command = list(w.command)
+        env = dict(w.env)
+        if not command:
+            port = urlsplit(w.url).port or 18288
+            command = [sys.executable, "-m", "supervisor.cli", "api", "--port", str(port),
+                       "--host", urlsplit(w.url).hostname or "127.0.0.1"]
+            if self.settings.config_path:
+                env.setdefault("COMFY_WORKER_CONFIG", str(self.settings.config_path))
+            # The wrapper reads the same settings; make sure it talks to the same ComfyUI.
+            env.setdefault("COMFYUI_URL", self.settings.comfyui.url)
+            env.setdefault("COMFYUI_OUTPUT_DIR", str(self.settings.comfyui_output_dir))
+        return ChildSpec(name="wrapper", command=command, cwd=w.cwd, env=env,
+                         probe=self._probe_wrapper, startup_timeout=w.startup_timeout,
+                         log_path=log_dir / "wrapper.log", **self._common())
+
+    async def _probe_comfyui(self) -> None:
+        try:
+            await self.comfy_client.probe(timeout=self.settings.supervisor.probe_timeout)
+        except Exception as exc:
+            raise ProbeFailed(str(exc) or exc.__class__.__name__) from None
+
+    async def _probe_wrapper(self) -> None:
+        """Any answer of /health means the wrapper is alive (503 only says ComfyUI is down)."""
+        assert self._session is not None
+        url = f"{self.settings.wrapper.url}/health"
+        try:
+            async with self._session.get(url, timeout=aiohttp.ClientTimeout(
+                    total=self.settings.supervisor.probe_timeout)) as response:
+                if response.status not in (200, 503):
+                    raise ProbeFailed(f"GET /health answered {response.status}")
+                try:
+                    self._wrapper_detail = await response.json()
+                except (aiohttp.ContentTypeError, ValueError):
+                    self._wrapper_detail = {}
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise ProbeFailed(f"GET /health: {exc.__class__.__name__} {exc}".strip()) from None
+
+    def _on_comfyui_change(self, child: ChildProcess, old: ChildState, new: ChildState,
+                           reason: str) -> None:
+        if new in (ChildState.RESTARTING, ChildState.FAILED, ChildState.STOPPED) and \
+                old in (ChildState.READY, ChildState.UNHEALTHY):
+            if self.public and self.public.dispatcher.abort_current(reason):
+                logger.warning("request in flight failed: ComfyUI %s", reason)
+        if new in (ChildState.RESTARTING, ChildState.FAILED):
+            self._event("comfyui", f"{old.value} -> {new.value}: {reason}")
+        self._recompute()
+
+    def _on_wrapper_change(self, child: ChildProcess, old: ChildState, new: ChildState,
+                           reason: str) -> None:
+        if new in (ChildState.RESTARTING, ChildState.FAILED):
+            self._event("wrapper", f"{old.value} -> {new.value}: {reason}")
+        self._recompute()
+
+    def _event(self, source: str, text: str) -> None:
+        self._events.append({"at": time.time(), "source": source, "event": text})
+        del self._events[:-100]
+
+    # --- state ----------------------------------------------------------------------------------
+    def _child_view(self, child: ChildProcess, ever_ready: bool) -> ChildView:
+        return ChildView(name="ComfyUI" if child.name == "comfyui" else "the wrapper",
+                         state=child.state, reason=child.reason, ever_ready=ever_ready)
+
+    def _recompute(self) -> None:
+        gpu = self.gpu.verdict() if self.gpu else OK
+        bench: Verdict = self.benchmark.verdict() if self.benchmark else OK
+        ever = self.tracker.first_ready_at is not None or (
+            self.benchmark is not None and self.benchmark.started)
+        inputs = Inputs(
+            children=(self._child_view(self.comfyui, ever), self._child_view(self.wrapper, ever)),
+            gpu=gpu, benchmark=bench,
+            benchmarking=bool(self.benchmark and self.benchmark.running),
+            benchmark_pending=bool(self.benchmark and self.benchmark.pending),
+            draining=self.draining, stopping=self.stopping)
+        state, reason = derive(inputs)
+        if self.tracker.update(state, reason):
+            self.metrics.set_state(state)
+            self.notifier.status(f"{state.value}: {reason}")
+            if state.serving and not self._announced_ready:
+                self._announced_ready = True
+                self.notifier.ready(f"{state.value}: {reason}")
+            if self.autoscaler:
+                self.autoscaler.state_changed(self)
+
+    # --- watch loop -----------------------------------------------------------------------------
+    async def _watch(self) -> None:
+        interval = self.notifier.watchdog_interval()
+        while not self.stopping:
+            self._last_tick = time.monotonic()
+            self._recompute()
+            self._check_stall()
+            self._update_metrics()
+            if interval is not None:
+                self.notifier.watchdog()
+            if self.benchmark and self.benchmark.should_start(self):
+                self._tasks.append(asyncio.create_task(self.benchmark.run(self),
+                                                       name="benchmark"))
+            await asyncio.sleep(WATCH_INTERVAL)
+
+    def _check_stall(self) -> None:
+        """A prompt that makes no progress for longer than the stall limit: restart ComfyUI."""
+        since = self._wrapper_detail.get("seconds_since_progress")
+        limit = self.settings.supervisor.stall_timeout
+        if isinstance(since, (int, float)) and since > limit and \
+                self.comfyui.state is ChildState.READY:
+            reason = (f"prompt {self._wrapper_detail.get('prompt_id')} made no progress "
+                      f"for {since:.0f} s (stall limit {limit:g} s)")
+            self._event("comfyui", reason)
+            self._wrapper_detail = {}
+            self.comfyui.report_hang(reason)
+
+    def _update_metrics(self) -> None:
+        for child in (self.comfyui, self.wrapper):
+            self.metrics.child_restarts.labels(child.name).set(child.restarts)
+            self.metrics.child_up.labels(child.name).set(
+                1 if child.state is ChildState.READY else 0)
+        if self.gpu:
+            self.gpu.update_metrics(self.metrics)
+
+    def liveness(self) -> tuple[bool, str]:
+        age = time.monotonic() - self._last_tick
+        if age > 10 * WATCH_INTERVAL + 5:
+            return False, f"the watch loop has not ticked for {age:.0f} s"
+        return True, f"the watch loop ticked {age:.1f} s ago"
+
+    # --- snapshot -------------------------------------------------------------------------------
+    def snapshot(self) -> dict[str, Any]:
+        dispatcher = self.public.dispatcher if self.public else None
+        served = {k.split("=")[0]: v for k, v in self._served().items()}
+        return {
+            "worker": {"state": self.tracker.state.value, "reason": self.tracker.reason,
+                       "since": self.tracker.since, "pid": os.getpid(),
+                       "uptime_s": round(time.time() - self.started_at, 1),
+                       "draining": self.draining,
+                       "history": list(self.tracker.history)[-20:]},
+            "children": {"comfyui": self.comfyui.snapshot(), "wrapper": self.wrapper.snapshot()},
+            "queue": {"in_flight": 1 if dispatcher and dispatcher.busy else 0,
+                      "waiting": dispatcher.waiting if dispatcher else 0,
+                      "max_waiting": self.settings.worker.queue_size,
+                      "wrapper": self._wrapper_detail, "served": served},
+            "gpu": self.gpu.snapshot() if self.gpu else {"status": "not monitored"},
+            "benchmark": self.benchmark.snapshot() if self.benchmark else {"status": "disabled"},
+            "events": self._events[-30:],
+            "auth": self.public.gate.name if self.public else None,
+        }
+
+    def _served(self) -> dict[str, float]:
+        counts: dict[str, float] = {}
+        for metric in self.metrics.requests.collect():
+            for sample in metric.samples:
+                if sample.name.endswith("_total"):
+                    counts[sample.labels["status"]] = sample.value
+        return counts
+
+    def public_snapshot(self) -> dict[str, Any]:
+        """What /health shows the world: states and reasons, no logs, no paths, no pids."""
+        snap = self.snapshot()
+        return {
+            "children": {name: {"state": c["state"], "reason": c["reason"],
+                                "restarts": c["restarts"]}
+                         for name, c in snap["children"].items()},
+            "gpu": {"verdict": snap["gpu"].get("verdict")},
+            "benchmark": {k: snap["benchmark"].get(k) for k in ("status", "reason", "seconds",
+                                                                  "its", "expected_seconds",
+                                                                  "max_perf", "causes")},
+            "queue": {"in_flight": snap["queue"]["in_flight"],
+                      "waiting": snap["queue"]["waiting"]},
+        }
+
+    # --- admin actions --------------------------------------------------------------------------
+    async def _restart_comfyui(self) -> dict[str, Any]:
+        await self.comfyui.restart("operator asked (comfy-worker restart-comfyui)")
+        return {"ok": True, "message": "ComfyUI is restarting"}
+
+    async def _drain(self) -> dict[str, Any]:
+        self.draining = True
+        self._recompute()
+        return {"ok": True, "message": "draining: no new work; the queue finishes"}
+
+    async def _resume(self) -> dict[str, Any]:
+        self.draining = False
+        self._recompute()
+        return {"ok": True, "message": "taking work again"}
+
+    async def _rerun_benchmark(self) -> dict[str, Any]:
+        if not self.benchmark:
+            return {"ok": False, "message": "the benchmark is disabled"}
+        return await self.benchmark.request_rerun(self)
+
+    # --- run ------------------------------------------------------------------------------------
+    def _gate(self) -> Gate:
+        if self.autoscaler:
+            return AutoscalerGate(self.autoscaler.authenticator)
+        if self.settings.worker.auth_token:
+            return TokenGate(self.settings.worker.auth_token)
+        logger.warning("UNSECURED=true: the public port accepts work from anyone who reaches it")
+        return OpenGate()
+
+    def request_stop(self, signame: str) -> None:
+        self._stop_requests += 1
+        if self._stop_requests == 1:
+            logger.info("%s received: stopping (drain up to %g s)", signame,
+                        self.settings.worker.drain_timeout)
+        else:
+            logger.warning("%s received again: stopping now", signame)
+        self._stop_event.set()
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop, signal.Signals(sig).name)
+        self._session = aiohttp.ClientSession()
+        try:
+            await self._start()
+            await self._stop_event.wait()
+        finally:
+            await self._shutdown()
+        return 0
+
+    async def _start(self) -> None:
+        s = self.settings
+        self.metrics.set_state(self.tracker.state)
+        self.notifier.status("starting: launching ComfyUI and the wrapper")
+        Path(s.worker.log_dir).mkdir(parents=True, exist_ok=True)
+        Path(s.worker.state_dir).mkdir(parents=True, exist_ok=True)
+        if self.gpu:
+            await self.gpu.start()
+        self.comfyui.add_listener(self._on_comfyui_change)
+        self.wrapper.add_listener(self._on_wrapper_change)
+        await self.comfyui.start()
+        await self.wrapper.start()
+        hooks = self.autoscaler.hooks() if self.autoscaler else RequestHooks()
+        self.public = PublicServer(
+            tracker=self.tracker, gate=self._gate(), wrapper_url=s.wrapper.url,
+            metrics=self.metrics, max_waiting=s.worker.queue_size,
+            max_json_depth=s.worker.max_json_depth, request_timeout=s.api.request_timeout,
+            liveness=self.liveness, snapshot=self.public_snapshot, hooks=hooks)
+        app = self.public.build_app(s.worker.max_body_bytes)
+        self._public_runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        await self._public_runner.setup()
+        ssl_context = None
+        if s.worker.use_ssl:
+            import ssl
+
+            ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ssl_context.load_cert_chain(str(s.worker.ssl_cert), str(s.worker.ssl_key))
+        await web.TCPSite(self._public_runner, s.worker.host, s.worker.port,
+                          ssl_context=ssl_context).start()
+        logger.info("public server on %s://%s:%d", "https" if ssl_context else "http",
+                    s.worker.host, s.worker.port)
+        self.admin = AdminServer(Path(s.worker.admin_socket), snapshot=self.snapshot, actions={
+            "restart/comfyui": self._restart_comfyui, "drain": self._drain,
+            "resume": self._resume, "benchmark": self._rerun_benchmark})
+        try:
+            await self.admin.start()
+        except OSError as exc:
+            logger.error("admin socket %s unavailable (%s); `comfy-worker health` will read "
+                         "only what it can see directly", s.worker.admin_socket, exc)
+            self.admin = None
+        if self.autoscaler:
+            await self.autoscaler.start(self)
+        self._tasks.append(asyncio.create_task(self._watch(), name="watch"))
+
+    async def _drain_queue(self) -> None:
+        if not self.public:
+            return
+        deadline = time.monotonic() + self.settings.worker.drain_timeout
+        while self.public.dispatcher.busy and time.monotonic() < deadline:
+            if self._stop_requests > 1:
+                return
+            await asyncio.sleep(0.1)
+
+    async def _shutdown(self) -> None:
+        self.stopping = True
+        self._recompute()
+        self.notifier.stopping("stopping: draining, then stopping the children")
+        if self._stop_requests <= 1:
+            waiter = asyncio.create_task(self._drain_queue())
+            second = asyncio.create_task(self._second_signal())
+            await asyncio.wait({waiter, second}, return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+            second.cancel()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._public_runner:
+            await self._public_runner.cleanup()
+        if self.admin:
+            try:
+                await asyncio.wait_for(self.admin.close(), ADMIN_CLOSE_TIMEOUT)
+            except asyncio.TimeoutError:
+                logger.warning("admin socket did not close in %g s", ADMIN_CLOSE_TIMEOUT)
+        await self.wrapper.stop()
+        await self.comfyui.stop()
+        if self.autoscaler:
+            await self.autoscaler.stop()
+        if self.gpu:
+            await self.gpu.stop()
+        await self.comfy_client.close()
+        if self._session:
+            await self._session.close()
+        logger.info("stopped")
+        self.notifier.close()
+
+    async def _second_signal(self) -> None:
+        while self._stop_requests <= 1:
+            await asyncio.sleep(0.05)

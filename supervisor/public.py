@@ -1,0 +1,259 @@
+"""The public port: `/generate/sync` while healthy, readiness, liveness and metrics.
+
+Work is forwarded to the wrapper one request at a time, in arrival order (ComfyUI runs one prompt
+at a time, so a second in-flight request would only wait inside the wrapper, out of our sight).
+While the worker is not serving, requests get 503 with the state, the reason and Retry-After.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import aiohttp
+from aiohttp import web
+
+from api.request import RequestInvalid, parse_json_body
+from supervisor.gates import Admitted, Gate, Rejected
+from supervisor.metrics import WorkerMetrics
+from supervisor.state import WorkerStateTracker
+
+logger = logging.getLogger(__name__)
+
+_PASS_HEADERS = ("X-Return-Outputs-As-Base64", "X-Include-ComfyUI-Response")
+
+
+class ComfyUIDied(Exception):
+    """ComfyUI exited while a request was being generated."""
+
+
+@dataclass
+class RequestHooks:
+    """Callbacks for the autoscaler reporter; each is optional and must not raise."""
+
+    received: Callable[[Admitted], None] | None = None
+    started: Callable[[Admitted], None] | None = None
+    finished: Callable[[Admitted, int, float, float, float], None] | None = None
+    rejected: Callable[[Admitted | None], None] | None = None
+
+
+@dataclass
+class Dispatcher:
+    """FIFO, one request in flight, a bounded number waiting."""
+
+    max_waiting: int
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    waiting: int = 0
+    current: asyncio.Task | None = None
+    _abort_reason: str | None = None
+
+    @property
+    def busy(self) -> bool:
+        return self._lock.locked()
+
+    def full(self) -> bool:
+        return self.busy and self.waiting >= self.max_waiting
+
+    def abort_current(self, reason: str) -> bool:
+        """Fail the request in flight now (ComfyUI died): its client gets a 502 at once."""
+        if self.current is not None and not self.current.done():
+            self._abort_reason = reason
+            self.current.cancel()
+            return True
+        return False
+
+    async def run(self, work: Callable[[], Any], on_start: Callable[[], None]) -> Any:
+        self.waiting += 1
+        try:
+            await self._lock.acquire()
+        finally:
+            self.waiting -= 1
+        try:
+            on_start()
+            self._abort_reason = None
+            self.current = asyncio.ensure_future(work())
+            try:
+                return await asyncio.shield(self.current)
+            except asyncio.CancelledError:
+                if self._abort_reason is not None and self.current.cancelled():
+                    raise ComfyUIDied(self._abort_reason) from None
+                self.current.cancel()
+                raise
+        finally:
+            self.current = None
+            self._lock.release()
+
+
+class PublicServer:
+    def __init__(self, *, tracker: WorkerStateTracker, gate: Gate, wrapper_url: str,
+                 metrics: WorkerMetrics, max_waiting: int, max_json_depth: int,
+                 request_timeout: float, liveness: Callable[[], tuple[bool, str]],
+                 snapshot: Callable[[], dict[str, Any]], hooks: RequestHooks | None = None,
+                 retry_after: int = 10):
+        self.tracker = tracker
+        self.gate = gate
+        self.wrapper_url = wrapper_url.rstrip("/")
+        self.metrics = metrics
+        self.dispatcher = Dispatcher(max_waiting)
+        self.max_json_depth = max_json_depth
+        self.request_timeout = request_timeout
+        self.liveness = liveness
+        self.snapshot = snapshot
+        self.hooks = hooks or RequestHooks()
+        self.retry_after = retry_after
+        self.session: aiohttp.ClientSession | None = None
+
+    def build_app(self, max_body_bytes: int) -> web.Application:
+        app = web.Application(client_max_size=max_body_bytes, middlewares=[self._errors])
+        app.router.add_post("/generate/sync", self.generate_sync)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/health/live", self.live)
+        app.router.add_get("/metrics", self.metrics_route)
+        app.cleanup_ctx.append(self._session_ctx)
+        return app
+
+    async def _session_ctx(self, app: web.Application):
+        self.session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=5))
+        yield
+        await self.session.close()
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler):
+        try:
+            return await handler(request)
+        except web.HTTPRequestEntityTooLarge:
+            return _json({"error": f"request body too large (limit {request.app._client_max_size}"
+                                   " bytes, worker.max_body_bytes)"}, 413)
+        except web.HTTPException:
+            raise
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("bug while serving %s %s", request.method, request.path)
+            return _json({"error": "internal error in the worker (a bug; see its log)"}, 500)
+
+    # --- work -----------------------------------------------------------------------------------
+    def _unavailable(self) -> web.Response:
+        state = self.tracker.state
+        return _json({"error": "worker not ready", "state": state.value,
+                      "reason": self.tracker.reason}, 503,
+                     {"Retry-After": str(self.retry_after)})
+
+    async def generate_sync(self, request: web.Request) -> web.Response:
+        arrived = time.monotonic()
+        status = 500
+        try:
+            response = await self._generate(request, arrived)
+            status = response.status
+            return response
+        finally:
+            self.metrics.requests.labels(str(status)).inc()
+            self.metrics.duration.observe(time.monotonic() - arrived)
+
+    async def _generate(self, request: web.Request, arrived: float) -> web.Response:
+        try:
+            body = parse_json_body(await request.read(), self.max_json_depth)
+        except RequestInvalid as exc:
+            return _json(exc.body(), 400)
+        try:
+            admitted = self.gate.admit(request, body)
+        except Rejected as exc:
+            return _json({"error": exc.reason}, exc.status)
+        if not isinstance(admitted.payload, dict) or "input" not in admitted.payload:
+            return _json({"error": "invalid request: 1 problem",
+                          "errors": {"input": "missing; the body must be {\"input\": {...}}"}},
+                         400)
+        if self.hooks.received:
+            self.hooks.received(admitted)
+        if not self.tracker.state.serving:
+            if self.hooks.rejected:
+                self.hooks.rejected(admitted)
+            return self._unavailable()
+        if self.dispatcher.full():
+            if self.hooks.rejected:
+                self.hooks.rejected(admitted)
+            return _json({"error": f"queue full ({self.dispatcher.max_waiting} waiting); "
+                                   "retry later", "state": self.tracker.state.value,
+                          "reason": "busy"}, 503, {"Retry-After": str(self.retry_after)})
+
+        headers = {h: request.headers[h] for h in _PASS_HEADERS if h in request.headers}
+        started_at = [0.0]
+
+        def on_start() -> None:
+            started_at[0] = time.time()
+            self.metrics.in_flight.set(1)
+            self.metrics.queue_depth.set(self.dispatcher.waiting)
+            if self.hooks.started:
+                self.hooks.started(admitted)
+
+        self.metrics.queue_depth.set(self.dispatcher.waiting + 1)
+        entered = time.time()
+        status = 502
+        try:
+            # Recheck after waiting: the worker may have turned unhealthy meanwhile.
+            async def work() -> web.Response:
+                if not self.tracker.state.serving:
+                    return self._unavailable()
+                return await self._forward(admitted.payload, headers)
+
+            response = await self.dispatcher.run(work, on_start)
+            status = response.status
+            return response
+        except ComfyUIDied as exc:
+            return _json({"error": f"ComfyUI died during the request: {exc}",
+                          "status": "failed"}, 502)
+        finally:
+            self.metrics.in_flight.set(0)
+            self.metrics.queue_depth.set(self.dispatcher.waiting)
+            if self.hooks.finished:
+                self.hooks.finished(admitted, status, entered, started_at[0] or entered,
+                                    time.time())
+
+    async def _forward(self, payload: dict[str, Any], headers: dict[str, str]) -> web.Response:
+        assert self.session is not None
+        try:
+            async with self.session.post(
+                    f"{self.wrapper_url}/generate/sync", json=payload, headers=headers,
+                    timeout=aiohttp.ClientTimeout(total=self.request_timeout + 120,
+                                                  sock_connect=5)) as upstream:
+                data = await upstream.read()
+                return web.Response(body=data, status=upstream.status,
+                                    content_type=upstream.content_type or "application/json",
+                                    headers=_retry_after(upstream))
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            return _json({"error": f"the API wrapper did not answer: {exc.__class__.__name__} "
+                                   f"{exc}".strip(), "status": "failed"}, 502)
+
+    # --- health ---------------------------------------------------------------------------------
+    async def health(self, request: web.Request) -> web.Response:
+        snapshot = self.snapshot()
+        state = self.tracker.state
+        body = {"state": state.value, "reason": self.tracker.reason,
+                "since": self.tracker.since, **snapshot}
+        if state.serving:
+            return _json(body, 200)
+        return _json(body, 503, {"Retry-After": str(self.retry_after)})
+
+    async def live(self, request: web.Request) -> web.Response:
+        alive, reason = self.liveness()
+        return _json({"alive": alive, "reason": reason}, 200 if alive else 503)
+
+    async def metrics_route(self, request: web.Request) -> web.Response:
+        payload, content_type = self.metrics.render()
+        return web.Response(body=payload, headers={"Content-Type": content_type})
+
+
+def _retry_after(upstream: aiohttp.ClientResponse) -> dict[str, str]:
+    value = upstream.headers.get("Retry-After")
+    return {"Retry-After": value} if value else {}
+
+
+def _json(body: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None
+          ) -> web.Response:
+    return web.Response(text=json.dumps(body), status=status, headers=headers,
+                        content_type="application/json")

@@ -1,0 +1,125 @@
+"""Build the daemon's optional parts from settings: autoscaler link, GPU monitor, benchmark."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import aiohttp
+
+from config import Settings
+from supervisor.public import RequestHooks
+
+logger = logging.getLogger(__name__)
+
+
+class WiringError(Exception):
+    """A configuration that cannot be wired; the message names what is missing."""
+
+
+class AutoscalerLink:
+    """The Vast-style autoscaler: signature checks on the way in, status reports on the way out."""
+
+    def __init__(self, env: Any, settings: Settings):
+        from supervisor.autoscaler import ReplayGuard, RequestAuthenticator
+
+        self.env = env
+        self.settings = settings
+        self.fetcher = None
+        self.reporter = None
+        self.session: aiohttp.ClientSession | None = None
+        self.authenticator = RequestAuthenticator(
+            self, legacy=settings.autoscaler.legacy_signatures,
+            unsecured=settings.worker.unsecured,
+            replay_guard=ReplayGuard(window=settings.autoscaler.replay_window))
+
+    @property
+    def key(self):  # KeySource for the authenticator: None until the fetcher has the key
+        return self.fetcher.key if self.fetcher else None
+
+    async def start(self, daemon: Any) -> None:
+        from supervisor.autoscaler import PublicKeyFetcher, StatusReporter
+
+        self.session = aiohttp.ClientSession()
+        self.fetcher = PublicKeyFetcher(self.env.report_addrs, self.session)
+        self.fetcher.start()
+        self.reporter = StatusReporter(self.env, self.session,
+                                       interval=self.settings.autoscaler.report_interval,
+                                       min_interval=min(1.0,
+                                                        self.settings.autoscaler.report_interval))
+        self.reporter.start()
+        self.state_changed(daemon)
+
+    async def stop(self) -> None:
+        if self.reporter:
+            await self.reporter.stop()
+        if self.fetcher:
+            await self.fetcher.stop()
+        if self.session:
+            await self.session.close()
+
+    def state_changed(self, daemon: Any) -> None:
+        if not self.reporter:
+            return
+        tracker = daemon.tracker
+        serving = tracker.state.serving
+        max_perf = None
+        if daemon.benchmark:
+            max_perf = daemon.benchmark.max_perf()
+        loadtime = (tracker.first_ready_at - daemon.started_at) if tracker.first_ready_at else None
+        self.reporter.set_state(ready=serving, error_msg="" if serving else tracker.reason,
+                                max_perf=max_perf, loadtime=loadtime)
+
+    def hooks(self) -> RequestHooks:
+        def received(admitted) -> None:
+            if self.reporter and admitted.request_idx is not None:
+                self.reporter.request_received(admitted.request_idx, admitted.cost)
+
+        def started(admitted) -> None:
+            if self.reporter and admitted.request_idx is not None:
+                self.reporter.request_started(admitted.request_idx)
+
+        def finished(admitted, status: int, entered: float, began: float, ended: float) -> None:
+            if self.reporter and admitted.request_idx is not None:
+                outcome = "Success" if status == 200 else ("Cancelled" if status == 499
+                                                           else "Error")
+                self.reporter.request_finished(admitted.request_idx, status == 200, outcome,
+                                               entered, began, ended)
+
+        def rejected(admitted) -> None:
+            if self.reporter:
+                self.reporter.request_rejected(
+                    admitted.cost if admitted else 1.0,
+                    admitted.request_idx if admitted else None)
+
+        return RequestHooks(received=received, started=started, finished=finished,
+                            rejected=rejected)
+
+
+def build_components(settings: Settings, environ: dict[str, str] | None = None
+                     ) -> dict[str, Any]:
+    environ = dict(os.environ if environ is None else environ)
+    components: dict[str, Any] = {}
+    from supervisor.autoscaler import AutoscalerEnvError, AutoscalerEnv
+
+    try:
+        env = AutoscalerEnv.from_environ(environ, settings.worker.port)
+    except AutoscalerEnvError as exc:
+        raise WiringError(f"autoscaler mode (REPORT_ADDR is set): {exc}") from None
+    if env is not None:
+        components["autoscaler"] = AutoscalerLink(env, settings)
+    try:
+        from supervisor.gpu_monitor import GpuMonitor
+
+        components["gpu_monitor"] = GpuMonitor.from_settings(settings)
+    except ImportError:
+        logger.warning("GPU monitoring unavailable in this build")
+    if settings.benchmark.enabled:
+        try:
+            from supervisor.bench import BenchmarkController
+
+            components["benchmark"] = BenchmarkController(settings)
+        except ImportError:
+            logger.warning("benchmark unavailable in this build")
+    return components

@@ -1,0 +1,357 @@
+"""The API wrapper over real HTTP, against the ComfyUI simulator: the request contract end to end."""
+
+from __future__ import annotations
+
+import base64
+import json
+import struct
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from simulator.testing import start_simulator
+from tests.procs import get_json, post_json, start_wrapper, wait_until
+
+TINY = {"1": {"class_type": "EmptyImage",
+              "inputs": {"width": 64, "height": 48, "batch_size": 1, "color": 0}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "t"}}}
+
+
+def png_size(path: str) -> tuple[int, int]:
+    with open(path, "rb") as handle:
+        head = handle.read(24)
+    assert head[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    return struct.unpack(">II", head[16:24])
+
+
+def set_knobs(sim, **knobs) -> None:
+    post_json(f"{sim.url}/__sim__/knobs", knobs)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("wrapper")
+    with start_simulator(tmp, "--step-seconds", "0.01") as sim:
+        with start_wrapper(tmp, sim.url, sim.output_dir, API_QUEUE_SIZE="4") as wrapper:
+            yield sim, wrapper
+
+
+def generate(wrapper, body, headers=None, path="/generate/sync"):
+    return post_json(wrapper.url + path, body, headers)
+
+
+# --- success --------------------------------------------------------------------------------------
+def test_text2image_modifier_produces_png_of_requested_size(stack):
+    sim, wrapper = stack
+    status, body = generate(wrapper, {"input": {"modifier": "Text2Image", "modifications": {
+        "prompt": "a red bicycle", "width": 256, "height": 192, "steps": 5, "seed": 7}}})
+    assert status == 200, body
+    assert body["status"] == "completed"
+    assert len(body["output"]) == 1
+    out = body["output"][0]
+    assert out["node_id"] == "9" and out["output_type"] == "images"
+    assert out["mimetype"] == "image/png"
+    assert Path(out["local_path"]).parent.name == body["id"]
+    assert png_size(out["local_path"]) == (256, 192)
+    assert body["timings"]["steps"] == 5
+    assert body["timings"]["sampling_its"] and body["timings"]["sampling_its"] > 1
+    assert body["timings"]["total_ms"] >= body["timings"]["generation_ms"] > 0
+    assert body["comfyui_response"] == {}
+
+
+def test_raw_workflow_modifier_and_cfg_scale_alias(stack):
+    _, wrapper = stack
+    status, body = generate(wrapper, {"input": {"modifier": "RawWorkflow", "modifications": {
+        "prompt": "a lighthouse", "cfg_scale": 6.5, "steps": 3, "width": 128, "height": 128},
+        "request_id": "raw-1"}}, headers={"X-Include-ComfyUI-Response": "1"})
+    assert status == 200, body
+    assert body["id"] == "raw-1"
+    (history,) = body["comfyui_response"].values()
+    sampler = history["prompt"][2]["3"]["inputs"]
+    assert sampler["cfg"] == 6.5 and sampler["steps"] == 3
+    assert history["prompt"][2]["6"]["inputs"]["text"] == "a lighthouse"
+
+
+def test_image2image_with_base64_input(stack, tmp_path):
+    sim, wrapper = stack
+    status, first = generate(wrapper, {"input": {"workflow_json": TINY}})
+    assert status == 200, first
+    data = base64.b64encode(Path(first["output"][0]["local_path"]).read_bytes()).decode()
+    status, body = generate(wrapper, {"input": {"modifier": "Image2Image", "modifications": {
+        "prompt": "same but blue", "input_image": f"data:image/png;base64,{data}",
+        "steps": 2}}})
+    assert status == 200, body
+    assert png_size(body["output"][0]["local_path"]) == (64, 48)
+    uploaded = list(Path(sim.input_dir).glob(f"{body['id']}_1.png"))
+    assert uploaded, "the input image was uploaded to ComfyUI's input folder"
+
+
+def test_workflow_json_random_int_placeholder_and_two_outputs(stack):
+    _, wrapper = stack
+    graph = json.loads(json.dumps(TINY))
+    graph["2"]["inputs"]["filename_prefix"] = "run-__RANDOM_INT__"
+    graph["3"] = {"class_type": "SaveImage", "inputs": {"images": ["1", 0],
+                                                        "filename_prefix": "sub/dir/second"}}
+    status, body = generate(wrapper, {"input": {"workflow_json": graph}},
+                            headers={"X-Include-ComfyUI-Response": "true"})
+    assert status == 200, body
+    names = sorted(o["filename"] for o in body["output"])
+    assert len(names) == 2
+    assert not any("__RANDOM_INT__" in n for n in names)
+    assert any(n.startswith("run-") and n.split("-")[1].split("_")[0].isdigit() for n in names)
+    sub = [o for o in body["output"] if o["subfolder"]]
+    assert sub and sub[0]["subfolder"] == "sub/dir"
+
+
+def test_base64_outputs_on_request_header(stack):
+    _, wrapper = stack
+    status, body = generate(wrapper, {"input": {"workflow_json": TINY}},
+                            headers={"X-Return-Outputs-As-Base64": "1"})
+    assert status == 200
+    raw = base64.b64decode(body["output"][0]["data"])
+    assert raw == Path(body["output"][0]["local_path"]).read_bytes()
+
+
+# --- 400s -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("body,field,words", [
+    (b"{not json", "body", "not valid JSON"),
+    ({"inputs": {}}, "input", "missing"),
+    ({"input": {"modifier": "Text2Image", "workflow_json": TINY}}, "input", "not both"),
+    ({"input": {}}, "input", "either modifier"),
+    ({"input": {"workflow_json": TINY, "modifications": {"steps": 3}}}, "input.modifications",
+     "only allowed together with modifier"),
+    ({"input": {"modifier": "Text2Image", "modifications": {"width": "wide"}}},
+     "input.modifications.width", "expected an integer"),
+    ({"input": {"modifier": "Text2Image", "modifications": {"width": 500}}},
+     "input.modifications.width", "not a multiple of 8"),
+    ({"input": {"modifier": "Text2Image", "modifications": {"width": 65536}}},
+     "input.modifications.width", "above the maximum of 8192"),
+    ({"input": {"modifier": "Text2Image", "modifications": {"colour": "red"}}},
+     "input.modifications.colour", "unknown key"),
+    ({"input": {"workflow_json": {"nodes": [], "links": [], "version": 0.4}}},
+     "input.workflow_json", "Export (API)"),
+    ({"input": {"workflow_json": TINY, "request_id": "../../etc"}}, "input.request_id",
+     "it names a folder"),
+])
+def test_invalid_requests_get_400_naming_the_field(stack, body, field, words):
+    _, wrapper = stack
+    status, answer = generate(wrapper, body)
+    assert status == 400, answer
+    assert field in answer["errors"], answer
+    assert words in answer["errors"][field]
+
+
+def test_unknown_modifier_lists_known_ones(stack):
+    _, wrapper = stack
+    status, answer = generate(wrapper, {"input": {"modifier": "Txt2Img"}})
+    assert status == 400
+    message = answer["errors"]["input.modifier"]
+    assert "Txt2Img" in message and "Text2Image" in message and "RawWorkflow" in message
+
+
+def test_comfyui_validation_error_passes_through_intact(stack):
+    _, wrapper = stack
+    graph = json.loads(json.dumps(TINY))
+    graph["1"]["inputs"]["width"] = 0
+    status, answer = generate(wrapper, {"input": {"workflow_json": graph}})
+    assert status == 400, answer
+    assert answer["error"]["type"] == "prompt_outputs_failed_validation"
+    errors = answer["node_errors"]["1"]["errors"]
+    assert errors[0]["type"] == "value_smaller_than_min"
+    assert answer["node_errors"]["1"]["class_type"] == "EmptyImage"
+
+
+def test_missing_checkpoint_is_a_400_with_value_not_in_list(stack):
+    _, wrapper = stack
+    status, answer = generate(wrapper, {"input": {"modifier": "RawWorkflow", "modifications": {
+        "ckpt_name": "missing.safetensors", "steps": 1}}})
+    assert status == 400
+    assert answer["node_errors"]["4"]["errors"][0]["type"] == "value_not_in_list"
+
+
+# --- runtime failure, unknown ids -----------------------------------------------------------------
+def test_node_failure_at_run_time_is_422_with_node_details(stack):
+    sim, wrapper = stack
+    set_knobs(sim, fail_node="SaveImage")
+    try:
+        status, answer = generate(wrapper, {"input": {"workflow_json": TINY}})
+    finally:
+        set_knobs(sim, fail_node=None)
+    assert status == 422, answer
+    assert answer["status"] == "failed"
+    assert answer["error"]["node_id"] == "2" and answer["error"]["node_type"] == "SaveImage"
+    assert "SaveImage" in answer["message"]
+
+
+def test_unknown_result_is_404(stack):
+    _, wrapper = stack
+    status, answer = get_json(wrapper.url + "/result/nope")
+    assert status == 404 and "nope" in answer["error"]
+
+
+# --- async, duplicates, cancel, SSE ---------------------------------------------------------------
+def slow_body(request_id: str, steps: int = 200) -> dict:
+    return {"input": {"request_id": request_id, "modifier": "Text2Image",
+                      "modifications": {"steps": steps, "width": 64, "height": 64}}}
+
+
+def test_async_result_duplicate_id_and_cancel_running(stack):
+    _, wrapper = stack
+    status, accepted = generate(wrapper, slow_body("dup-1"), path="/generate")
+    assert status == 202 and accepted["id"] == "dup-1"
+    status, again = generate(wrapper, slow_body("dup-1"), path="/generate")
+    assert status == 409 and "dup-1" in again["error"]
+    wait_until(lambda: get_json(wrapper.url + "/result/dup-1")[1]["status"] == "generating",
+               10, "the request to start generating")
+    status, _ = post_json(wrapper.url + "/cancel/dup-1", {})
+    assert status == 200
+    final = wait_until(lambda: (lambda r: r if r[1]["status"] == "cancelled" else None)(
+        get_json(wrapper.url + "/result/dup-1")), 10, "cancellation")
+    assert final[0] == 499
+
+
+def test_cancel_a_queued_request(stack):
+    _, wrapper = stack
+    generate(wrapper, slow_body("q-running"), path="/generate")
+    generate(wrapper, slow_body("q-waiting"), path="/generate")
+    status, body = post_json(wrapper.url + "/cancel/q-waiting", {})
+    assert status == 200 and body["status"] == "cancelled"
+    post_json(wrapper.url + "/cancel/q-running", {})
+    wait_until(lambda: get_json(wrapper.url + "/result/q-running")[1]["status"] == "cancelled",
+               10, "the running one to be cancelled")
+
+
+def test_stream_sends_queued_progress_and_final_result_in_order(stack):
+    _, wrapper = stack
+    request = urllib.request.Request(
+        wrapper.url + "/generate/stream", method="POST",
+        data=json.dumps(slow_body("sse-1", steps=6)).encode(),
+        headers={"Content-Type": "application/json"})
+    events = []
+    with urllib.request.urlopen(request, timeout=30) as response:
+        assert response.headers["Content-Type"].startswith("text/event-stream")
+        name = None
+        for raw in response:
+            line = raw.decode().rstrip("\n")
+            if line.startswith("event: "):
+                name = line[7:]
+            elif line.startswith("data: "):
+                events.append((name, json.loads(line[6:])))
+    names = [n for n, _ in events]
+    assert names[0] == "queued" and names[-1] == "final_result"
+    progress = [d["progress"] for n, d in events if n == "progress"]
+    assert [p["step"] for p in progress][-1] == 6 and progress[-1]["max"] == 6
+    assert names.index("progress") < names.index("final_result")
+    assert events[-1][1]["result"]["status"] == "completed"
+
+
+def test_client_disconnect_cancels_its_request(stack):
+    _, wrapper = stack
+    import socket
+
+    body = json.dumps(slow_body("gone-1", steps=500)).encode()
+    host, port = wrapper.url.split("//")[1].split(":")
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall(b"POST /generate/sync HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    wait_until(lambda: get_json(wrapper.url + "/result/gone-1")[1].get("status") == "generating",
+               10, "generation to start")
+    sock.close()
+    wait_until(lambda: get_json(wrapper.url + "/result/gone-1")[1].get("status") == "cancelled",
+               10, "the abandoned request to be cancelled")
+
+
+# --- configurations of their own ------------------------------------------------------------------
+def test_queue_full_is_503_with_retry_after(tmp_path):
+    with start_simulator(tmp_path, "--step-seconds", "0.05") as sim, \
+            start_wrapper(tmp_path, sim.url, sim.output_dir, API_QUEUE_SIZE="1") as wrapper:
+        generate(wrapper, slow_body("full-1"), path="/generate")
+        wait_until(lambda: get_json(wrapper.url + "/result/full-1")[1]["status"] == "generating",
+                   10, "the first to run")
+        assert generate(wrapper, slow_body("full-2"), path="/generate")[0] == 202
+        req = urllib.request.Request(wrapper.url + "/generate", method="POST",
+                                     data=json.dumps(slow_body("full-3")).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(req, timeout=10)
+        assert info.value.code == 503 and info.value.headers["Retry-After"]
+
+
+def test_timeout_interrupts_and_answers_504(tmp_path):
+    with start_simulator(tmp_path, "--step-seconds", "0.1") as sim, \
+            start_wrapper(tmp_path, sim.url, sim.output_dir, API_REQUEST_TIMEOUT="1") as wrapper:
+        started = time.monotonic()
+        status, body = generate(wrapper, slow_body("slow-1", steps=100))
+        assert status == 504 and body["status"] == "timeout"
+        assert time.monotonic() - started < 10
+        status, body = generate(wrapper, {"input": {"workflow_json": TINY}})
+        assert status == 200, "the next request runs normally after the interrupt"
+
+
+def test_body_over_limit_is_413(tmp_path):
+    with start_simulator(tmp_path) as sim, \
+            start_wrapper(tmp_path, sim.url, sim.output_dir, API_MAX_BODY_BYTES="2048") as wrapper:
+        status, body = generate(wrapper, {"input": {"workflow_json": TINY, "pad": "x" * 5000}})
+        assert status == 413 and "2048" in body["error"]
+
+
+def test_comfyui_killed_mid_request_is_502_within_a_second(tmp_path):
+    with start_simulator(tmp_path, "--step-seconds", "0.05") as sim, \
+            start_wrapper(tmp_path, sim.url, sim.output_dir) as wrapper:
+        result = {}
+
+        def call():
+            result["answer"] = generate(wrapper, slow_body("lost-1", steps=400))
+            result["at"] = time.monotonic()
+
+        thread = threading.Thread(target=call)
+        thread.start()
+        wait_until(lambda: get_json(wrapper.url + "/result/lost-1")[1]["status"] == "generating",
+                   10, "generation")
+        time.sleep(0.2)
+        killed_at = time.monotonic()
+        sim.process.kill()
+        thread.join(15)
+        status, body = result["answer"]
+        assert status == 502, body
+        assert "ComfyUI" in body["message"]
+        assert result["at"] - killed_at < 2.5
+
+
+def test_results_survive_a_wrapper_restart(tmp_path):
+    state = tmp_path / "state"
+    with start_simulator(tmp_path) as sim:
+        with start_wrapper(tmp_path, sim.url, sim.output_dir, state_dir=state) as wrapper:
+            status, body = generate(wrapper, {"input": {"workflow_json": TINY,
+                                                        "request_id": "keep-me"}})
+            assert status == 200
+        with start_wrapper(tmp_path, sim.url, sim.output_dir, state_dir=state) as wrapper:
+            status, again = get_json(wrapper.url + "/result/keep-me")
+            assert status == 200 and again["status"] == "completed"
+            assert again["output"][0]["local_path"] == body["output"][0]["local_path"]
+
+
+def test_operator_modifier_file_works_without_code_change(tmp_path):
+    folder = tmp_path / "mods"
+    folder.mkdir()
+    (folder / "Invert.json").write_text(json.dumps({
+        "name": "InvertSquare",
+        "workflow": {"1": {"class_type": "EmptyImage", "inputs": {"width": 32, "height": 32,
+                                                                  "batch_size": 1, "color": 0}},
+                     "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+                     "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0],
+                                                                 "filename_prefix": "inv"}}},
+        "bindings": {"size": {"targets": [["1", "width"], ["1", "height"]], "type": "integer",
+                              "minimum": 8, "maximum": 512, "multiple_of": 8}}}))
+    with start_simulator(tmp_path) as sim, \
+            start_wrapper(tmp_path, sim.url, sim.output_dir, API_MODIFIERS_DIR=str(folder)) as w:
+        status, body = generate(w, {"input": {"modifier": "InvertSquare",
+                                              "modifications": {"size": 96}}})
+        assert status == 200, body
+        assert png_size(body["output"][0]["local_path"]) == (96, 96)
+        status, body = generate(w, {"input": {"modifier": "InvertSquare",
+                                              "modifications": {"size": 1024}}})
+        assert status == 400 and "maximum of 512" in body["errors"]["input.modifications.size"]
