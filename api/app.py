@@ -98,6 +98,7 @@ class WrapperRuntime:
         if self.service:
             await self.service.stop()
         if self.webhooks:
+            await self.webhooks.drain(timeout=5)
             await self.webhooks.close()
         if self.uploader:
             await self.uploader.close()

@@ -49,16 +49,25 @@ async def _read_request(request: web.Request, service: GenerationService, max_de
     parsed = parse_request(data, headers=dict(request.headers))
     problems: dict[str, str] = {}
     try:
-        merge_s3(service.s3_defaults, parsed.s3)
+        merged = merge_s3(service.s3_defaults, parsed.s3)
     except RequestFieldError as exc:
-        problems[f"input.s3.{exc.field}"] = str(exc)
+        problems[f"input.{exc.field}"] = exc.message
+    else:
+        block = parsed.s3 or {}
+        # The operator's keys must not sign uploads to an endpoint the client picked.
+        if block.get("endpoint_url") and merged.endpoint_url != service.s3_defaults.endpoint_url \
+                and not (block.get("access_key_id") and block.get("secret_access_key")):
+            problems["input.s3.endpoint_url"] = (
+                "a request that chooses its own S3 endpoint must also bring its own "
+                "access_key_id and secret_access_key")
     try:
         hook = merge_webhook(service.webhook_defaults, parsed.webhook)
-    except (RequestFieldError, ValueError) as exc:
-        problems[f"input.webhook.{getattr(exc, 'field', 'url')}"] = str(exc)
+    except RequestFieldError as exc:
+        problems[f"input.{exc.field}"] = exc.message
     else:
         if parsed.webhook and parsed.webhook.get("url"):
-            reason = await check_webhook_url(hook.url, service.allow_private_webhooks)
+            trusted = {service.webhook_defaults.url} if service.webhook_defaults.url else set()
+            reason = await check_webhook_url(hook.url, service.allow_private_webhooks, trusted)
             if reason:
                 problems["input.webhook.url"] = reason
     if problems:

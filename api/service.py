@@ -22,6 +22,7 @@ from api.comfy import (
     ComfyClient,
     ComfyConnectionError,
     ComfyError,
+    ComfyUnreachable,
     Finished,
     PromptRejected,
     PromptStatus,
@@ -267,7 +268,8 @@ class GenerationService:
                                FailureKind.COMFYUI_LOST)
             return
         except ComfyConnectionError as exc:
-            await self._finish(job, JobStatus.FAILED, f"ComfyUI lost: {exc}",
+            what = "unreachable" if isinstance(exc, ComfyUnreachable) else "lost"
+            await self._finish(job, JobStatus.FAILED, f"ComfyUI {what}: {exc}",
                                FailureKind.COMFYUI_LOST)
             return
         except asyncio.CancelledError:
@@ -373,7 +375,7 @@ class GenerationService:
         if self.webhooks is None:
             return
         settings = merge_webhook(self.webhook_defaults, job.request.webhook)
-        if not settings.url:
+        if not settings.enabled:
             return
         payload = {"id": job.id, "status": job.status.value, "message": job.message,
                    "output": job.output, "timings": job.timings(),

@@ -42,7 +42,8 @@ REPORTER_FLUSH_TIMEOUT = 3.0
 
 def stop_budget(settings: Settings) -> float:
     """The longest a clean stop can take: drain, then each child's TERM→KILL, then the rest."""
-    child = settings.supervisor.child_stop_timeout + 5.0  # + the kill/reap allowance
+    child = ChildSpec(name="budget", command=["true"],
+                      stop_timeout=settings.supervisor.child_stop_timeout).stop_budget()
     return settings.worker.drain_timeout + 2 * child + ADMIN_CLOSE_TIMEOUT + REPORTER_FLUSH_TIMEOUT
 
 
@@ -320,6 +321,10 @@ class Daemon:
         Path(s.worker.log_dir).mkdir(parents=True, exist_ok=True)
         Path(s.worker.state_dir).mkdir(parents=True, exist_ok=True)
         if self.gpu:
+            from supervisor.gpu_monitor import process_tree
+
+            self.gpu.our_pids = lambda: process_tree(self.comfyui.pid)
+            self.gpu.on_change = self._recompute
             await self.gpu.start()
         self.comfyui.add_listener(self._on_comfyui_change)
         self.wrapper.add_listener(self._on_wrapper_change)

@@ -121,3 +121,70 @@ def get_json(url: str, timeout: float = 10) -> tuple[int, dict]:
             return response.status, json.loads(response.read() or b"{}")
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read() or b"{}")
+    except (urllib.error.URLError, OSError):
+        return None, {}
+
+
+@dataclass
+class Daemon(Proc):
+    admin_socket: Path
+    comfy_url: str
+    state_dir: Path
+    token: str
+
+    def status(self) -> dict:
+        import asyncio
+
+        from supervisor.admin import admin_request
+
+        return asyncio.run(admin_request(self.admin_socket, "GET", "/status"))
+
+    def child_pid(self, name: str) -> int | None:
+        return self.status()["children"][name]["pid"]
+
+    def generate(self, body, timeout: float = 60, headers: dict | None = None):
+        auth = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        return post_json(self.url + "/generate/sync", body, {**auth, **(headers or {})}, timeout)
+
+
+def simulator_command(port: int, base: Path, *extra: str) -> str:
+    return json.dumps([sys.executable, "-m", "simulator", "--listen", "127.0.0.1", "--port",
+                       str(port), "--base-directory", str(base), *extra])
+
+
+@contextlib.contextmanager
+def start_daemon(tmp_path: Path, *sim_args: str, wait_ready: bool = True, token: str = "t0ken",
+                 extra_env: dict | None = None, stop: bool = True) -> Iterator[Daemon]:
+    """The whole worker as a subprocess (`comfy-worker run`) with the simulator as ComfyUI."""
+    comfy_port, wrapper_port, public_port = free_port(), free_port(), free_port()
+    base = tmp_path / "comfy"
+    state = tmp_path / "state"
+    env = base_env(
+        COMFYUI_COMMAND=simulator_command(comfy_port, base, *sim_args),
+        COMFYUI_CWD=str(tmp_path), COMFYUI_URL=f"http://127.0.0.1:{comfy_port}",
+        COMFYUI_OUTPUT_DIR=str(base / "output"), WRAPPER_URL=f"http://127.0.0.1:{wrapper_port}",
+        WORKER_HOST="127.0.0.1", WORKER_PORT=str(public_port), WORKER_STATE_DIR=str(state),
+        WORKER_LOG_DIR=str(tmp_path / "logs"), WORKER_ADMIN_SOCKET=str(tmp_path / "admin.sock"),
+        GPU_REQUIRED="false", BENCHMARK_ENABLED="false", SUPERVISOR_PROBE_INTERVAL="0.5",
+        SUPERVISOR_PROBE_TIMEOUT="1", SUPERVISOR_HANG_TIMEOUT="3",
+        SUPERVISOR_BACKOFF_INITIAL="0.2", SUPERVISOR_BACKOFF_MAX="1",
+        SUPERVISOR_CHILD_STOP_TIMEOUT="3", WORKER_DRAIN_TIMEOUT="3",
+        **({"WORKER_AUTH_TOKEN": token} if token else {"UNSECURED": "true"}),
+        **(extra_env or {}))
+    log_path = tmp_path / "daemon.log"
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen([sys.executable, "-m", "supervisor.cli", "run"], cwd=ROOT,
+                                   env=env, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    daemon = Daemon(process, f"http://127.0.0.1:{public_port}", log_path,
+                    tmp_path / "admin.sock", f"http://127.0.0.1:{comfy_port}", state, token)
+    try:
+        if wait_ready:
+            wait_until(lambda: process.poll() is not None or
+                       http_status(daemon.url + "/health") == 200, 60, "the worker to be ready")
+            if process.poll() is not None:
+                raise AssertionError(f"daemon exited: {daemon.log()}")
+        yield daemon
+    finally:
+        if stop:
+            daemon.stop(30)

@@ -175,9 +175,11 @@ def test_missing_checkpoint_is_a_400_with_value_not_in_list(stack):
 # --- runtime failure, unknown ids -----------------------------------------------------------------
 def test_node_failure_at_run_time_is_422_with_node_details(stack):
     sim, wrapper = stack
+    graph = json.loads(json.dumps(TINY))
+    graph["2"]["inputs"]["filename_prefix"] = "fails"  # a graph ComfyUI has not cached
     set_knobs(sim, fail_node="SaveImage")
     try:
-        status, answer = generate(wrapper, {"input": {"workflow_json": TINY}})
+        status, answer = generate(wrapper, {"input": {"workflow_json": graph}})
     finally:
         set_knobs(sim, fail_node=None)
     assert status == 422, answer
@@ -204,7 +206,7 @@ def test_async_result_duplicate_id_and_cancel_running(stack):
     assert status == 202 and accepted["id"] == "dup-1"
     status, again = generate(wrapper, slow_body("dup-1"), path="/generate")
     assert status == 409 and "dup-1" in again["error"]
-    wait_until(lambda: get_json(wrapper.url + "/result/dup-1")[1]["status"] == "generating",
+    wait_until(lambda: get_json(wrapper.url + "/result/dup-1")[1].get("status") == "generating",
                10, "the request to start generating")
     status, _ = post_json(wrapper.url + "/cancel/dup-1", {})
     assert status == 200
@@ -269,7 +271,7 @@ def test_queue_full_is_503_with_retry_after(tmp_path):
     with start_simulator(tmp_path, "--step-seconds", "0.05") as sim, \
             start_wrapper(tmp_path, sim.url, sim.output_dir, API_QUEUE_SIZE="1") as wrapper:
         generate(wrapper, slow_body("full-1"), path="/generate")
-        wait_until(lambda: get_json(wrapper.url + "/result/full-1")[1]["status"] == "generating",
+        wait_until(lambda: get_json(wrapper.url + "/result/full-1")[1].get("status") == "generating",
                    10, "the first to run")
         assert generate(wrapper, slow_body("full-2"), path="/generate")[0] == 202
         req = urllib.request.Request(wrapper.url + "/generate", method="POST",
@@ -309,8 +311,8 @@ def test_comfyui_killed_mid_request_is_502_within_a_second(tmp_path):
 
         thread = threading.Thread(target=call)
         thread.start()
-        wait_until(lambda: get_json(wrapper.url + "/result/lost-1")[1]["status"] == "generating",
-                   10, "generation")
+        wait_until(lambda: get_json(wrapper.url + "/result/lost-1")[1].get("status")
+                   == "generating", 10, "generation")
         time.sleep(0.2)
         killed_at = time.monotonic()
         sim.process.kill()

@@ -1,0 +1,8 @@
+"""``python -m simulator``: start a ComfyUI simulator."""
+
+import sys
+
+from simulator.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

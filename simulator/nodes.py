@@ -1,0 +1,527 @@
+"""The simulated node classes, with ComfyUI's input definitions, and ``/object_info``.
+
+Each class copies the *interface* of the ComfyUI node of the same name (input names, types,
+defaults, limits, output types, category, output-node flag), because validation errors and
+``/object_info`` are built from it. What a node *does* is simulated: images are
+``ImageBatch`` descriptions, a sampler sleeps per step and reports progress, loaders check a
+name against the configured checkpoint list.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import random
+import sys
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
+
+from simulator.images import (
+    PREVIEW_COMPRESS_LEVEL, SAVE_COMPRESS_LEVEL, Conditioning, ImageBatch, Latent, Mask, ModelHandle,
+    colour_from_int, invert, read_image_info, write_latent, write_png,
+)
+from simulator.knobs import Knobs
+from simulator.paths import Directories, save_target
+
+MAX_RESOLUTION = 16384
+
+# ComfyUI 0.3.64's comfy.samplers lists, so a workflow that names a sampler validates the same.
+SAMPLER_NAMES = [
+    "euler", "euler_cfg_pp", "euler_ancestral", "euler_ancestral_cfg_pp", "heun", "heunpp2", "dpm_2",
+    "dpm_2_ancestral", "lms", "dpm_fast", "dpm_adaptive", "dpmpp_2s_ancestral", "dpmpp_2s_ancestral_cfg_pp",
+    "dpmpp_sde", "dpmpp_sde_gpu", "dpmpp_2m", "dpmpp_2m_cfg_pp", "dpmpp_2m_sde", "dpmpp_2m_sde_gpu",
+    "dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_gpu", "dpmpp_3m_sde", "dpmpp_3m_sde_gpu", "ddpm", "lcm", "ipndm",
+    "ipndm_v", "deis", "res_multistep", "res_multistep_cfg_pp", "res_multistep_ancestral",
+    "res_multistep_ancestral_cfg_pp", "gradient_estimation", "gradient_estimation_cfg_pp", "er_sde", "seeds_2",
+    "seeds_3", "sa_solver", "sa_solver_pece", "ddim", "uni_pc", "uni_pc_bh2",
+]
+SCHEDULER_NAMES = ["simple", "sgm_uniform", "karras", "exponential", "ddim_uniform", "beta", "normal",
+                   "linear_quadratic", "kl_optimal"]
+
+_OUTPUT_HIDDEN = {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"}
+# PreviewImage's random suffix alphabet, as ComfyUI spells it.
+_PREVIEW_LETTERS = "abcdefghijklmnopqrstupvxyz"
+
+
+@dataclass
+class NodeEnv:
+    """What node definitions and runs may read: folders and the live knobs."""
+
+    dirs: Directories
+    knobs: Knobs
+    disable_metadata: bool = False
+
+    def checkpoint_names(self) -> list[str]:
+        """The configured checkpoints plus files in ``<base>/models/checkpoints``, sorted."""
+        return sorted(set(self.knobs.checkpoints) | set(self.dirs.checkpoint_files()))
+
+
+class RunContext(Protocol):
+    """The executor's side of a running node."""
+
+    env: NodeEnv
+    prompt_id: str
+    node_id: str
+
+    async def progress(self, value: int, total: int) -> None:
+        """Report a step; raises ``InterruptProcessing`` when an interrupt is pending."""
+
+
+@dataclass
+class NodeOutput:
+    outputs: tuple[Any, ...]
+    ui: dict[str, list[Any]] | None = None
+
+
+class SimNode:
+    """Base class: class attributes mirror the ComfyUI node's metadata."""
+
+    CLASS_TYPE: ClassVar[str]
+    DISPLAY_NAME: ClassVar[str | None] = None
+    CATEGORY: ClassVar[str] = "sd"
+    DESCRIPTION: ClassVar[str] = ""
+    RETURN_TYPES: ClassVar[tuple[str, ...]] = ()
+    RETURN_NAMES: ClassVar[tuple[str, ...] | None] = None
+    OUTPUT_TOOLTIPS: ClassVar[tuple[str | None, ...] | None] = None
+    OUTPUT_NODE: ClassVar[bool] = False
+    PYTHON_MODULE: ClassVar[str] = "nodes"
+    # ComfyUI's newer node API describes /object_info a little differently (see node_info).
+    SCHEMA_V3: ClassVar[bool] = False
+    # Inputs that a VALIDATE_INPUTS-style check owns: min/max/list checks are skipped for them.
+    VALIDATE_ARGS: ClassVar[tuple[str, ...]] = ()
+    HAS_IS_CHANGED: ClassVar[bool] = False
+
+    @classmethod
+    def input_types(cls, env: NodeEnv) -> dict[str, dict[str, Any]]:
+        raise NotImplementedError
+
+    @classmethod
+    def validate(cls, env: NodeEnv, **inputs: Any) -> bool | str:
+        return True
+
+    @classmethod
+    def is_changed(cls, env: NodeEnv, **inputs: Any) -> Any:
+        return None
+
+    async def run(self, ctx: RunContext, **inputs: Any) -> NodeOutput:
+        raise NotImplementedError
+
+
+# --- images -----------------------------------------------------------------------------
+
+class EmptyImage(SimNode):
+    CLASS_TYPE = "EmptyImage"
+    CATEGORY = "image"
+    RETURN_TYPES = ("IMAGE",)
+
+    @classmethod
+    def input_types(cls, env):
+        return {"required": {
+            "width": ("INT", {"default": 512, "min": 1, "max": MAX_RESOLUTION, "step": 1}),
+            "height": ("INT", {"default": 512, "min": 1, "max": MAX_RESOLUTION, "step": 1}),
+            "batch_size": ("INT", {"default": 1, "min": 1, "max": 4096}),
+            "color": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFF, "step": 1, "display": "color"}),
+        }}
+
+    async def run(self, ctx, width, height, batch_size=1, color=0):
+        return NodeOutput((ImageBatch(width, height, batch_size, colour_from_int(color)),))
+
+
+class SaveImage(SimNode):
+    CLASS_TYPE = "SaveImage"
+    DISPLAY_NAME = "Save Image"
+    CATEGORY = "image"
+    DESCRIPTION = "Saves the input images to your ComfyUI output directory."
+    OUTPUT_NODE = True
+    FOLDER_TYPE: ClassVar[str] = "output"
+    COMPRESS_LEVEL: ClassVar[int] = SAVE_COMPRESS_LEVEL
+
+    @classmethod
+    def input_types(cls, env):
+        return {
+            "required": {
+                "images": ("IMAGE", {"tooltip": "The images to save."}),
+                "filename_prefix": ("STRING", {"default": "ComfyUI", "tooltip": (
+                    "The prefix for the file to save. This may include formatting information such as "
+                    "%date:yyyy-MM-dd% or %Empty Latent Image.width% to include values from nodes.")}),
+            },
+            "hidden": dict(_OUTPUT_HIDDEN),
+        }
+
+    def folder(self, env: NodeEnv) -> str:
+        return env.dirs.output
+
+    def prefix_append(self) -> str:
+        return ""
+
+    async def run(self, ctx, images, filename_prefix="ComfyUI", prompt=None, extra_pnginfo=None):
+        text = _png_metadata(ctx.env, prompt, extra_pnginfo)
+        target = save_target(filename_prefix + self.prefix_append(), self.folder(ctx.env),
+                             images.width, images.height)
+        results = []
+        counter = target.counter
+        for batch_number in range(images.batch):
+            name = target.filename.replace("%batch_num%", str(batch_number))
+            file = f"{name}_{counter:05}_.png"
+            await asyncio.to_thread(write_png, os.path.join(target.folder, file), images.width, images.height,
+                                    images.rgb, text, self.COMPRESS_LEVEL)
+            results.append({"filename": file, "subfolder": target.subfolder, "type": self.FOLDER_TYPE})
+            counter += 1
+        return NodeOutput((), {"images": results})
+
+
+class PreviewImage(SaveImage):
+    CLASS_TYPE = "PreviewImage"
+    DISPLAY_NAME = "Preview Image"
+    DESCRIPTION = "Saves the input images to your ComfyUI output directory."
+    FOLDER_TYPE = "temp"
+    COMPRESS_LEVEL = PREVIEW_COMPRESS_LEVEL
+
+    @classmethod
+    def input_types(cls, env):
+        return {"required": {"images": ("IMAGE",)}, "hidden": dict(_OUTPUT_HIDDEN)}
+
+    def folder(self, env: NodeEnv) -> str:
+        return env.dirs.temp
+
+    def prefix_append(self) -> str:
+        return "_temp_" + "".join(random.choice(_PREVIEW_LETTERS) for _ in range(5))
+
+
+class LoadImage(SimNode):
+    CLASS_TYPE = "LoadImage"
+    DISPLAY_NAME = "Load Image"
+    CATEGORY = "image"
+    RETURN_TYPES = ("IMAGE", "MASK")
+    VALIDATE_ARGS = ("image",)
+    HAS_IS_CHANGED = True
+
+    @classmethod
+    def input_types(cls, env):
+        return {"required": {"image": (env.dirs.input_images(), {"image_upload": True})}}
+
+    @classmethod
+    def validate(cls, env, image=None, **_):
+        if not os.path.exists(env.dirs.annotated_path(image)):
+            return f"Invalid image file: {image}"
+        return True
+
+    @classmethod
+    def is_changed(cls, env, image=None, **_):
+        digest = hashlib.sha256()
+        with open(env.dirs.annotated_path(image), "rb") as f:
+            digest.update(f.read())
+        return digest.digest().hex()
+
+    async def run(self, ctx, image):
+        info = await asyncio.to_thread(read_image_info, ctx.env.dirs.annotated_path(image))
+        picture = ImageBatch(info.width, info.height, info.frames, info.rgb)
+        # Without an alpha channel ComfyUI returns a 64x64 empty mask.
+        mask = Mask(info.width, info.height, info.frames) if info.has_alpha else Mask(64, 64)
+        return NodeOutput((picture, mask))
+
+
+class ImageInvert(SimNode):
+    CLASS_TYPE = "ImageInvert"
+    DISPLAY_NAME = "Invert Image"
+    CATEGORY = "image"
+    RETURN_TYPES = ("IMAGE",)
+
+    @classmethod
+    def input_types(cls, env):
+        return {"required": {"image": ("IMAGE",)}}
+
+    async def run(self, ctx, image):
+        return NodeOutput((ImageBatch(image.width, image.height, image.batch, invert(image.rgb)),))
+
+
+class ImageScale(SimNode):
+    CLASS_TYPE = "ImageScale"
+    DISPLAY_NAME = "Upscale Image"
+    CATEGORY = "image/upscaling"
+    RETURN_TYPES = ("IMAGE",)
+
+    @classmethod
+    def input_types(cls, env):
+        return {"required": {
+            "image": ("IMAGE",),
+            "upscale_method": (["nearest-exact", "bilinear", "area", "bicubic", "lanczos"],),
+            "width": ("INT", {"default": 512, "min": 0, "max": MAX_RESOLUTION, "step": 1}),
+            "height": ("INT", {"default": 512, "min": 0, "max": MAX_RESOLUTION, "step": 1}),
+            "crop": (["disabled", "center"],),
+        }}
+
+    async def run(self, ctx, image, upscale_method, width, height, crop):
+        if width == 0 and height == 0:
+            return NodeOutput((image,))
+        if width == 0:
+            width = max(1, round(image.width * height / image.height))
+        elif height == 0:
+            height = max(1, round(image.height * width / image.width))
+        return NodeOutput((ImageBatch(width, height, image.batch, image.rgb, image.has_alpha),))
+
+
+# --- text to image ----------------------------------------------------------------------
+
+class CheckpointLoaderSimple(SimNode):
+    CLASS_TYPE = "CheckpointLoaderSimple"
+    DISPLAY_NAME = "Load Checkpoint"
+    CATEGORY = "loaders"
+    DESCRIPTION = "Loads a diffusion model checkpoint, diffusion models are used to denoise latents."
+    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
+    OUTPUT_TOOLTIPS = ("The model used for denoising latents.",
+                       "The CLIP model used for encoding text prompts.",
+                       "The VAE model used for encoding and decoding images to and from latent space.")
+
+    @classmethod
+    def input_types(cls, env):
+        return {"required": {
+            "ckpt_name": (env.checkpoint_names(), {"tooltip": "The name of the checkpoint (model) to load."}),
+        }}
+
+    async def run(self, ctx, ckpt_name):
+        if ckpt_name not in ctx.env.checkpoint_names():
+            raise FileNotFoundError(f"Model in folder 'checkpoints' with filename '{ckpt_name}' not found.")
+        delay = ctx.env.knobs.load_seconds * ctx.env.knobs.slow_factor
+        if delay > 0:
+            await asyncio.sleep(delay)
+        return NodeOutput(tuple(ModelHandle(kind, ckpt_name) for kind in ("MODEL", "CLIP", "VAE")))
+
+
+class CLIPTextEncode(SimNode):
+    CLASS_TYPE = "CLIPTextEncode"
+    DISPLAY_NAME = "CLIP Text Encode (Prompt)"
+    CATEGORY = "conditioning"
+    DESCRIPTION = ("Encodes a text prompt using a CLIP model into an embedding that can be used to guide the "
+                   "diffusion model towards generating specific images.")
+    RETURN_TYPES = ("CONDITIONING",)
+    OUTPUT_TOOLTIPS = ("A conditioning containing the embedded text used to guide the diffusion model.",)
+
+    @classmethod
+    def input_types(cls, env):
+        return {"required": {
+            "text": ("STRING", {"multiline": True, "dynamicPrompts": True, "tooltip": "The text to be encoded."}),
+            "clip": ("CLIP", {"tooltip": "The CLIP model used for encoding the text."}),
+        }}
+
+    async def run(self, ctx, text, clip):
+        return NodeOutput((Conditioning(text),))
+
+
+class EmptyLatentImage(SimNode):
+    CLASS_TYPE = "EmptyLatentImage"
+    DISPLAY_NAME = "Empty Latent Image"
+    CATEGORY = "latent"
+    DESCRIPTION = "Create a new batch of empty latent images to be denoised via sampling."
+    RETURN_TYPES = ("LATENT",)
+    OUTPUT_TOOLTIPS = ("The empty latent image batch.",)
+
+    @classmethod
+    def input_types(cls, env):
+        return {"required": {
+            "width": ("INT", {"default": 512, "min": 16, "max": MAX_RESOLUTION, "step": 8,
+                              "tooltip": "The width of the latent images in pixels."}),
+            "height": ("INT", {"default": 512, "min": 16, "max": MAX_RESOLUTION, "step": 8,
+                               "tooltip": "The height of the latent images in pixels."}),
+            "batch_size": ("INT", {"default": 1, "min": 1, "max": 4096,
+                                   "tooltip": "The number of latent images in the batch."}),
+        }}
+
+    async def run(self, ctx, width, height, batch_size=1):
+        return NodeOutput((Latent(width, height, batch_size),))
+
+
+class KSampler(SimNode):
+    CLASS_TYPE = "KSampler"
+    DISPLAY_NAME = "KSampler"
+    CATEGORY = "sampling"
+    DESCRIPTION = "Uses the provided model, positive and negative conditioning to denoise the latent image."
+    RETURN_TYPES = ("LATENT",)
+    OUTPUT_TOOLTIPS = ("The denoised latent.",)
+
+    @classmethod
+    def input_types(cls, env):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The model used for denoising the input latent."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
+                             "tooltip": "The random seed used for creating the noise."}),
+            "steps": ("INT", {"default": 20, "min": 1, "max": 10000,
+                              "tooltip": "The number of steps used in the denoising process."}),
+            "cfg": ("FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01, "tooltip": (
+                "The Classifier-Free Guidance scale balances creativity and adherence to the prompt. Higher "
+                "values result in images more closely matching the prompt however too high values will "
+                "negatively impact quality.")}),
+            "sampler_name": (list(SAMPLER_NAMES), {"tooltip": (
+                "The algorithm used when sampling, this can affect the quality, speed, and style of the "
+                "generated output.")}),
+            "scheduler": (list(SCHEDULER_NAMES), {
+                "tooltip": "The scheduler controls how noise is gradually removed to form the image."}),
+            "positive": ("CONDITIONING", {
+                "tooltip": "The conditioning describing the attributes you want to include in the image."}),
+            "negative": ("CONDITIONING", {
+                "tooltip": "The conditioning describing the attributes you want to exclude from the image."}),
+            "latent_image": ("LATENT", {"tooltip": "The latent image to denoise."}),
+            "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": (
+                "The amount of denoising applied, lower values will maintain the structure of the initial "
+                "image allowing for image to image sampling.")}),
+        }}
+
+    async def run(self, ctx, model, seed, steps, cfg, sampler_name, scheduler, positive, negative,
+                  latent_image, denoise=1.0):
+        for step in range(1, steps + 1):
+            # Read the knob every step so a test can slow down a prompt that is already running.
+            await asyncio.sleep(ctx.env.knobs.step_delay())
+            await ctx.progress(step, steps)
+        seed_text = f"{seed}|{steps}|{cfg}|{sampler_name}|{scheduler}|{denoise}|{positive.text}|{negative.text}"
+        digest = hashlib.sha256(seed_text.encode("utf-8")).digest()
+        result = Latent(latent_image.width, latent_image.height, latent_image.batch, (digest[0], digest[1], digest[2]))
+        return NodeOutput((result,))
+
+
+class VAEDecode(SimNode):
+    CLASS_TYPE = "VAEDecode"
+    DISPLAY_NAME = "VAE Decode"
+    CATEGORY = "latent"
+    DESCRIPTION = "Decodes latent images back into pixel space images."
+    RETURN_TYPES = ("IMAGE",)
+    OUTPUT_TOOLTIPS = ("The decoded image.",)
+
+    @classmethod
+    def input_types(cls, env):
+        return {"required": {
+            "samples": ("LATENT", {"tooltip": "The latent to be decoded."}),
+            "vae": ("VAE", {"tooltip": "The VAE model used for decoding the latent."}),
+        }}
+
+    async def run(self, ctx, samples, vae):
+        batch, _channels, height, width = samples.shape
+        return NodeOutput((ImageBatch(width * 8, height * 8, batch, samples.rgb),))
+
+
+class SaveLatent(SimNode):
+    CLASS_TYPE = "SaveLatent"
+    CATEGORY = "_for_testing"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def input_types(cls, env):
+        return {"required": {"samples": ("LATENT",), "filename_prefix": ("STRING", {"default": "latents/ComfyUI"})},
+                "hidden": dict(_OUTPUT_HIDDEN)}
+
+    async def run(self, ctx, samples, filename_prefix="ComfyUI", prompt=None, extra_pnginfo=None):
+        target = save_target(filename_prefix, ctx.env.dirs.output)
+        metadata = None
+        if not ctx.env.disable_metadata:
+            metadata = {"prompt": json.dumps(prompt) if prompt is not None else ""}
+            for key, value in (extra_pnginfo or {}).items():
+                metadata[key] = json.dumps(value)
+        file = f"{target.filename}_{target.counter:05}_.latent"
+        await asyncio.to_thread(write_latent, os.path.join(target.folder, file), samples, metadata)
+        return NodeOutput((), {"latents": [{"filename": file, "subfolder": target.subfolder, "type": "output"}]})
+
+
+# --- primitives (ComfyUI defines these with its newer node API) -----------------------------
+
+class _Primitive(SimNode):
+    CATEGORY = "utils/primitive"
+    PYTHON_MODULE = "comfy_extras.nodes_primitive"
+    SCHEMA_V3 = True
+    VALUE_SPEC: ClassVar[tuple[str, dict[str, Any]]]
+
+    @classmethod
+    def input_types(cls, env):
+        return {"required": {"value": cls.VALUE_SPEC}}
+
+    async def run(self, ctx, value):
+        return NodeOutput((value,))
+
+
+class PrimitiveInt(_Primitive):
+    CLASS_TYPE = "PrimitiveInt"
+    DISPLAY_NAME = "Int"
+    RETURN_TYPES = ("INT",)
+    VALUE_SPEC = ("INT", {"min": -sys.maxsize, "max": sys.maxsize, "control_after_generate": True})
+
+
+class PrimitiveFloat(_Primitive):
+    CLASS_TYPE = "PrimitiveFloat"
+    DISPLAY_NAME = "Float"
+    RETURN_TYPES = ("FLOAT",)
+    VALUE_SPEC = ("FLOAT", {"min": -sys.maxsize, "max": sys.maxsize})
+
+
+class PrimitiveString(_Primitive):
+    CLASS_TYPE = "PrimitiveString"
+    DISPLAY_NAME = "String"
+    RETURN_TYPES = ("STRING",)
+    VALUE_SPEC = ("STRING", {"multiline": False})
+
+
+class PrimitiveBoolean(_Primitive):
+    CLASS_TYPE = "PrimitiveBoolean"
+    DISPLAY_NAME = "Boolean"
+    RETURN_TYPES = ("BOOLEAN",)
+    VALUE_SPEC = ("BOOLEAN", {})
+
+
+NODE_CLASSES: dict[str, type[SimNode]] = {
+    cls.CLASS_TYPE: cls for cls in (
+        KSampler, CheckpointLoaderSimple, CLIPTextEncode, VAEDecode, EmptyLatentImage, SaveLatent,
+        SaveImage, PreviewImage, LoadImage, ImageScale, ImageInvert, EmptyImage,
+        PrimitiveString, PrimitiveInt, PrimitiveFloat, PrimitiveBoolean,
+    )
+}
+
+
+def _png_metadata(env: NodeEnv, prompt: Any, extra_pnginfo: Any) -> dict[str, str]:
+    if env.disable_metadata:
+        return {}
+    text: dict[str, str] = {}
+    if prompt is not None:
+        text["prompt"] = json.dumps(prompt)
+    if isinstance(extra_pnginfo, dict):
+        for key, value in extra_pnginfo.items():
+            text[str(key)] = json.dumps(value)
+    return text
+
+
+def node_info(cls: type[SimNode], env: NodeEnv) -> dict[str, Any]:
+    """One ``/object_info`` entry, with the keys in the order ComfyUI writes them."""
+    inputs = cls.input_types(env)
+    outputs = list(cls.RETURN_TYPES)
+    if cls.SCHEMA_V3:
+        return {
+            "input": inputs,
+            "input_order": {key: list(value) for key, value in inputs.items()},
+            "output": outputs,
+            "output_is_list": [False] * len(outputs),
+            "output_name": list(cls.RETURN_NAMES or outputs),
+            "output_tooltips": list(cls.OUTPUT_TOOLTIPS or [None] * len(outputs)),
+            "name": cls.CLASS_TYPE,
+            "display_name": cls.DISPLAY_NAME or cls.CLASS_TYPE,
+            "description": cls.DESCRIPTION,
+            "python_module": cls.PYTHON_MODULE,
+            "category": cls.CATEGORY,
+            "output_node": cls.OUTPUT_NODE,
+            "deprecated": False,
+            "experimental": False,
+            "api_node": False,
+        }
+    info: dict[str, Any] = {
+        "input": inputs,
+        "input_order": {key: list(value) for key, value in inputs.items()},
+        "output": outputs,
+        "output_is_list": [False] * len(outputs),
+        "output_name": list(cls.RETURN_NAMES or outputs),
+        "name": cls.CLASS_TYPE,
+        "display_name": cls.DISPLAY_NAME or cls.CLASS_TYPE,
+        "description": cls.DESCRIPTION,
+        "python_module": cls.PYTHON_MODULE,
+        "category": cls.CATEGORY,
+        "output_node": cls.OUTPUT_NODE,
+    }
+    if cls.OUTPUT_TOOLTIPS is not None:
+        info["output_tooltips"] = list(cls.OUTPUT_TOOLTIPS)
+    return info

@@ -1,0 +1,204 @@
+"""The real daemon as a subprocess, the simulator as ComfyUI: start, serve, crash, hang, stop."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import psutil
+import pytest
+
+from tests.procs import ROOT, free_port, get_json, start_daemon, wait_until
+
+TINY = {"1": {"class_type": "EmptyImage",
+              "inputs": {"width": 32, "height": 32, "batch_size": 1, "color": 0}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "e"}}}
+
+
+def slow(steps: int) -> dict:
+    return {"input": {"modifier": "Text2Image",
+                      "modifications": {"steps": steps, "width": 64, "height": 64}}}
+
+
+def alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_ready_serves_and_rejects_without_token(tmp_path):
+    with start_daemon(tmp_path, "--step-seconds", "0.01") as worker:
+        status, body = worker.generate({"input": {"workflow_json": TINY}})
+        assert status == 200 and body["status"] == "completed", body
+        status, body = worker.generate({"input": {"workflow_json": TINY}},
+                                       headers={"Authorization": "Bearer wrong"})
+        assert status == 401 and "invalid bearer token" in body["error"]
+        status, health = get_json(worker.url + "/health")
+        assert status == 200 and health["state"] == "ready"
+        assert health["children"]["comfyui"]["state"] == "ready"
+        status, live = get_json(worker.url + "/health/live")
+        assert status == 200 and live["alive"]
+        import urllib.request
+
+        metrics = urllib.request.urlopen(worker.url + "/metrics").read().decode()
+        assert 'comfy_worker_state{state="ready"} 1.0' in metrics
+        assert 'comfy_worker_requests_total{status="200"} 1.0' in metrics
+
+
+def test_comfyui_killed_during_request_gives_502_then_recovers(tmp_path):
+    with start_daemon(tmp_path, "--step-seconds", "0.05") as worker:
+        pid = worker.child_pid("comfyui")
+        result = {}
+
+        def call():
+            result["answer"] = worker.generate(slow(400))
+            result["at"] = time.monotonic()
+
+        thread = threading.Thread(target=call)
+        thread.start()
+        time.sleep(1.0)
+        killed = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        thread.join(20)
+        status, body = result["answer"]
+        assert status == 502, body
+        assert "ComfyUI" in (body.get("error") or body.get("message", ""))
+        assert result["at"] - killed < 1.5
+        wait_until(lambda: get_json(worker.url + "/health")[0] == 200, 30, "ready again")
+        assert worker.child_pid("comfyui") != pid
+        status, body = worker.generate({"input": {"workflow_json": TINY}})
+        assert status == 200, body
+        snap = worker.status()["children"]["comfyui"]
+        assert snap["restarts"] >= 1
+        assert "SIGKILL" in snap["last_exit"]["description"]
+
+
+def test_sigstopped_comfyui_is_detected_and_restarted(tmp_path):
+    with start_daemon(tmp_path, "--step-seconds", "0.01") as worker:
+        pid = worker.child_pid("comfyui")
+        stopped_at = time.monotonic()
+        os.kill(pid, signal.SIGSTOP)
+        wait_until(lambda: get_json(worker.url + "/health")[0] == 503, 10, "unhealthy")
+        wait_until(lambda: worker.child_pid("comfyui") not in (None, pid), 20, "a new ComfyUI")
+        wait_until(lambda: get_json(worker.url + "/health")[0] == 200, 30, "ready again")
+        # hang_timeout is 3 s, probes every 0.5 s with a 1 s timeout.
+        assert time.monotonic() - stopped_at < 20
+        assert not alive(pid)
+
+
+def test_crash_at_start_backs_off_then_fails_and_rests(tmp_path):
+    env = {"SUPERVISOR_CRASH_LOOP_COUNT": "3", "SUPERVISOR_CRASH_LOOP_WINDOW": "60",
+           "SUPERVISOR_FAILED_COOLDOWN": "300"}
+    with start_daemon(tmp_path, "--crash-at-start", "3", wait_ready=False,
+                      extra_env=env) as worker:
+        def failed():
+            status, body = get_json(worker.url + "/health")
+            return body if status == 503 and body.get("state") == "unhealthy" else None
+
+        body = wait_until(failed, 30, "the crash loop to be declared")
+        assert body["reason"].startswith("ComfyUI failed: crash loop")
+        assert "exited with code 3" in body["reason"]
+        status, answer = worker.generate({"input": {"workflow_json": TINY}})
+        assert status == 503 and answer["state"] == "unhealthy"
+        restarts = worker.status()["children"]["comfyui"]["restarts"]
+        daemon = psutil.Process(worker.process.pid)
+        daemon.cpu_percent(None)
+        time.sleep(2.0)
+        assert daemon.cpu_percent(None) < 20, "no busy loop while failed"
+        assert worker.status()["children"]["comfyui"]["restarts"] == restarts
+
+
+def test_killed_wrapper_is_restarted(tmp_path):
+    with start_daemon(tmp_path, "--step-seconds", "0.01") as worker:
+        pid = worker.child_pid("wrapper")
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: worker.child_pid("wrapper") not in (None, pid), 20, "a new wrapper")
+        wait_until(lambda: get_json(worker.url + "/health")[0] == 200, 30, "ready again")
+        assert worker.generate({"input": {"workflow_json": TINY}})[0] == 200
+
+
+def test_sigterm_stops_cleanly_with_no_child_left(tmp_path):
+    with start_daemon(tmp_path, "--step-seconds", "0.01", stop=False) as worker:
+        pids = [worker.child_pid("comfyui"), worker.child_pid("wrapper")]
+        assert all(alive(p) for p in pids)
+        worker.process.send_signal(signal.SIGTERM)
+        assert worker.process.wait(30) == 0
+        assert not any(alive(p) for p in pids)
+        assert not worker.admin_socket.exists()
+
+
+def test_sigkilled_supervisor_leaves_no_child(tmp_path):
+    with start_daemon(tmp_path, "--step-seconds", "0.01", stop=False) as worker:
+        pids = [worker.child_pid("comfyui"), worker.child_pid("wrapper")]
+        worker.process.kill()
+        worker.process.wait(10)
+        wait_until(lambda: not any(alive(p) for p in pids), 10, "children to die with it")
+
+
+def test_sd_notify_messages_arrive_in_order(tmp_path):
+    path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.settimeout(0.2)
+    messages: list[str] = []
+    env = {"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "2000000",
+           "WATCHDOG_PID": ""}
+    with start_daemon(tmp_path, "--step-seconds", "0.01", extra_env=env, stop=False) as worker:
+        # WATCHDOG_PID empty: the check applies to any pid (the daemon is a grandchild here).
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                messages.append(sock.recv(4096).decode())
+            except socket.timeout:
+                pass
+        worker.process.send_signal(signal.SIGTERM)
+        worker.process.wait(30)
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline:
+            try:
+                messages.append(sock.recv(4096).decode())
+            except socket.timeout:
+                pass
+    text = "\n".join(messages)
+    ready = next(i for i, m in enumerate(messages) if "READY=1" in m)
+    first_status = next(i for i, m in enumerate(messages) if m.startswith("STATUS=starting"))
+    assert first_status < ready
+    assert "STATUS=ready" in messages[ready]
+    assert any(m == "WATCHDOG=1" for m in messages[ready:]), text
+    stopping = next(i for i, m in enumerate(messages) if "STOPPING=1" in m)
+    assert stopping > ready
+
+
+def test_stop_stages_fit_in_the_units_timeout():
+    from config import load_settings
+    from supervisor.daemon import stop_budget
+    from tests.test_systemd_unit import unit_timeout_stop_sec
+
+    assert stop_budget(load_settings(None, environ={})) < unit_timeout_stop_sec()
+
+
+def test_comfyui_listening_publicly_is_refused(tmp_path):
+    env = dict(os.environ, COMFYUI_COMMAND='["python", "main.py", "--listen"]',
+               WORKER_AUTH_TOKEN="x", WORKER_STATE_DIR=str(tmp_path), GPU_REQUIRED="false")
+    proc = subprocess.run([sys.executable, "-m", "supervisor.cli", "run"], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "listens on 0.0.0.0" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_no_auth_configured_refuses_to_start(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("WORKER_AUTH_TOKEN", "UNSECURED",
+                                                            "REPORT_ADDR")}
+    env.update(WORKER_STATE_DIR=str(tmp_path), GPU_REQUIRED="false")
+    proc = subprocess.run([sys.executable, "-m", "supervisor.cli", "run"], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "WORKER_AUTH_TOKEN" in proc.stderr and "UNSECURED=true" in proc.stderr
