@@ -68,7 +68,12 @@ class AutoscalerLink:
         if daemon.benchmark:
             max_perf = daemon.benchmark.max_perf()
         loadtime = (tracker.first_ready_at - daemon.started_at) if tracker.first_ready_at else None
-        self.reporter.set_state(ready=serving, error_msg="" if serving else tracker.reason,
+        # Loading (starting, benchmarking) is normal and carries no error; only a worker that
+        # cannot serve says why, so the autoscaler does not write off a node that is warming up.
+        from supervisor.state import WorkerState
+
+        failing = tracker.state is WorkerState.UNHEALTHY
+        self.reporter.set_state(ready=serving, error_msg=tracker.reason if failing else "",
                                 max_perf=max_perf, loadtime=loadtime)
 
     def hooks(self) -> RequestHooks:
