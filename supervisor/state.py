@@ -121,7 +121,9 @@ class WorkerStateTracker:
         if state is self.state and reason == self.reason:
             return False
         old = self.state
-        logger.info("worker: %s -> %s (%s)", old.value, state.value, reason)
+        # A new state is news; a new reason for the same state is detail.
+        logger.log(logging.INFO if state is not old else logging.DEBUG,
+                   "worker: %s -> %s (%s)", old.value, state.value, reason)
         self.state, self.reason, self.since = state, reason, time.time()
         self.history.append({"at": self.since, "state": state.value, "reason": reason})
         if state.serving and self.first_ready_at is None:
