@@ -3,7 +3,8 @@
 ``verdict.json`` holds the last good report with the key it was measured under. It is reused
 only while every part of the key is unchanged (the GPU itself, its driver, ComfyUI's version and
 device, the workload) and it is younger than ``benchmark.cache_max_age``; any change reruns the
-benchmark. Errors are never cached.
+benchmark. Only good verdicts (pass, no_reference) are cached: after an error or a slow verdict
+the next start measures again, so a node whose operator fixed the cause gets a fresh chance.
 
 ``history.jsonl`` gets one line per benchmark actually run (errors included). Drift compares a
 run with the median of earlier runs of the same workload on the same GPU, across driver and
@@ -32,6 +33,7 @@ VERDICT_FILE = "verdict.json"
 HISTORY_FILE = "history.jsonl"
 HISTORY_MAX_BYTES = 1024 * 1024  # past this, the history is cut to its last HISTORY_KEEP lines
 HISTORY_KEEP = 1000
+CACHEABLE = frozenset({BenchmarkStatus.PASS, BenchmarkStatus.NO_REFERENCE})
 # Parts of the key that name the same work on the same GPU (see the module doc).
 DRIFT_FIELDS = ("gpu_uuid", "graph_fingerprint", "width", "height", "steps", "checkpoint")
 
@@ -130,8 +132,10 @@ class BenchmarkStore:
                            f"reused the result from {age / 3600:.1f} h ago")
 
     def save(self, key: CacheKey, report: BenchmarkReport, *, now: float | None = None) -> None:
-        """Keep ``report`` as the cached verdict (errors are not cached)."""
-        if report.status is BenchmarkStatus.ERROR:
+        """Keep ``report`` as the cached verdict; a slow or failed one is not kept (and drops any
+        older cached verdict, which it contradicts)."""
+        if report.status not in CACHEABLE:
+            self.clear()
             return
         payload = {"key": key.to_dict(), "saved_at": time.time() if now is None else now,
                    "report": dataclasses.replace(report, from_cache=False).to_dict()}
@@ -165,6 +169,9 @@ class BenchmarkStore:
         try:
             text = self.history_path.read_text(encoding="utf-8")
         except FileNotFoundError:
+            return []
+        except OSError as exc:  # drift is a nicety; an unreadable history only disables it
+            logger.warning("benchmark history %s unreadable: %s", self.history_path, exc)
             return []
         entries = []
         for line in text.splitlines():

@@ -59,7 +59,8 @@ def load_prompts(path: Path | None = None) -> list[str]:
         text = target.read_text(encoding="utf-8")
     except OSError as exc:
         if path is not None:
-            raise ValueError(f"benchmark prompts file {target} cannot be read: {exc.strerror or exc}") from None
+            raise ValueError(f"benchmark prompts file {target} cannot be read: "
+                             f"{exc.strerror or exc}") from None
         logger.warning("benchmark: default prompts file %s missing; using built-in prompts", target)
         return list(FALLBACK_PROMPTS)
     prompts = [line.strip() for line in text.splitlines()

@@ -65,8 +65,8 @@ def render_report(report: BenchmarkReport) -> str:
     rows.append(("Reason", report.reason()))
     gpu = report.gpu
     if gpu is not None:
-        detail = ", ".join(x for x in (gpu.uuid, f"driver {gpu.driver_version}" if gpu.driver_version else "")
-                           if x)
+        driver = f"driver {gpu.driver_version}" if gpu.driver_version else ""
+        detail = ", ".join(x for x in (gpu.uuid, driver) if x)
         rows.append(("GPU", f"{gpu.name or '?'}" + (f" ({detail})" if detail else "")))
     else:
         rows.append(("GPU", "not read (no GPU telemetry)"))

@@ -52,6 +52,9 @@ from benchmark.telemetry import (
 )
 from benchmark.verdict import decide, diagnose, drift, rejudge
 
+__all__ = ["ComfyTarget", "ProgressCallback", "WrapperTarget", "cached_benchmark", "current_key",
+           "missing_checkpoint_message", "run_benchmark"]
+
 logger = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[BenchmarkProgress], Optional[Awaitable[Any]]]
@@ -110,7 +113,8 @@ def missing_checkpoint_message(checkpoint: str, available: list[str], install_pa
         have = "ComfyUI lists no checkpoints at all"
     return (f"benchmark checkpoint {checkpoint!r} is not installed ({have}). Put the file in "
             f"{folder} (or in a checkpoints folder named in ComfyUI's extra_model_paths.yaml) "
-            f"and restart, or set BENCHMARK_CHECKPOINT to an installed SD1.5 checkpoint")
+            f"and rerun the benchmark (or restart the worker), or set BENCHMARK_CHECKPOINT to an "
+            f"installed SD1.5 checkpoint")
 
 
 async def _open(target: Target) -> tuple[ComfyClient, Any, aiohttp.ClientSession | None]:
@@ -154,12 +158,12 @@ async def run_benchmark(target: Target, settings: Any, telemetry: TelemetrySourc
     ``telemetry``: the GPU ComfyUI runs on (default: none).
     ``on_progress``: called (sync or async) at each phase and sampler step.
     ``store``: when given, drift is judged against its history, the report is appended to the
-    history and a non-error report is cached.
+    history and a good one (pass, no_reference) is cached.
     ``keep_outputs``: keep the benchmark images (by default each is deleted once checked).
     """
     params = _params(settings)
-    telemetry = telemetry or NullTelemetry()
-    rng = rng or random.SystemRandom()
+    telemetry = NullTelemetry() if telemetry is None else telemetry
+    rng = random.SystemRandom() if rng is None else rng
     ctx = _Context(params, target)
     client, driver, session = await _open(target)
     try:
@@ -175,7 +179,7 @@ async def run_benchmark(target: Target, settings: Any, telemetry: TelemetrySourc
     if store is not None:
         await _persist(store, ctx.key(), report)
     await call_callback(on_progress, BenchmarkProgress(Phase.DONE, params.runs, params.runs,
-                                               message=report.reason()))
+                                                       message=report.reason()))
     return report
 
 
@@ -184,13 +188,13 @@ async def _measure(ctx: _Context, client: ComfyClient, driver: Any, telemetry: T
                    on_progress: ProgressCallback | None, install_path: str | None) -> BenchmarkReport:
     params = ctx.params
     runs: list[RunRecord] = []
-    await call_callback(on_progress, BenchmarkProgress(Phase.CHECKING, 0, params.runs,
-                                               message=f"checking {ctx.target.describe()}"))
+    checking = f"checking {ctx.target.describe()}"
+    await call_callback(on_progress, BenchmarkProgress(Phase.CHECKING, 0, params.runs, message=checking))
+    ctx.fingerprint = workload_fingerprint(width=params.width, height=params.height,
+                                           steps=params.steps, checkpoint=params.checkpoint)
     try:
         ctx.gpu = await read_gpu(telemetry)
         await _check(ctx, client, install_path)
-        ctx.fingerprint = workload_fingerprint(width=params.width, height=params.height,
-                                               steps=params.steps, checkpoint=params.checkpoint)
         try:
             prompts = await asyncio.to_thread(load_prompts, params.prompts_path)
         except ValueError as exc:
@@ -241,12 +245,12 @@ async def _one_run(number: int, ctx: _Context, driver: Any, telemetry: Telemetry
     run_id = f"benchmark-{os.urandom(8).hex()}"
     label = "warm-up (loads the model)" if number == 0 else f"run {number}/{params.runs}"
     await call_callback(on_progress, BenchmarkProgress(phase, number, params.runs, 0, params.steps,
-                                               message=label))
+                                                       message=label))
     capture: list[asyncio.Task] = []
 
     async def on_step(step: int, total: int, its: float | None) -> None:
         await call_callback(on_progress, BenchmarkProgress(phase, number, params.runs, step,
-                                                   total or params.steps, its, label))
+                                                           total or params.steps, its, label))
         # One GPU reading half-way through a measured run: PCIe link and clocks under load.
         if busy is not None and not capture and total and step * 2 >= total:
             capture.append(asyncio.create_task(_busy_reading(telemetry, busy)))
@@ -352,7 +356,7 @@ async def cached_benchmark(target: Target, settings: Any, telemetry: TelemetrySo
                                  slow_threshold=params.slow_threshold, action=params.action)
                 logger.info("benchmark: %s; %s", found.why, report.reason())
                 await call_callback(on_progress, BenchmarkProgress(Phase.DONE, 0, params.runs,
-                                                           message=report.reason()))
+                                                                   message=report.reason()))
                 return report
             logger.info("benchmark: running it (%s)", found.why)
     return await run_benchmark(target, settings, telemetry, on_progress=on_progress, store=store,

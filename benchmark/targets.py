@@ -12,6 +12,7 @@ import asyncio
 import inspect
 import json
 import logging
+import os
 import time
 import uuid
 from dataclasses import dataclass
@@ -220,16 +221,17 @@ class WrapperDriver:
         """ComfyUI's own files of this run (the wrapper hands out links or copies of them)."""
         if self.target.output_dir is None:
             return ()
-        root = Path(self.target.output_dir).resolve()
+        root = os.path.normpath(os.path.abspath(self.target.output_dir))
         found = []
         for entry in (result.get("comfyui_response") or {}).values():
             for node_output in ((entry or {}).get("outputs") or {}).values():
                 for item in (node_output or {}).get("images") or []:
                     if not isinstance(item, dict) or item.get("type", "output") != "output":
                         continue
-                    path = (root / str(item.get("subfolder") or "") / str(item.get("filename") or "")).resolve()
-                    if path != root and root in path.parents:  # never outside the output folder
-                        found.append(path)
+                    name = str(item.get("filename") or "")
+                    path = os.path.normpath(os.path.join(root, str(item.get("subfolder") or ""), name))
+                    if path != root and os.path.commonpath([root, path]) == root:  # never outside it
+                        found.append(Path(path))
         return tuple(found)
 
     async def _stream(self, graph: dict[str, Any], run_id: str, on_step: StepCallback | None

@@ -148,5 +148,25 @@ def demo_command(ctx: click.Context, port: int, state_dir: str) -> None:
     _run_daemon(settings)
 
 
+# --- benchmark -----------------------------------------------------------------------------------
+@main.command("benchmark")
+@click.option("--comfyui-url", default=None,
+              help="Run straight against this ComfyUI instead of through the running daemon.")
+@click.option("--output-dir", type=click.Path(file_okay=False), default=None,
+              help="ComfyUI's output folder, with --comfyui-url (default: from the settings).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--socket", "socket_path", default=None, help="Admin socket of the daemon.")
+@click.pass_context
+def benchmark_command(ctx: click.Context, comfyui_url: str | None, output_dir: str | None,
+                      as_json: bool, socket_path: str | None) -> None:
+    """Run the benchmark now and print seconds, it/s, expected time, verdict and causes."""
+    from supervisor.bench_cli import run_benchmark_command
+
+    settings = _load(ctx.obj["config_path"])
+    setup_logging("WARNING", settings.secrets())
+    sys.exit(run_benchmark_command(settings, comfyui_url=comfyui_url, output_dir=output_dir,
+                                   as_json=as_json, socket_path=socket_path))
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

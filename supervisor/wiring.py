@@ -114,17 +114,11 @@ def build_components(settings: Settings, environ: dict[str, str] | None = None
         raise WiringError(f"autoscaler mode (REPORT_ADDR is set): {exc}") from None
     if env is not None:
         components["autoscaler"] = AutoscalerLink(env, settings)
-    try:
-        from supervisor.gpu_monitor import GpuMonitor
+    from supervisor.gpu_monitor import GpuMonitor
 
-        components["gpu_monitor"] = GpuMonitor.from_settings(settings)
-    except ImportError:
-        logger.warning("GPU monitoring unavailable in this build")
+    components["gpu_monitor"] = GpuMonitor.from_settings(settings)
     if settings.benchmark.enabled:
-        try:
-            from supervisor.bench import BenchmarkController
+        from supervisor.bench import BenchmarkController
 
-            components["benchmark"] = BenchmarkController(settings)
-        except ImportError:
-            logger.warning("benchmark unavailable in this build")
+        components["benchmark"] = BenchmarkController(settings)
     return components

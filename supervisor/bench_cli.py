@@ -1,0 +1,103 @@
+"""`comfy-worker benchmark`: run the benchmark now, through the daemon or straight at ComfyUI.
+
+Through the daemon, the run is the daemon's own (same path as real requests, same cache and
+history); this command asks for it over the admin socket and follows its progress. With
+`--comfyui-url` no daemon is needed: the graph goes straight to that ComfyUI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import click
+
+from benchmark import (
+    BenchmarkReport,
+    ComfyTarget,
+    NullTelemetry,
+    render_progress,
+    render_report,
+    run_benchmark,
+)
+from config import Settings
+from supervisor.admin import admin_request
+
+EXIT_OK, EXIT_SLOW, EXIT_ERROR, EXIT_UNKNOWN = 0, 1, 2, 3
+
+
+def _exit_code(report: BenchmarkReport) -> int:
+    if report.status.value == "error":
+        return EXIT_ERROR
+    if report.status.value == "slow":
+        return EXIT_SLOW
+    return EXIT_OK
+
+
+def _show_progress(text: str, interactive: bool) -> None:
+    if interactive:
+        click.echo("\r" + text.ljust(78), nl=False, err=True)
+
+
+async def _through_daemon(socket: Path, interactive: bool) -> dict[str, Any]:
+    answer = await admin_request(socket, "POST", "/benchmark")
+    if not answer.get("ok"):
+        raise click.ClickException(answer.get("message", "the daemon refused"))
+    seen_running = False
+    while True:
+        await asyncio.sleep(0.5)
+        status = await admin_request(socket, "GET", "/status")
+        bench = status.get("benchmark", {})
+        if bench.get("running"):
+            seen_running = True
+            if "progress" in bench:
+                _show_progress(bench["progress"]["text"], interactive)
+        elif seen_running or bench.get("status") not in ("pending",):
+            if bench.get("status") != "pending":
+                if interactive:
+                    click.echo("", err=True)
+                return bench
+        else:
+            _show_progress(f"waiting: {status['worker']['reason']}", interactive)
+
+
+async def _direct(settings: Settings, url: str, output_dir: Path, interactive: bool
+                  ) -> BenchmarkReport:
+    def on_progress(progress) -> None:
+        _show_progress(render_progress(progress), interactive)
+
+    report = await run_benchmark(ComfyTarget(url, output_dir), settings, NullTelemetry(),
+                                 on_progress=on_progress)
+    if interactive:
+        click.echo("", err=True)
+    return report
+
+
+def run_benchmark_command(settings: Settings, *, comfyui_url: str | None, output_dir: str | None,
+                          as_json: bool, socket_path: str | None) -> int:
+    interactive = sys.stderr.isatty() and not as_json
+    started = time.monotonic()
+    if comfyui_url:
+        folder = Path(output_dir) if output_dir else settings.comfyui_output_dir
+        report = asyncio.run(_direct(settings, comfyui_url.rstrip("/"), folder, interactive))
+        body = report.to_dict()
+    else:
+        socket = Path(socket_path or settings.worker.admin_socket)
+        try:
+            body = asyncio.run(_through_daemon(socket, interactive))
+        except (OSError, aiohttp.ClientError) as exc:
+            click.echo(f"comfy-worker benchmark: the daemon is not reachable at {socket} ({exc}); "
+                       "use --comfyui-url to run straight against a ComfyUI", err=True)
+            return EXIT_UNKNOWN
+        report = BenchmarkReport.from_dict(body)
+    if as_json:
+        click.echo(json.dumps(body, indent=2, default=str))
+    else:
+        click.echo(render_report(report))
+        click.echo(f"(took {time.monotonic() - started:.1f} s)")
+    return _exit_code(report)
