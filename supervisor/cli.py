@@ -168,5 +168,13 @@ def benchmark_command(ctx: click.Context, comfyui_url: str | None, output_dir: s
                                    as_json=as_json, socket_path=socket_path))
 
 
+def _register_subcommands() -> None:
+    from supervisor.health_cli import health
+
+    main.add_command(health)
+
+
+_register_subcommands()
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -169,8 +169,8 @@ def start_daemon(tmp_path: Path, *sim_args: str, wait_ready: bool = True, token:
         SUPERVISOR_PROBE_TIMEOUT="1", SUPERVISOR_HANG_TIMEOUT="3",
         SUPERVISOR_BACKOFF_INITIAL="0.2", SUPERVISOR_BACKOFF_MAX="1",
         SUPERVISOR_CHILD_STOP_TIMEOUT="3", WORKER_DRAIN_TIMEOUT="3",
-        **({"WORKER_AUTH_TOKEN": token} if token else {"UNSECURED": "true"}),
-        **(extra_env or {}))
+        **({"WORKER_AUTH_TOKEN": token} if token else {"UNSECURED": "true"}))
+    env.update({k: str(v) for k, v in (extra_env or {}).items()})  # extra_env overrides defaults
     log_path = tmp_path / "daemon.log"
     with open(log_path, "ab") as log:
         process = subprocess.Popen([sys.executable, "-m", "supervisor.cli", "run"], cwd=ROOT,

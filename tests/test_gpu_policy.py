@@ -26,7 +26,7 @@ def event(xid, severity, meaning, gpu=0, at=1000.0, kind=EventKind.XID):
     [
         ("healthy_datacenter", OK, []),
         ("consumer_no_ecc", OK, []),
-        ("thermal_throttling", DEGRADED, ["GPU 0: HW thermal slowdown at 91 °C (slowdown at 90 °C)"]),
+        ("thermal_throttling", UNHEALTHY, ["GPU 0: HW thermal slowdown at 91 °C (slowdown at 90 °C)"]),
         ("power_capped", DEGRADED, ["GPU 0: power capped at 250 W (default 400 W)"]),
         ("pcie_x8_on_x16", DEGRADED, ["GPU 0: PCIe link Gen3 x8 (max Gen4 x16) while busy"]),
         ("gpu_lost", UNHEALTHY, ["GPU 1: lost"]),

@@ -84,18 +84,20 @@ def _check_thermal(g: GpuRecord, t: GpuPolicyThresholds, out: _Findings) -> None
     at = f" at {_n(temp)} °C" if temp is not None else ""
     limit = f" (slowdown at {_n(slow)} °C)" if slow is not None else ""
     thermal = False
+    # A hardware slowdown halves the clocks or worse: the node is not fit to take work until it
+    # clears. The software slowdown is the driver's gentler step: degraded.
     if ClockEventReason.HW_THERMAL_SLOWDOWN in reasons:
-        out.add(DEGRADED, f"{p} HW thermal slowdown{at}{limit}")
+        out.add(UNHEALTHY, f"{p} HW thermal slowdown{at}{limit}")
         thermal = True
     if ClockEventReason.SW_THERMAL_SLOWDOWN in reasons:
         out.add(DEGRADED, f"{p} SW thermal slowdown{at}{limit}")
         thermal = True
     if ClockEventReason.HW_POWER_BRAKE in reasons:
-        out.add(DEGRADED, f"{p} HW power brake slowdown (external power brake asserted)")
+        out.add(UNHEALTHY, f"{p} HW power brake slowdown (external power brake asserted)")
     elif ClockEventReason.HW_SLOWDOWN in reasons and not thermal:
         # HW slowdown is the umbrella bit; report it alone only when neither
         # specific cause is set.
-        out.add(DEGRADED, f"{p} HW slowdown{at}")
+        out.add(UNHEALTHY, f"{p} HW slowdown{at}")
     if temp is None:
         return
     if shut is not None and temp >= shut - t.shutdown_margin_c:
