@@ -150,11 +150,16 @@ class GenerationService:
             self._pending.remove(job)
             await self._finish(job, JobStatus.CANCELLED, "Cancelled while queued.")
         elif job is self.current and job.prompt_id:
-            try:
-                await self.client.interrupt(job.prompt_id)
-            except ComfyError as exc:
-                logger.warning("interrupt of %s failed: %s", job.id, exc)
+            await self._stop_prompt(job)
+        # Without a prompt id yet, the runner stops it as soon as ComfyUI has queued it.
         return job
+
+    async def _stop_prompt(self, job: Job) -> None:
+        """Stop the job's prompt wherever it is in ComfyUI: still queued there, or running."""
+        try:
+            await self.client.cancel(job.prompt_id)
+        except ComfyError as exc:
+            logger.warning("stopping the prompt of %s failed: %s", job.id, exc)
 
     # --- stage 1: inputs ------------------------------------------------------------------------
     async def _prepare(self, job: Job, graph: dict[str, Any]) -> None:
@@ -246,7 +251,10 @@ class GenerationService:
                 job.publish({"event": "progress", **self._status_event(job),
                              "progress": job.last_progress})
             elif not isinstance(event, Finished) and getattr(event, "prompt_id", None):
+                first = job.prompt_id is None
                 job.prompt_id = event.prompt_id
+                if first and job.cancel_requested:  # cancelled while it was being submitted
+                    self._spawn(self._stop_prompt(job), f"stop-{job.id}")
 
         run = asyncio.create_task(self.client.run_prompt(graph, on_event=on_event))
         try:
@@ -264,8 +272,11 @@ class GenerationService:
                                {"error": exc.error, "node_errors": exc.node_errors})
             return
         except PromptVanished as exc:
-            await self._finish(job, JobStatus.FAILED, f"ComfyUI lost the prompt: {exc}",
-                               FailureKind.COMFYUI_LOST)
+            if job.cancel_requested:  # we removed it from ComfyUI's queue ourselves
+                await self._finish(job, JobStatus.CANCELLED, "Cancelled before it started.")
+            else:
+                await self._finish(job, JobStatus.FAILED, f"ComfyUI lost the prompt: {exc}",
+                                   FailureKind.COMFYUI_LOST)
             return
         except ComfyConnectionError as exc:
             what = "unreachable" if isinstance(exc, ComfyUnreachable) else "lost"

@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     comfy.add_argument("--temp-directory", type=str, default=None,
                        help="Temp files go in a 'temp' folder inside this one (overrides base).")
     comfy.add_argument("--user-directory", type=str, default=None, help="User folder (overrides base).")
+    comfy.add_argument("--strict-base-directory", action="store_true",
+                       help="Fail at start, as ComfyUI 0.3.64 does, when --base-directory has no custom_nodes/ "
+                            "folder (off by default so tests need not create it).")
     comfy.add_argument("--cpu", action="store_true", help="Report a CPU device (the default).")
     comfy.add_argument("--cuda-device", type=int, default=None, metavar="DEVICE_ID",
                        help="Accepted for compatibility; sets CUDA_VISIBLE_DEVICES like ComfyUI.")
@@ -162,6 +165,11 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("Set cuda device to: %s", args.cuda_device)
 
     base = args.base_directory or os.path.join(tempfile.gettempdir(), f"comfyui-sim-{args.port}")
+    custom_nodes = os.path.join(os.path.abspath(base), "custom_nodes")
+    if args.strict_base_directory and args.base_directory and not os.path.isdir(custom_nodes):
+        # ComfyUI lists custom_nodes/ before it binds and dies of the FileNotFoundError.
+        logger.error("FileNotFoundError: [Errno 2] No such file or directory: %r", custom_nodes)
+        return 1
     dirs = Directories.from_options(base, args.output_directory, args.input_directory, args.temp_directory,
                                     args.user_directory)
     dirs.prepare()

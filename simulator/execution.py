@@ -1,4 +1,4 @@
-"""Running prompts: the FIFO queue, the executor, the output cache and the progress events.
+"""Running one prompt: the executor, the execution order and the progress events.
 
 The order and content of WebSocket events follows ComfyUI 0.3.64's ``PromptExecutor`` and
 ``prompt_worker``:
@@ -17,28 +17,21 @@ this simulator.
 from __future__ import annotations
 
 import asyncio
-import copy
 import enum
-import heapq
 import logging
-import os
-import signal
 import sys
 import time
 import traceback
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple, Protocol
+from typing import Any, Callable, Protocol
 
+from simulator.caching import OutputCache, compute_signatures
 from simulator.errors import InterruptProcessing
-from simulator.knobs import HangMode
+from simulator.faults import FaultInjector
 from simulator.nodes import NODE_CLASSES, NodeEnv, NodeOutput, SimNode
 from simulator.validation import full_type_name, input_info, is_link
 
 logger = logging.getLogger(__name__)
-
-MAXIMUM_HISTORY_SIZE = 10000
-# extra_data keys ComfyUI strips before a prompt goes into history.
-SENSITIVE_EXTRA_DATA_KEYS = ("auth_token_comfy_org", "api_key_comfy_org")
 
 
 class EventSink(Protocol):
@@ -47,127 +40,6 @@ class EventSink(Protocol):
 
     async def drain(self) -> None:
         """Wait until every queued event has been written to the sockets."""
-
-
-class QueueItem(NamedTuple):
-    """ComfyUI's queue entry; it is a tuple so it sorts in the heap and encodes as a JSON list."""
-
-    number: float
-    prompt_id: str
-    prompt: dict[str, Any]
-    extra_data: dict[str, Any]
-    outputs_to_execute: list[str]
-
-
-@dataclass(frozen=True)
-class ExecutionStatus:
-    status_str: str  # "success" | "error"
-    completed: bool
-    messages: list[tuple[str, dict[str, Any]]]
-
-    def to_json(self) -> dict[str, Any]:
-        return {"status_str": self.status_str, "completed": self.completed,
-                "messages": copy.deepcopy(self.messages)}
-
-
-class PromptQueue:
-    """Pending prompts (a heap ordered by number), the running one, and the history."""
-
-    def __init__(self, on_change: Callable[[], None]) -> None:
-        self._on_change = on_change
-        self._pending: list[QueueItem] = []
-        self._running: dict[int, QueueItem] = {}
-        self._history: dict[str, dict[str, Any]] = {}
-        self._flags: dict[str, Any] = {}
-        self._task_counter = 0
-        self._wakeup = asyncio.Event()
-
-    def put(self, item: QueueItem) -> None:
-        heapq.heappush(self._pending, item)
-        self._on_change()
-        self._wakeup.set()
-
-    async def get(self) -> tuple[QueueItem, int] | None:
-        """The next prompt, or None when only flags (``POST /free``) woke the worker."""
-        while not self._pending:
-            self._wakeup.clear()
-            if self._flags:
-                return None
-            await self._wakeup.wait()
-        item = heapq.heappop(self._pending)
-        task_id = self._task_counter
-        self._running[task_id] = copy.deepcopy(item)
-        self._task_counter += 1
-        self._on_change()
-        return item, task_id
-
-    def task_done(self, task_id: int, history_result: dict[str, Any], status: ExecutionStatus | None) -> None:
-        item = self._running.pop(task_id)
-        if len(self._history) > MAXIMUM_HISTORY_SIZE:
-            self._history.pop(next(iter(self._history)))
-        for key in SENSITIVE_EXTRA_DATA_KEYS:
-            item.extra_data.pop(key, None)
-        entry: dict[str, Any] = {"prompt": item, "outputs": {},
-                                 "status": status.to_json() if status is not None else None}
-        entry.update(history_result)
-        self._history[item.prompt_id] = entry
-        self._on_change()
-
-    def running(self) -> list[QueueItem]:
-        return list(self._running.values())
-
-    def pending(self) -> list[QueueItem]:
-        """Pending items in heap order, as ComfyUI lists them (not necessarily sorted)."""
-        return list(self._pending)
-
-    def tasks_remaining(self) -> int:
-        return len(self._pending) + len(self._running)
-
-    def wipe_queue(self) -> None:
-        self._pending = []
-        self._on_change()
-
-    def delete_queue_item(self, prompt_id: str) -> bool:
-        for index, item in enumerate(self._pending):
-            if item.prompt_id == prompt_id:
-                if len(self._pending) == 1:
-                    self.wipe_queue()
-                else:
-                    self._pending.pop(index)
-                    heapq.heapify(self._pending)
-                self._on_change()
-                return True
-        return False
-
-    def get_history(self, prompt_id: str | None = None, max_items: int | None = None,
-                    offset: int = -1) -> dict[str, Any]:
-        if prompt_id is not None:
-            if prompt_id in self._history:
-                return {prompt_id: copy.deepcopy(self._history[prompt_id])}
-            return {}
-        out: dict[str, Any] = {}
-        if offset < 0 and max_items is not None:
-            offset = len(self._history) - max_items
-        for index, key in enumerate(self._history):
-            if index >= offset:
-                out[key] = self._history[key]
-                if max_items is not None and len(out) >= max_items:
-                    break
-        return out
-
-    def wipe_history(self) -> None:
-        self._history = {}
-
-    def delete_history_item(self, prompt_id: str) -> None:
-        self._history.pop(prompt_id, None)
-
-    def set_flag(self, name: str, value: Any) -> None:
-        self._flags[name] = value
-        self._wakeup.set()
-
-    def take_flags(self) -> dict[str, Any]:
-        flags, self._flags = self._flags, {}
-        return flags
 
 
 class InterruptFlag:
@@ -223,106 +95,6 @@ class ProgressRegistry:
             for node_id, e in self._nodes.items() if e["state"] is not NodeState.PENDING
         }
         self._send("progress_state", {"prompt_id": self.prompt_id, "nodes": nodes})
-
-
-class _Uncacheable:
-    """A signature part that equals nothing, not even itself (ComfyUI uses NaN)."""
-
-    def __eq__(self, other: object) -> bool:
-        return False
-
-    def __hash__(self) -> int:
-        return id(self)
-
-
-def _to_hashable(value: Any) -> Any:
-    if isinstance(value, (int, float, str, bool, type(None))):
-        return value
-    if isinstance(value, dict):
-        return frozenset((_to_hashable(k), _to_hashable(v)) for k, v in value.items())
-    if isinstance(value, (list, tuple)):
-        return tuple(_to_hashable(v) for v in value)
-    return _Uncacheable()
-
-
-def compute_signatures(prompt: dict[str, Any], classes: dict[str, type[SimNode]], env: NodeEnv) -> dict[str, Any]:
-    """A cache key per node: its class, IS_CHANGED value and inputs, with links replaced by the
-    upstream node's key. Two runs share a node's result exactly when these keys are equal.
-
-    Blocking (IS_CHANGED may hash a file): call through ``asyncio.to_thread``.
-    """
-    memo: dict[str, Any] = {}
-
-    def key(node_id: str, visiting: frozenset[str]) -> Any:
-        if node_id in memo:
-            return memo[node_id]
-        if node_id not in prompt or node_id in visiting:
-            return _Uncacheable()
-        node = prompt[node_id]
-        cls = classes[node["class_type"]]
-        changed: Any = None
-        if cls.HAS_IS_CHANGED:
-            constants = {k: v for k, v in node["inputs"].items() if not is_link(v)}
-            try:
-                changed = cls.is_changed(env, **constants)
-            except Exception as ex:
-                logger.warning("WARNING: %s", ex)
-                changed = _Uncacheable()
-        parts: list[Any] = [node["class_type"], changed]
-        for name in sorted(node["inputs"]):
-            value = node["inputs"][name]
-            if is_link(value):
-                parts.append((name, ("ANCESTOR", key(value[0], visiting | {node_id}), value[1])))
-            else:
-                parts.append((name, _to_hashable(value)))
-        memo[node_id] = tuple(parts)
-        return memo[node_id]
-
-    return {node_id: key(node_id, frozenset()) for node_id in prompt}
-
-
-class OutputCache:
-    """Node outputs and UI results keyed by signature; holds only the latest prompt's nodes,
-    like ComfyUI's default ("classic") cache."""
-
-    def __init__(self) -> None:
-        self._outputs: dict[Any, tuple[Any, ...]] = {}
-        self._ui: dict[Any, dict[str, Any]] = {}
-        self._keys: dict[str, Any] = {}
-
-    def clear(self) -> None:
-        self._outputs.clear()
-        self._ui.clear()
-
-    def set_prompt(self, keys: dict[str, Any]) -> None:
-        self._keys = keys
-        used = set()
-        for value in keys.values():
-            try:
-                used.add(value)
-            except TypeError:
-                pass
-        for store in (self._outputs, self._ui):
-            for stale in [k for k in store if k not in used]:
-                del store[stale]
-
-    def _key(self, node_id: str) -> Any:
-        return self._keys.get(node_id)
-
-    def output(self, node_id: str) -> tuple[Any, ...] | None:
-        return self._outputs.get(self._key(node_id))
-
-    def has_output(self, node_id: str) -> bool:
-        return self.output(node_id) is not None
-
-    def set_output(self, node_id: str, value: tuple[Any, ...]) -> None:
-        self._outputs[self._key(node_id)] = value
-
-    def ui(self, node_id: str) -> dict[str, Any] | None:
-        return self._ui.get(self._key(node_id))
-
-    def set_ui(self, node_id: str, value: dict[str, Any]) -> None:
-        self._ui[self._key(node_id)] = value
 
 
 class DependencyCycleError(Exception):
@@ -395,41 +167,6 @@ class ExecutionList:
 
     def _is_output(self, node_id: str) -> bool:
         return self._classes[self._prompt[node_id]["class_type"]].OUTPUT_NODE
-
-
-class FaultInjector:
-    """Fires the ``crash_during_prompt`` / ``hang_during_prompt`` knobs once per prompt, at the
-    first of: a sampler past half its steps, an output node starting, the prompt's end.
-
-    Queued events are flushed first, so a client has seen the prompt start before it dies.
-    """
-
-    def __init__(self, env: NodeEnv, sink: EventSink) -> None:
-        self._env = env
-        self._sink = sink
-        self._armed = False
-
-    def arm(self) -> None:
-        self._armed = True
-
-    async def checkpoint(self, where: str) -> None:
-        knobs = self._env.knobs
-        if not self._armed or (knobs.crash_during_prompt is None and knobs.hang_during_prompt is None):
-            return
-        self._armed = False
-        await self._sink.drain()
-        if knobs.crash_during_prompt is not None:
-            logger.error("Simulated crash during prompt (%s): %s", where, knobs.crash_during_prompt.describe())
-            knobs.crash_during_prompt.trigger()
-        mode = knobs.hang_during_prompt
-        logger.error("Simulated hang during prompt (%s): %s", where, mode.value if mode else "")
-        for handler in logging.getLogger().handlers:
-            handler.flush()
-        if mode is HangMode.SIGSTOP:
-            os.kill(os.getpid(), signal.SIGSTOP)
-            return  # resumed by SIGCONT: carry on as if nothing happened
-        while True:  # HangMode.BLOCK: hold the event loop so nothing answers
-            time.sleep(3600)
 
 
 class ExecutionResult(enum.Enum):

@@ -400,6 +400,20 @@ class VAEDecode(SimNode):
         return NodeOutput((ImageBatch(width * 8, height * 8, batch, samples.rgb),))
 
 
+class VAEEncode(SimNode):
+    CLASS_TYPE = "VAEEncode"
+    DISPLAY_NAME = "VAE Encode"
+    CATEGORY = "latent"
+    RETURN_TYPES = ("LATENT",)
+
+    @classmethod
+    def input_types(cls, env):
+        return {"required": {"pixels": ("IMAGE",), "vae": ("VAE",)}}
+
+    async def run(self, ctx, pixels, vae):
+        return NodeOutput((Latent(pixels.width, pixels.height, pixels.batch, pixels.rgb),))
+
+
 class SaveLatent(SimNode):
     CLASS_TYPE = "SaveLatent"
     CATEGORY = "_for_testing"
@@ -422,7 +436,29 @@ class SaveLatent(SimNode):
         return NodeOutput((), {"latents": [{"filename": file, "subfolder": target.subfolder, "type": "output"}]})
 
 
-# --- primitives (ComfyUI defines these with its newer node API) -----------------------------
+# --- nodes ComfyUI defines with its newer node API -------------------------------------------
+
+class ImageBlur(SimNode):
+    CLASS_TYPE = "ImageBlur"
+    CATEGORY = "image/postprocessing"
+    PYTHON_MODULE = "comfy_extras.nodes_post_processing"
+    SCHEMA_V3 = True
+    RETURN_TYPES = ("IMAGE",)
+
+    @classmethod
+    def input_types(cls, env):
+        return {"required": {
+            "image": ("IMAGE", {}),
+            "blur_radius": ("INT", {"default": 1, "min": 1, "max": 31, "step": 1}),
+            "sigma": ("FLOAT", {"default": 1.0, "min": 0.1, "max": 10.0, "step": 0.1}),
+        }}
+
+    async def run(self, ctx, image, blur_radius, sigma):
+        # A slow node without progress reports: one sampler step's time, and an interrupt
+        # only takes effect when the next node starts (as with a real blur).
+        await asyncio.sleep(ctx.env.knobs.step_delay())
+        return NodeOutput((image,))
+
 
 class _Primitive(SimNode):
     CATEGORY = "utils/primitive"
@@ -468,9 +504,9 @@ class PrimitiveBoolean(_Primitive):
 
 NODE_CLASSES: dict[str, type[SimNode]] = {
     cls.CLASS_TYPE: cls for cls in (
-        KSampler, CheckpointLoaderSimple, CLIPTextEncode, VAEDecode, EmptyLatentImage, SaveLatent,
+        KSampler, CheckpointLoaderSimple, CLIPTextEncode, VAEDecode, VAEEncode, EmptyLatentImage, SaveLatent,
         SaveImage, PreviewImage, LoadImage, ImageScale, ImageInvert, EmptyImage,
-        PrimitiveString, PrimitiveInt, PrimitiveFloat, PrimitiveBoolean,
+        ImageBlur, PrimitiveString, PrimitiveInt, PrimitiveFloat, PrimitiveBoolean,
     )
 }
 

@@ -86,7 +86,7 @@ class PromptValidator:
                     "invalid_prompt", "Cannot execute because a node is missing the class_type property.",
                     f"Node ID '#{node_id}'"), [])
             class_type = node["class_type"]
-            cls = self.classes.get(class_type) if isinstance(class_type, str) else None
+            cls = self.classes.get(class_type)  # an unhashable class_type raises: a 500, as in ComfyUI
             if cls is None:
                 return ValidationResult(False, _prompt_error(
                     "invalid_prompt", f"Cannot execute because node {class_type} does not exist.",

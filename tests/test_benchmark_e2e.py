@@ -21,7 +21,8 @@ def bench_env(**extra: str) -> dict[str, str]:
 def settled(worker):
     def check():
         status, body = get_json(worker.url + "/health")
-        if body.get("state") in ("ready", "degraded", "unhealthy"):
+        if body.get("state") in ("ready", "degraded", "unhealthy") and \
+                worker.status()["benchmark"]["status"] != "pending":
             return status, body
         return None
     return wait_until(check, 60, "the benchmark verdict")
@@ -62,8 +63,9 @@ def test_report_action_serves_while_degraded(tmp_path):
 
 def test_throttling_gpu_during_the_run_is_named_as_cause(tmp_path):
     source = tmp_path / "gpus.json"
-    source.write_text(json.dumps({"gpus": [{"preset": "h100_sxm", "temperature_c": 91,
-                                            "clock_event_reasons": ["hw_thermal_slowdown"]}]}))
+    # A software thermal slowdown: the GPU is degraded, still serving, and the benchmark runs.
+    source.write_text(json.dumps({"gpus": [{"preset": "h100_sxm", "temperature_c": 88,
+                                            "clock_event_reasons": ["sw_thermal_slowdown"]}]}))
     env = bench_env(GPU_FAKE_SOURCE=str(source), GPU_REQUIRED="true", GPU_SAMPLE_INTERVAL="0.2")
     with start_daemon(tmp_path, "--step-seconds", str(STEP_SECONDS), "--slow-factor", "1.4",
                       wait_ready=False, extra_env=env) as worker:
@@ -106,7 +108,7 @@ def test_benchmark_command_reruns_through_the_daemon(tmp_path, monkeypatch):
     from supervisor.cli import main
 
     with start_daemon(tmp_path, "--step-seconds", "0.02", wait_ready=False,
-                      extra_env=bench_env(BENCHMARK_EXPECTED_SECONDS="0.4")) as worker:
+                      extra_env=bench_env(BENCHMARK_EXPECTED_SECONDS="0.6")) as worker:
         assert settled(worker)[0] == 200
         monkeypatch.setenv("WORKER_ADMIN_SOCKET", str(worker.admin_socket))
         result = CliRunner().invoke(main, ["benchmark", "--json"])

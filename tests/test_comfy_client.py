@@ -25,7 +25,8 @@ import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+from collections.abc import Iterator
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -49,6 +50,9 @@ from api.comfy import (
     Queued,
 )
 from api.comfy.models import parse_node_outputs
+
+# A client bug tends to show as a hang: fail in a minute, not at the global timeout.
+pytestmark = pytest.mark.timeout(60)
 
 REAL_URL = os.environ.get("COMFYUI_TEST_URL", "").rstrip("/")
 REAL_OUTPUT_DIR = os.environ.get("COMFYUI_TEST_OUTPUT_DIR")
@@ -196,6 +200,11 @@ async def read_output(client: ComfyClient, output: Any) -> bytes:
     return await client.view(output)
 
 
+async def bounded(coro: Any, seconds: float = 20.0) -> Any:
+    """Await ``coro`` but fail the test (rather than hang) when it never finishes."""
+    return await asyncio.wait_for(coro, seconds)
+
+
 def make_client(target: Target, timeouts: ClientTimeouts = FAST, url: str | None = None) -> ComfyClient:
     return ComfyClient(url or target.url, output_dir=target.output_dir, timeouts=timeouts)
 
@@ -275,7 +284,7 @@ class WsProxy:
     def count(self, prefix: str) -> int:
         return sum(1 for line in self.requests if line.startswith(prefix))
 
-    async def __aenter__(self) -> "WsProxy":
+    async def __aenter__(self) -> WsProxy:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
         return self
 
@@ -377,7 +386,7 @@ async def test_happy_path_returns_on_the_final_frame_without_polling(comfy_targe
     async with WsProxy(comfy_target.port) as proxy:
         async with make_client(comfy_target, NO_POLL, url=proxy.url) as client:
             started = time.monotonic()
-            result = await client.run_prompt(image_graph(), on_event=lambda event: None)
+            result = await bounded(client.run_prompt(image_graph(), on_event=lambda event: None))
             elapsed = time.monotonic() - started
     assert result.status is PromptStatus.SUCCESS
     assert elapsed < 5.0
@@ -543,7 +552,7 @@ async def test_websocket_cut_mid_prompt_still_gives_the_result(comfy_target: Tar
     async with WsProxy(comfy_target.port) as proxy:
         proxy.arm("cut")
         async with make_client(comfy_target, url=proxy.url) as client:
-            result = await client.run_prompt(image_graph(32, 32, prefix="after_cut"))
+            result = await bounded(client.run_prompt(image_graph(32, 32, prefix="after_cut")))
             assert result.status is PromptStatus.SUCCESS
             assert png_size(await read_output(client, result.outputs[0])) == (32, 32)
     assert proxy.fired.is_set()
@@ -557,7 +566,7 @@ async def test_websocket_cut_during_a_slow_prompt_still_finishes(comfy_target: T
     async with WsProxy(comfy_target.port) as proxy:
         proxy.arm("cut")
         async with make_client(comfy_target, url=proxy.url) as client:
-            result = await client.run_prompt(graph, on_event=log)
+            result = await bounded(client.run_prompt(graph, on_event=log))
     assert proxy.ws_connections >= 2
     assert result.status is PromptStatus.SUCCESS
     assert len(result.outputs) == 1
@@ -569,7 +578,7 @@ async def test_stalled_websocket_falls_back_to_polling(comfy_target: Target) -> 
         proxy.arm("stall")
         async with make_client(comfy_target, url=proxy.url) as client:
             started = time.monotonic()
-            result = await client.run_prompt(image_graph(prefix="after_stall"))
+            result = await bounded(client.run_prompt(image_graph(prefix="after_stall")))
             elapsed = time.monotonic() - started
     assert proxy.fired.is_set()
     assert proxy.ws_connections == 1  # nothing closed: the client had to notice the silence
@@ -767,7 +776,7 @@ async def test_comfyui_killed_mid_prompt_raises_lost_within_a_second_sim_only(si
 
     async with make_client(sim_target) as client:
         with pytest.raises(ComfyLost) as caught:
-            await client.run_prompt(sampler_graph(steps=200), on_event=kill_when_sampling)
+            await bounded(client.run_prompt(sampler_graph(steps=200), on_event=kill_when_sampling))
     took = time.monotonic() - killed[0]
     assert FAST.lost_after * 0.9 <= took < FAST.lost_after + 1.0
     assert caught.value.prompt_id is not None
@@ -778,7 +787,7 @@ async def test_crash_knob_during_prompt_raises_lost_sim_only(sim_target: Target)
     async with make_client(sim_target) as client:
         started = time.monotonic()
         with pytest.raises(ComfyLost):
-            await client.run_prompt(image_graph())
+            await bounded(client.run_prompt(image_graph()))
     assert time.monotonic() - started < FAST.lost_after + 2.0
 
 
@@ -790,7 +799,7 @@ async def test_hung_comfyui_fails_probe_and_prompt_sim_only(sim_target: Target) 
         await set_knobs(sim_target, hang_during_prompt="block")
         started = time.monotonic()
         with pytest.raises(ComfyLost):
-            await client.run_prompt(image_graph())
+            await bounded(client.run_prompt(image_graph()))
         # ws_idle, then a poll that times out (request), then lost_after.
         assert time.monotonic() - started < hung.ws_idle + hung.request + hung.lost_after + 1.5
         started = time.monotonic()

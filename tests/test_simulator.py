@@ -454,7 +454,7 @@ async def test_object_info_lists_configured_checkpoints_and_follows_the_knob(sim
     everything = await (await http.get(f"{sim.url}/object_info")).json()
     expected = {"EmptyImage", "SaveImage", "PreviewImage", "LoadImage", "ImageInvert", "ImageScale",
                 "CheckpointLoaderSimple", "CLIPTextEncode", "EmptyLatentImage", "KSampler", "VAEDecode",
-                "SaveLatent", "PrimitiveInt", "PrimitiveString"}
+                "SaveLatent", "VAEEncode", "ImageBlur", "PrimitiveInt", "PrimitiveString"}
     assert expected <= set(everything)
     ksampler = everything["KSampler"]
     assert ksampler["input_order"]["required"][:3] == ["model", "seed", "steps"]
@@ -558,3 +558,12 @@ def test_comfyui_command_line_flags_become_knobs():
     assert knobs["fail_node"] == ["KSampler", "VAEDecode", "SaveImage"]
     assert (knobs["crash_during_prompt"], knobs["hang_during_prompt"]) == ("SIGSEGV", "block")
     assert (knobs["step_seconds"], knobs["slow_factor"]) == (0.2, 2.0)
+
+
+def test_strict_base_directory_fails_like_comfyui_without_custom_nodes(tmp_path):
+    handle = launch_simulator(tmp_path, "--strict-base-directory")
+    assert handle.process.wait(timeout=15) == 1
+    assert "custom_nodes" in handle.log_text()
+    (handle.base_dir / "custom_nodes").mkdir()
+    with start_simulator(tmp_path, "--strict-base-directory") as sim:
+        assert sim.process.poll() is None

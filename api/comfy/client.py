@@ -19,7 +19,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 from urllib.parse import quote
 
 import aiohttp
@@ -57,7 +57,7 @@ from .models import (
 
 logger = logging.getLogger(__name__)
 
-EventCallback = Callable[[ComfyEvent], Optional[Awaitable[Any]]]
+EventCallback = Callable[[ComfyEvent], Awaitable[Any] | None]
 
 # Frames that belong to one prompt. Others (status, feature_flags, custom nodes'
 # own messages) say nothing about our prompt and do not count as activity.
@@ -112,12 +112,12 @@ class ComfyClient:
         self.timeouts = timeouts
         self._session = session
         self._owns_session = session is None
-        self._sockets: set[aiohttp.ClientWebSocketResponse] = set()
+        self._sockets: set[aiohttp.ClientWebSocketResponse[bool]] = set()
         self._closed = False
 
     # ------------------------------------------------------------------ lifecycle
 
-    async def __aenter__(self) -> "ComfyClient":
+    async def __aenter__(self) -> ComfyClient:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -165,11 +165,13 @@ class ComfyClient:
         ws, early = await self._open_ws(client_id, self.timeouts.connect, wait_first_frame=True)
         try:
             submission = await self.submit(graph, prompt_id=prompt_id, client_id=client_id, extra_data=extra_data)
+            follower = _Follower(
+                self, submission.prompt_id, client_id, graph=graph, on_event=on_event, submission=submission
+            )
+            await follower.emit(Queued(submission.prompt_id, submission.number, submission.node_errors))
         except BaseException:
             await self._close_ws(ws)
             raise
-        follower = _Follower(self, submission.prompt_id, client_id, graph=graph, on_event=on_event, submission=submission)
-        await follower.emit(Queued(submission.prompt_id, submission.number, submission.node_errors))
         return await follower.run(ws, early, poll_first=False)
 
     async def submit(
@@ -403,7 +405,7 @@ class ComfyClient:
         *,
         wait_first_frame: bool,
         require_frame: bool = False,
-    ) -> tuple[aiohttp.ClientWebSocketResponse, list[aiohttp.WSMessage]]:
+    ) -> tuple[aiohttp.ClientWebSocketResponse[bool], list[Any]]:
         """Connect ``/ws?clientId=...``.
 
         With ``wait_first_frame`` it also waits (within ``timeout``) for the
@@ -428,7 +430,7 @@ class ComfyClient:
         except aiohttp.ClientError as exc:
             raise ComfyUnreachable(f"WebSocket {self.ws_url}: {type(exc).__name__}: {exc}") from None
         self._sockets.add(ws)
-        early: list[aiohttp.WSMessage] = []
+        early: list[Any] = []
         if wait_first_frame:
             try:
                 msg = await ws.receive(timeout=max(0.01, deadline - loop.time()))
@@ -447,7 +449,7 @@ class ComfyClient:
                     raise ComfyUnreachable(f"WebSocket {self.ws_url}: closed right after connecting ({msg.type.name})")
         return ws, early
 
-    async def _close_ws(self, ws: aiohttp.ClientWebSocketResponse | None) -> None:
+    async def _close_ws(self, ws: aiohttp.ClientWebSocketResponse[bool] | None) -> None:
         if ws is None:
             return
         self._sockets.discard(ws)
@@ -477,7 +479,7 @@ class _Follower:
         self.on_event = on_event
         self.submission = submission
         self.queued_at = time.time() if submission is not None else None
-        self.ws: aiohttp.ClientWebSocketResponse | None = None
+        self.ws: aiohttp.ClientWebSocketResponse[bool] | None = None
         self.progress = _ProgressMeter(graph or {})
         # What the WebSocket told us; used when the history cannot be read.
         self.ws_outputs: dict[str, Any] = {}
@@ -494,8 +496,8 @@ class _Follower:
 
     async def run(
         self,
-        ws: aiohttp.ClientWebSocketResponse | None,
-        early: Iterable[aiohttp.WSMessage],
+        ws: aiohttp.ClientWebSocketResponse[bool] | None,
+        early: Iterable[Any],
         *,
         poll_first: bool,
     ) -> PromptResult:
@@ -697,7 +699,8 @@ class _Follower:
             await self.emit(Progress(self.prompt_id, node, value, maximum, its, elapsed))
         elif kind == "executed":
             node = str(data.get("node"))
-            output = data.get("output") if isinstance(data.get("output"), dict) else {}
+            raw_output = data.get("output")
+            output: dict[str, Any] = raw_output if isinstance(raw_output, dict) else {}
             self.ws_outputs[node] = output
             await self.emit(Executed(self.prompt_id, node, output))
         elif kind == "execution_success":
@@ -723,15 +726,16 @@ class _Follower:
     def _build_result(self, entry: dict[str, Any] | None) -> PromptResult:
         """Combine the history entry (authoritative) with what the WebSocket said."""
         entry = entry or {}
-        status_block = entry.get("status") if isinstance(entry.get("status"), dict) else {}
+        raw_status = entry.get("status")
+        status_block: dict[str, Any] = raw_status if isinstance(raw_status, dict) else {}
         messages: list[tuple[str, dict[str, Any]]] = []
         for item in status_block.get("messages") or []:
             if isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[1], dict):
                 messages.append((str(item[0]), item[1]))
         by_kind = {kind: data for kind, data in messages}
 
-        failure = by_kind.get("execution_error") or self.ws_failure
-        interrupted = by_kind.get("execution_interrupted") or self.ws_interrupted
+        failure: dict[str, Any] | None = by_kind.get("execution_error") or self.ws_failure
+        interrupted: dict[str, Any] | None = by_kind.get("execution_interrupted") or self.ws_interrupted
         if interrupted is not None:
             status = PromptStatus.INTERRUPTED
         elif failure is not None:
@@ -847,7 +851,7 @@ class _ProgressMeter:
         # Count sampler nodes when the graph names them, so that a VAE decode or
         # upscaler that also reports progress does not skew it/s.
         samplers = [node for node in self.nodes if node is not None and self._is_sampler(node)]
-        chosen = samplers or list(self.nodes)
+        chosen: list[str | None] = list(samplers) or list(self.nodes)
         steps = timed_steps = seconds = 0.0
         for node in chosen:
             s, ts, sec = self.nodes[node].totals()

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 # mimetypes does not know every extension ComfyUI writes.
 _EXTRA_MIMETYPES = {
@@ -115,7 +115,7 @@ class SystemStats:
     raw: dict[str, Any]
 
     @classmethod
-    def from_json(cls, raw: dict[str, Any]) -> "SystemStats":
+    def from_json(cls, raw: dict[str, Any]) -> SystemStats:
         system = raw.get("system") or {}
         devices = []
         for item in raw.get("devices") or []:
@@ -192,7 +192,7 @@ class ExecutionFailure:
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def from_message(cls, data: dict[str, Any]) -> "ExecutionFailure":
+    def from_message(cls, data: dict[str, Any]) -> ExecutionFailure:
         tb = data.get("traceback") or []
         if isinstance(tb, str):
             tb = [tb]
@@ -302,7 +302,7 @@ class Finished(ComfyEvent):
     result: PromptResult
 
 
-ComfyEventT = Union[Queued, ExecutionStarted, Cached, Executing, Progress, Executed, Finished]
+ComfyEventT = Queued | ExecutionStarted | Cached | Executing | Progress | Executed | Finished
 
 
 # --------------------------------------------------------------------------- parsing
