@@ -14,6 +14,8 @@ from typing import Any
 
 from aiohttp import web
 
+from api.http import error_middleware
+from api.http import json_response as _json
 from api.jobs import Job
 from api.request import RequestInvalid, parse_json_body, parse_request
 from api.s3 import RequestFieldError
@@ -28,12 +30,6 @@ SERVICE = web.AppKey("service", GenerationService)
 MAX_JSON_DEPTH = web.AppKey("max_json_depth", int)
 PROBE_TIMEOUT = web.AppKey("probe_timeout", float)
 RETRY_AFTER_BUSY = "5"
-
-
-def _json(body: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None
-          ) -> web.Response:
-    return web.Response(text=json.dumps(body), status=status, headers=headers,
-                        content_type="application/json")
 
 
 def _result_response(found: Job | dict[str, Any]) -> web.Response:
@@ -194,26 +190,10 @@ async def list_modifiers(request: web.Request) -> web.Response:
         for m in registry.modifiers.values()]})
 
 
-@web.middleware
-async def error_middleware(request: web.Request, handler):
-    try:
-        return await handler(request)
-    except web.HTTPRequestEntityTooLarge as exc:
-        limit = request.app._client_max_size
-        return _json({"error": f"request body too large: the limit is {limit} bytes "
-                               "(api.max_body_bytes)", "status": "failed"}, 413)
-    except web.HTTPException:
-        raise
-    except asyncio.CancelledError:
-        raise
-    except Exception:
-        logger.exception("bug while serving %s %s", request.method, request.path)
-        return _json({"error": "internal error in the wrapper (a bug; see its log)"}, 500)
-
-
 def build_app(service: GenerationService, *, max_body_bytes: int, max_json_depth: int,
               probe_timeout: float = 3.0) -> web.Application:
-    app = web.Application(client_max_size=max_body_bytes, middlewares=[error_middleware])
+    app = web.Application(client_max_size=max_body_bytes,
+                          middlewares=[error_middleware("wrapper", "api.max_body_bytes")])
     app[SERVICE] = service
     app[MAX_JSON_DEPTH] = max_json_depth
     app[PROBE_TIMEOUT] = probe_timeout

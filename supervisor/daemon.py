@@ -30,7 +30,7 @@ from supervisor.gates import AutoscalerGate, Gate, OpenGate, TokenGate
 from supervisor.metrics import WorkerMetrics
 from supervisor.public import PublicServer, RequestHooks
 from supervisor.sdnotify import SystemdNotifier
-from supervisor.state import OK, ChildView, Inputs, Verdict, WorkerState, WorkerStateTracker, derive
+from supervisor.state import OK, ChildView, Inputs, Verdict, WorkerStateTracker, derive
 
 logger = logging.getLogger(__name__)
 

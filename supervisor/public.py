@@ -8,7 +8,6 @@ While the worker is not serving, requests get 503 with the state, the reason and
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -17,6 +16,8 @@ from typing import Any, Callable
 import aiohttp
 from aiohttp import web
 
+from api.http import error_middleware
+from api.http import json_response as _json
 from api.request import RequestInvalid, parse_json_body
 from supervisor.gates import Admitted, Gate, Rejected
 from supervisor.metrics import WorkerMetrics
@@ -108,7 +109,8 @@ class PublicServer:
         self.session: aiohttp.ClientSession | None = None
 
     def build_app(self, max_body_bytes: int) -> web.Application:
-        app = web.Application(client_max_size=max_body_bytes, middlewares=[self._errors])
+        app = web.Application(client_max_size=max_body_bytes,
+                              middlewares=[error_middleware("worker", "worker.max_body_bytes")])
         app.router.add_post("/generate/sync", self.generate_sync)
         app.router.add_get("/health", self.health)
         app.router.add_get("/health/live", self.live)
@@ -121,21 +123,6 @@ class PublicServer:
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=5))
         yield
         await self.session.close()
-
-    @web.middleware
-    async def _errors(self, request: web.Request, handler):
-        try:
-            return await handler(request)
-        except web.HTTPRequestEntityTooLarge:
-            return _json({"error": f"request body too large (limit {request.app._client_max_size}"
-                                   " bytes, worker.max_body_bytes)"}, 413)
-        except web.HTTPException:
-            raise
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            logger.exception("bug while serving %s %s", request.method, request.path)
-            return _json({"error": "internal error in the worker (a bug; see its log)"}, 500)
 
     # --- work -----------------------------------------------------------------------------------
     def _unavailable(self) -> web.Response:
@@ -252,8 +239,3 @@ def _retry_after(upstream: aiohttp.ClientResponse) -> dict[str, str]:
     value = upstream.headers.get("Retry-After")
     return {"Retry-After": value} if value else {}
 
-
-def _json(body: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None
-          ) -> web.Response:
-    return web.Response(text=json.dumps(body), status=status, headers=headers,
-                        content_type="application/json")
