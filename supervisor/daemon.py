@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 WATCH_INTERVAL = 1.0
 #: Stop stages, in seconds; their sum must fit in the unit's TimeoutStopSec (a test checks it).
 ADMIN_CLOSE_TIMEOUT = 2.0
+PUBLIC_CLOSE_TIMEOUT = 2.0
 REPORTER_FLUSH_TIMEOUT = 3.0
 
 
@@ -44,7 +45,8 @@ def stop_budget(settings: Settings) -> float:
     """The longest a clean stop can take: drain, then each child's TERM→KILL, then the rest."""
     child = ChildSpec(name="budget", command=["true"],
                       stop_timeout=settings.supervisor.child_stop_timeout).stop_budget()
-    return settings.worker.drain_timeout + 2 * child + ADMIN_CLOSE_TIMEOUT + REPORTER_FLUSH_TIMEOUT
+    return (settings.worker.drain_timeout + PUBLIC_CLOSE_TIMEOUT + ADMIN_CLOSE_TIMEOUT
+            + 2 * child + REPORTER_FLUSH_TIMEOUT)
 
 
 class Daemon:
@@ -63,6 +65,7 @@ class Daemon:
         self.stopping = False
         self._stop_requests = 0
         self._stop_event = asyncio.Event()
+        self._stop_now = asyncio.Event()   # a second SIGTERM/SIGINT: skip the drain
         self._last_tick = time.monotonic()
         self._wrapper_detail: dict[str, Any] = {}
         self._events: list[dict[str, Any]] = []
@@ -137,7 +140,8 @@ class Daemon:
                            reason: str) -> None:
         if new in (ChildState.RESTARTING, ChildState.FAILED, ChildState.STOPPED) and \
                 old in (ChildState.READY, ChildState.UNHEALTHY):
-            if self.public and self.public.dispatcher.abort_current(reason):
+            if self.public and self.public.dispatcher.abort_current(
+                    f"ComfyUI died during the request: {reason}"):
                 logger.warning("request in flight failed: ComfyUI %s", reason)
         if new in (ChildState.RESTARTING, ChildState.FAILED):
             self._event("comfyui", f"{old.value} -> {new.value}: {reason}")
@@ -300,6 +304,7 @@ class Daemon:
                         self.settings.worker.drain_timeout)
         else:
             logger.warning("%s received again: stopping now", signame)
+            self._stop_now.set()
         self._stop_event.set()
 
     async def run(self) -> int:
@@ -337,7 +342,8 @@ class Daemon:
             max_json_depth=s.worker.max_json_depth, request_timeout=s.api.request_timeout,
             liveness=self.liveness, snapshot=self.public_snapshot, hooks=hooks)
         app = self.public.build_app(s.worker.max_body_bytes)
-        self._public_runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        self._public_runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
+                                            shutdown_timeout=PUBLIC_CLOSE_TIMEOUT)
         await self._public_runner.setup()
         ssl_context = None
         if s.worker.use_ssl:
@@ -367,8 +373,6 @@ class Daemon:
             return
         deadline = time.monotonic() + self.settings.worker.drain_timeout
         while self.public.dispatcher.busy and time.monotonic() < deadline:
-            if self._stop_requests > 1:
-                return
             await asyncio.sleep(0.1)
 
     async def _shutdown(self) -> None:
@@ -377,10 +381,13 @@ class Daemon:
         self.notifier.stopping("stopping: draining, then stopping the children")
         if self._stop_requests <= 1:
             waiter = asyncio.create_task(self._drain_queue())
-            second = asyncio.create_task(self._second_signal())
+            second = asyncio.create_task(self._stop_now.wait())
             await asyncio.wait({waiter, second}, return_when=asyncio.FIRST_COMPLETED)
             waiter.cancel()
             second.cancel()
+        if self.public:
+            self.public.dispatcher.abort_current("the worker is stopping; the request did not "
+                                                 "finish within the drain time")
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -402,7 +409,3 @@ class Daemon:
             await self._session.close()
         logger.info("stopped")
         self.notifier.close()
-
-    async def _second_signal(self) -> None:
-        while self._stop_requests <= 1:
-            await asyncio.sleep(0.05)

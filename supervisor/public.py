@@ -28,8 +28,8 @@ logger = logging.getLogger(__name__)
 _PASS_HEADERS = ("X-Return-Outputs-As-Base64", "X-Include-ComfyUI-Response")
 
 
-class ComfyUIDied(Exception):
-    """ComfyUI exited while a request was being generated."""
+class Aborted(Exception):
+    """The request in flight was failed from outside: ComfyUI died, or the worker is stopping."""
 
 
 @dataclass
@@ -60,7 +60,9 @@ class Dispatcher:
         return self.busy and self.waiting >= self.max_waiting
 
     def abort_current(self, reason: str) -> bool:
-        """Fail the request in flight now (ComfyUI died): its client gets a 502 at once."""
+        """Fail the request in flight now (ComfyUI died): its client gets a 502 at once.
+
+        `reason` is the whole message the client reads."""
         if self.current is not None and not self.current.done():
             self._abort_reason = reason
             self.current.cancel()
@@ -81,7 +83,7 @@ class Dispatcher:
                 return await asyncio.shield(self.current)
             except asyncio.CancelledError:
                 if self._abort_reason is not None and self.current.cancelled():
-                    raise ComfyUIDied(self._abort_reason) from None
+                    raise Aborted(self._abort_reason) from None
                 self.current.cancel()
                 raise
         finally:
@@ -191,9 +193,8 @@ class PublicServer:
             response = await self.dispatcher.run(work, on_start)
             status = response.status
             return response
-        except ComfyUIDied as exc:
-            return _json({"error": f"ComfyUI died during the request: {exc}",
-                          "status": "failed"}, 502)
+        except Aborted as exc:
+            return _json({"error": str(exc), "status": "failed"}, 502)
         finally:
             self.metrics.in_flight.set(0)
             self.metrics.queue_depth.set(self.dispatcher.waiting)

@@ -202,3 +202,30 @@ def test_no_auth_configured_refuses_to_start(tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "WORKER_AUTH_TOKEN" in proc.stderr and "UNSECURED=true" in proc.stderr
+
+
+def test_sigterm_lets_the_request_in_flight_finish_then_second_sigterm_is_immediate(tmp_path):
+    with start_daemon(tmp_path, "--step-seconds", "0.05", stop=False,
+                      extra_env={"WORKER_DRAIN_TIMEOUT": "20"}) as worker:
+        result = {}
+        thread = threading.Thread(target=lambda: result.update(answer=worker.generate(slow(40))))
+        thread.start()
+        time.sleep(0.8)
+        worker.process.send_signal(signal.SIGTERM)
+        thread.join(30)
+        assert result["answer"][0] == 200, "the request in flight was allowed to finish"
+        assert worker.process.wait(30) == 0
+
+    (tmp_path / "second").mkdir()
+    with start_daemon(tmp_path / "second", "--step-seconds", "0.05", stop=False,
+                      extra_env={"WORKER_DRAIN_TIMEOUT": "60"}) as worker:
+        thread = threading.Thread(target=lambda: worker.generate(slow(2000)))
+        thread.start()
+        time.sleep(0.8)
+        worker.process.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        began = time.monotonic()
+        worker.process.send_signal(signal.SIGTERM)
+        assert worker.process.wait(30) == 0
+        assert time.monotonic() - began < 15, "a second SIGTERM skips the 60 s drain"
+        thread.join(30)
