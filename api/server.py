@@ -148,7 +148,7 @@ async def _send_event(response: web.StreamResponse, event: dict[str, Any]) -> No
 
 
 async def get_result(request: web.Request) -> web.Response:
-    found = request.app[SERVICE].get(request.match_info["request_id"])
+    found = await request.app[SERVICE].get(request.match_info["request_id"])
     if found is None:
         return _json({"error": f"no request {request.match_info['request_id']} "
                                "(unknown, or its result expired)"}, 404)

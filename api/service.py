@@ -136,13 +136,13 @@ class GenerationService:
             return applied.graph
         return replace_random_ints(request.workflow)
 
-    def get(self, request_id: str) -> Job | dict[str, Any] | None:
-        return self.active.get(request_id) or self.store.get(request_id)
+    async def get(self, request_id: str) -> Job | dict[str, Any] | None:
+        return self.active.get(request_id) or await self.store.get(request_id)
 
     async def cancel(self, request_id: str) -> Job | dict[str, Any] | None:
         job = self.active.get(request_id)
         if job is None:
-            return self.store.get(request_id)
+            return await self.store.get(request_id)
         if job.status.terminal:
             return job
         job.cancel_requested = True

@@ -3,6 +3,11 @@
 One JSON file per request under ``<state_dir>/results/``. A request that was still running when the
 wrapper stopped is recorded as failed ("the wrapper restarted") on the next start, so a client
 polling `/result/{id}` learns what happened instead of getting a 404.
+
+Memory stays flat however many results are kept: the index (id → time written) holds every
+result, but only the most recent `memory_items` bodies stay in memory; older ones are read back
+from their file when asked for. Expiry runs at most once a minute (or when over the count), not
+on every write, so a save costs the same with ten results kept or ten thousand.
 """
 
 from __future__ import annotations
@@ -19,78 +24,115 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 _TERMINAL = {"completed", "failed", "cancelled", "timeout"}
+EXPIRE_EVERY = 60.0
 
 
 class ResultStore:
-    def __init__(self, folder: Path | None, ttl: float, max_items: int):
+    def __init__(self, folder: Path | None, ttl: float, max_items: int,
+                 memory_items: int = 256):
         self.folder = folder
         self.ttl = ttl
         self.max_items = max_items
-        self._records: OrderedDict[str, tuple[float, dict[str, Any]]] = OrderedDict()
+        self.memory_items = memory_items
+        self._stamps: OrderedDict[str, float] = OrderedDict()   # every result, oldest first
+        self._bodies: OrderedDict[str, dict[str, Any]] = OrderedDict()  # the recent ones
+        self._last_expire = 0.0
 
     def load(self) -> int:
-        """Read what an earlier run left; returns how many results were recovered."""
+        """Blocking: read what an earlier run left; returns how many results were recovered."""
         if self.folder is None:
             return 0
         self.folder.mkdir(parents=True, exist_ok=True)
         entries = []
         for path in self.folder.glob("*.json"):
             try:
-                record = json.loads(path.read_text(encoding="utf-8"))
-                stamp = path.stat().st_mtime
-            except (OSError, json.JSONDecodeError) as exc:
-                logger.warning("unreadable result file %s skipped: %s", path, exc)
+                entries.append((path.stat().st_mtime, path))
+            except OSError:
                 continue
-            entries.append((stamp, record, path))
-        entries.sort(key=lambda e: e[0])
-        for stamp, record, path in entries:
-            if record.get("status") not in _TERMINAL:
-                record.update(status="failed", failure="restarted", _http_status=502,
-                              message="The wrapper restarted before this request finished; "
-                                      "its outputs, if any, are still on disk.")
+        entries.sort()
+        for stamp, path in entries:
+            request_id = path.stem
+            self._stamps[request_id] = stamp
+        # Requests that were still running when the wrapper stopped are the newest ones.
+        for _, path in entries[-self.memory_items:]:
+            record = self._read(path.stem)
+            if record is None:
+                self._stamps.pop(path.stem, None)
+                continue
+            if _mark_interrupted(record):
                 self._write(record)
-                stamp = time.time()
-            self._records[record["id"]] = (stamp, record)
-        self.expire()
-        return len(self._records)
-
-    def put(self, record: dict[str, Any]) -> None:
-        self._remember(record)
-        self._write(record)
+                self._stamps[record["id"]] = time.time()
+                self._stamps.move_to_end(record["id"])
+            self._keep_body(record)
+        self.expire(force=True)
+        return len(self._stamps)
 
     async def save(self, record: dict[str, Any]) -> None:
-        """Like put, with the file written off the event loop."""
+        """Remember a result and write its file off the event loop."""
         self._remember(record)
         await asyncio.to_thread(self._write, record)
 
-    def _remember(self, record: dict[str, Any]) -> None:
-        self._records[record["id"]] = (time.time(), record)
-        self._records.move_to_end(record["id"])
-        self.expire()
+    def put(self, record: dict[str, Any]) -> None:
+        """Blocking variant of `save` (tests, start-up)."""
+        self._remember(record)
+        self._write(record)
 
-    def get(self, request_id: str) -> dict[str, Any] | None:
-        entry = self._records.get(request_id)
-        if entry is None:
+    async def get(self, request_id: str) -> dict[str, Any] | None:
+        stamp = self._stamps.get(request_id)
+        if stamp is None:
             return None
-        if time.time() - entry[0] > self.ttl:
+        if time.time() - stamp > self.ttl:
             self._drop(request_id)
             return None
-        return entry[1]
+        body = self._bodies.get(request_id)
+        if body is None:
+            body = await asyncio.to_thread(self._read, request_id)
+            if body is not None and _mark_interrupted(body):
+                await asyncio.to_thread(self._write, body)
+        return body
 
-    def expire(self) -> None:
-        cutoff = time.time() - self.ttl
-        for request_id, (stamp, _) in list(self._records.items()):
-            if stamp < cutoff:
-                self._drop(request_id)
-        while len(self._records) > self.max_items:
-            oldest = next(iter(self._records))
+    def expire(self, force: bool = False) -> None:
+        now = time.time()
+        if not force and now - self._last_expire < EXPIRE_EVERY and \
+                len(self._stamps) <= self.max_items:
+            return
+        self._last_expire = now
+        cutoff = now - self.ttl
+        while self._stamps:
+            oldest, stamp = next(iter(self._stamps.items()))
+            if stamp >= cutoff and len(self._stamps) <= self.max_items:
+                break
             self._drop(oldest)
 
     def __len__(self) -> int:
-        return len(self._records)
+        return len(self._stamps)
+
+    def _remember(self, record: dict[str, Any]) -> None:
+        self._stamps[record["id"]] = time.time()
+        self._stamps.move_to_end(record["id"])
+        self._keep_body(record)
+        self.expire()
+
+    def _keep_body(self, record: dict[str, Any]) -> None:
+        self._bodies[record["id"]] = record
+        self._bodies.move_to_end(record["id"])
+        while len(self._bodies) > self.memory_items:
+            self._bodies.popitem(last=False)
 
     def _path(self, request_id: str) -> Path | None:
         return self.folder / f"{request_id}.json" if self.folder else None
+
+    def _read(self, request_id: str) -> dict[str, Any] | None:
+        path = self._path(request_id)
+        if path is None:
+            return None
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            logger.warning("unreadable result file %s: %s", path, exc)
+            return None
 
     def _write(self, record: dict[str, Any]) -> None:
         path = self._path(record["id"])
@@ -104,7 +146,8 @@ class ResultStore:
             logger.error("could not persist result %s: %s", record["id"], exc)
 
     def _drop(self, request_id: str) -> None:
-        self._records.pop(request_id, None)
+        self._stamps.pop(request_id, None)
+        self._bodies.pop(request_id, None)
         path = self._path(request_id)
         if path is not None:
             try:
@@ -113,3 +156,13 @@ class ResultStore:
                 pass
             except OSError as exc:
                 logger.warning("could not delete expired result %s: %s", path, exc)
+
+
+def _mark_interrupted(record: dict[str, Any]) -> bool:
+    """A stored result still marked as running belongs to an earlier run of the wrapper."""
+    if record.get("status") in _TERMINAL:
+        return False
+    record.update(status="failed", failure="restarted", _http_status=502,
+                  message="The wrapper restarted before this request finished; "
+                          "its outputs, if any, are still on disk.")
+    return True
