@@ -25,6 +25,10 @@ def error_middleware(server: str, limit_setting: str):
     async def middleware(request: web.Request, handler):
         try:
             return await handler(request)
+        except web.RequestPayloadError as exc:
+            # e.g. "Content-Encoding: gzip" on a body that is not gzip: the client's mistake.
+            return json_response({"error": f"request body could not be read: {exc}",
+                                  "status": "failed"}, 400)
         except web.HTTPRequestEntityTooLarge:
             limit = request.app._client_max_size
             return json_response({"error": f"request body too large: the limit is {limit} bytes "
@@ -38,3 +42,18 @@ def error_middleware(server: str, limit_setting: str):
                                  500)
 
     return middleware
+
+
+async def expect_handler(request: web.Request) -> None:
+    """`Expect: 100-continue` is honoured; anything else is 417 with a fixed text.
+
+    aiohttp's default handler echoes the header back and fails (500) on bytes that are not
+    UTF-8; this one never echoes what the client sent.
+    """
+    expect = request.headers.get("EXPECT", "")
+    if request.version == (1, 1):
+        if expect.lower() == "100-continue":
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.writer.output_size = 0
+        else:
+            raise web.HTTPExpectationFailed(text="unknown Expect header")

@@ -18,18 +18,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
-import boto3
-from boto3.s3.transfer import TransferConfig
-from botocore.client import BaseClient
-from botocore.config import Config
-from botocore.exceptions import (
-    BotoCoreError,
-    ClientError,
-    ConnectTimeoutError,
-    EndpointConnectionError,
-    NoCredentialsError,
-    ReadTimeoutError,
-)
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # boto3 costs ~10 MB of memory: it is imported only once S3 is used
+    from botocore.client import BaseClient
+    from botocore.exceptions import ClientError
 
 from api.netcheck import redact_url
 
@@ -189,9 +182,8 @@ class S3Uploader:
         self._addressing_style = addressing_style
         # Multipart parts of one file share a small pool; files themselves are bounded by
         # max_parallel, so the connection pool needs room for both.
-        self._transfer_config = TransferConfig(
-            multipart_threshold=multipart_threshold, max_concurrency=4, use_threads=True
-        )
+        self._multipart_threshold = multipart_threshold
+        self._transfer_config_cache: Any = None
         self._executor = ThreadPoolExecutor(max_workers=max_parallel, thread_name_prefix="s3-upload")
         self._clients: OrderedDict[tuple[str, str, str, str], BaseClient] = OrderedDict()
         self._client_cache_size = client_cache_size
@@ -282,7 +274,20 @@ class S3Uploader:
                 evicted.close()
             return client
 
+    @property
+    def _transfer_config(self) -> Any:
+        if self._transfer_config_cache is None:
+            from boto3.s3.transfer import TransferConfig
+
+            self._transfer_config_cache = TransferConfig(
+                multipart_threshold=self._multipart_threshold, max_concurrency=4,
+                use_threads=True)
+        return self._transfer_config_cache
+
     def _make_client(self, settings: S3Settings) -> BaseClient:
+        import boto3
+        from botocore.config import Config
+
         style = self._addressing_style
         if style is None:
             # Custom endpoints (MinIO, R2, B2, Wasabi...) are reached reliably by path;
@@ -324,6 +329,7 @@ _BAD_CREDENTIAL_CODES = {
 
 def _client_error(exc: BaseException) -> ClientError | None:
     """boto3 wraps ClientError in S3UploadFailedError (implicitly chained); find it."""
+    from botocore.exceptions import ClientError
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
@@ -336,6 +342,14 @@ def _client_error(exc: BaseException) -> ClientError | None:
 
 def describe_error(exc: BaseException, settings: S3Settings, item: UploadItem) -> str:
     """One plain sentence for a failed upload. Never includes the secret."""
+    from botocore.exceptions import (
+        BotoCoreError,
+        ConnectTimeoutError,
+        EndpointConnectionError,
+        NoCredentialsError,
+        ReadTimeoutError,
+    )
+
     bucket = settings.bucket_name
     endpoint = redact_url(settings.endpoint_url) if settings.endpoint_url else "the default AWS endpoint"
     if isinstance(exc, FileNotFoundError):

@@ -14,7 +14,7 @@ from typing import Any
 
 from aiohttp import web
 
-from api.http import error_middleware
+from api.http import error_middleware, expect_handler
 from api.http import json_response as _json
 from api.jobs import Job
 from api.request import RequestInvalid, parse_json_body, parse_request
@@ -197,11 +197,11 @@ def build_app(service: GenerationService, *, max_body_bytes: int, max_json_depth
     app[SERVICE] = service
     app[MAX_JSON_DEPTH] = max_json_depth
     app[PROBE_TIMEOUT] = probe_timeout
-    app.router.add_post("/generate/sync", generate_sync)
-    app.router.add_post("/generate", generate_async)
-    app.router.add_post("/generate/stream", generate_stream)
+    app.router.add_post("/generate/sync", generate_sync, expect_handler=expect_handler)
+    app.router.add_post("/generate", generate_async, expect_handler=expect_handler)
+    app.router.add_post("/generate/stream", generate_stream, expect_handler=expect_handler)
     app.router.add_get("/result/{request_id}", get_result)
-    app.router.add_post("/cancel/{request_id}", cancel)
+    app.router.add_post("/cancel/{request_id}", cancel, expect_handler=expect_handler)
     app.router.add_get("/health", health)
     app.router.add_get("/queue-info", queue_info)
     app.router.add_get("/modifiers", list_modifiers)

@@ -15,6 +15,7 @@ import asyncio
 import collections
 import logging
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +77,9 @@ class GenerationService:
         self.last_event_at: float | None = None  # monotonic, while a prompt runs
         self.served = collections.Counter()
         self._pending: collections.deque[Job] = collections.deque()
+        # The next job's prompt, handed to ComfyUI's own queue while the current one runs, so
+        # ComfyUI starts it the moment the current one ends: job id -> the submit task.
+        self._prefetched: dict[str, asyncio.Task] = {}
         self._wakeup = asyncio.Event()
         self._runner: asyncio.Task | None = None
         self._background: set[asyncio.Task] = set()
@@ -148,6 +152,11 @@ class GenerationService:
         job.cancel_requested = True
         if job in self._pending:
             self._pending.remove(job)
+            submitted = self._prefetched.pop(job.id, None)
+            if submitted is not None:
+                await asyncio.gather(submitted, return_exceptions=True)
+                if job.prompt_id:
+                    await self._stop_prompt(job)
             await self._finish(job, JobStatus.CANCELLED, "Cancelled while queued.")
         elif job is self.current and job.prompt_id:
             await self._stop_prompt(job)
@@ -175,6 +184,8 @@ class GenerationService:
             job.prepared.set_exception(exc)
         else:
             job.prepared.set_result(graph)
+            if self.current is not None:  # something runs: queue this one behind it in ComfyUI
+                self._prefetch_next()
         job.preprocess_ms = int((time.monotonic() - started) * 1000)
 
     async def _upload_inputs(self, job: Job, graph: dict[str, Any]) -> dict[str, Any]:
@@ -255,8 +266,14 @@ class GenerationService:
                 job.prompt_id = event.prompt_id
                 if first and job.cancel_requested:  # cancelled while it was being submitted
                     self._spawn(self._stop_prompt(job), f"stop-{job.id}")
+                if first:  # ComfyUI has it: the next one may queue behind it now
+                    self._prefetch_next()
 
-        run = asyncio.create_task(self.client.run_prompt(graph, on_event=on_event))
+        submitted = self._prefetched.pop(job.id, None)
+        if submitted is not None:
+            run = asyncio.create_task(self._wait_prefetched(submitted, graph, on_event))
+        else:
+            run = asyncio.create_task(self.client.run_prompt(graph, on_event=on_event))
         try:
             result = await asyncio.wait_for(asyncio.shield(run), self.request_timeout)
         except asyncio.TimeoutError:
@@ -315,6 +332,35 @@ class GenerationService:
         self._announce(job)
         # The runner moves on now: outputs, uploads and webhooks never hold ComfyUI.
         self._spawn(self._postprocess(job, result), f"postprocess-{job.id}")
+
+    def _prefetch_next(self) -> None:
+        """Queue the next job's prompt in ComfyUI now, if its inputs are ready.
+
+        Only once the current prompt is in ComfyUI's queue (it has a prompt id): ComfyUI runs
+        prompts in the order they arrive, and the next one must not overtake it."""
+        current = self.current
+        if not self._pending or current is None or current.prompt_id is None:
+            return
+        nxt = self._pending[0]
+        ready = nxt.prepared is not None and nxt.prepared.done() and \
+            nxt.prepared.exception() is None
+        if not ready or nxt.cancel_requested or nxt.id in self._prefetched:
+            return
+        client_id = uuid.uuid4().hex
+
+        async def submit():
+            submission = await self.client.submit(nxt.prepared.result(), client_id=client_id)
+            nxt.prompt_id = submission.prompt_id
+            return submission
+
+        self._prefetched[nxt.id] = asyncio.create_task(submit(), name=f"prefetch-{nxt.id}")
+
+    async def _wait_prefetched(self, submitted: asyncio.Task, graph: dict[str, Any],
+                               on_event: Any) -> Any:
+        submission = await submitted  # raises what submitting raised (e.g. PromptRejected)
+        self._prefetch_next()
+        return await self.client.wait(submission.prompt_id, client_id=submission.client_id,
+                                      graph=graph, on_event=on_event)
 
     async def _interrupt_and_wait(self, job: Job, run: asyncio.Task) -> None:
         try:

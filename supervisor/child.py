@@ -70,6 +70,8 @@ logger = logging.getLogger(__name__)
 #: How long to wait for the kernel to reap a child after SIGKILL before logging that
 #: it is stuck (a process in uninterruptible sleep, e.g. inside the GPU driver).
 KILL_REAP_TIMEOUT = 5.0
+#: Probe period while a child is starting (capped by its probe_interval).
+STARTING_PROBE_INTERVAL = 0.25
 #: How long to keep reading a dead child's pipe for its last lines.
 OUTPUT_DRAIN_TIMEOUT = 2.0
 
@@ -707,4 +709,9 @@ class ChildProcess:
                     self._kill(_Intent.FAILURE, reason, signal.SIGKILL)
                     return
                 self._set_state(ChildState.UNHEALTHY, failure)
-            await asyncio.sleep(max(0.0, spec.probe_interval - (time.monotonic() - began)))
+            # While starting, probe often: a refused connection costs nothing, and every
+            # interval waited here is time the worker stays out of service after a restart.
+            interval = spec.probe_interval
+            if self._state is ChildState.STARTING:
+                interval = min(interval, STARTING_PROBE_INTERVAL)
+            await asyncio.sleep(max(0.0, interval - (time.monotonic() - began)))

@@ -169,9 +169,11 @@ def benchmark_command(ctx: click.Context, comfyui_url: str | None, output_dir: s
 
 
 def _register_subcommands() -> None:
+    from supervisor.client_cli import client
     from supervisor.health_cli import health
 
     main.add_command(health)
+    main.add_command(client)
 
 
 _register_subcommands()

@@ -77,7 +77,9 @@ class TokenGate:
         scheme, _, given = header.partition(" ")
         if scheme.lower() != "bearer" or not given:
             raise Rejected(401, "missing bearer token: send 'Authorization: Bearer <token>'")
-        if not hmac.compare_digest(given.strip().encode(), self._token):
+        # Header bytes that are not UTF-8 arrive as surrogates: compare them as the raw bytes.
+        if not hmac.compare_digest(given.strip().encode("utf-8", "surrogateescape"),
+                                   self._token):
             raise Rejected(401, "invalid bearer token")
         _, payload = split_body(body)
         return Admitted(payload if isinstance(payload, dict) else {"input": payload})

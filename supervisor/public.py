@@ -16,7 +16,7 @@ from typing import Any, Callable
 import aiohttp
 from aiohttp import web
 
-from api.http import error_middleware
+from api.http import error_middleware, expect_handler
 from api.http import json_response as _json
 from api.request import RequestInvalid, parse_json_body
 from supervisor.gates import Admitted, Gate, Rejected
@@ -113,7 +113,7 @@ class PublicServer:
     def build_app(self, max_body_bytes: int) -> web.Application:
         app = web.Application(client_max_size=max_body_bytes,
                               middlewares=[error_middleware("worker", "worker.max_body_bytes")])
-        app.router.add_post("/generate/sync", self.generate_sync)
+        app.router.add_post("/generate/sync", self.generate_sync, expect_handler=expect_handler)
         app.router.add_get("/health", self.health)
         app.router.add_get("/health/live", self.live)
         app.router.add_get("/metrics", self.metrics_route)

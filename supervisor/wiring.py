@@ -32,7 +32,10 @@ class AutoscalerLink:
         self.authenticator = RequestAuthenticator(
             self, legacy=settings.autoscaler.legacy_signatures,
             unsecured=settings.worker.unsecured,
-            replay_guard=ReplayGuard(window=settings.autoscaler.replay_window))
+            replay_guard=ReplayGuard(window=settings.autoscaler.replay_window),
+            # The signature covers only the URL: binding it to our own public URL is what stops
+            # a request signed for another worker from being replayed here.
+            expected_url=env.public_url if settings.autoscaler.check_url else None)
 
     @property
     def key(self):  # KeySource for the authenticator: None until the fetcher has the key
@@ -106,14 +109,17 @@ def build_components(settings: Settings, environ: dict[str, str] | None = None
                      ) -> dict[str, Any]:
     environ = dict(os.environ if environ is None else environ)
     components: dict[str, Any] = {}
-    from supervisor.autoscaler import AutoscalerEnvError, AutoscalerEnv
+    if settings.autoscaler.report_addr:
+        # Imported only in autoscaler mode: it brings in `cryptography`.
+        from supervisor.autoscaler import AutoscalerEnv, AutoscalerEnvError
 
-    try:
-        env = AutoscalerEnv.from_environ(environ, settings.worker.port)
-    except AutoscalerEnvError as exc:
-        raise WiringError(f"autoscaler mode (REPORT_ADDR is set): {exc}") from None
-    if env is not None:
-        components["autoscaler"] = AutoscalerLink(env, settings)
+        environ.setdefault("REPORT_ADDR", settings.autoscaler.report_addr)
+        try:
+            env = AutoscalerEnv.from_environ(environ, settings.worker.port)
+        except AutoscalerEnvError as exc:
+            raise WiringError(f"autoscaler mode (REPORT_ADDR is set): {exc}") from None
+        if env is not None:
+            components["autoscaler"] = AutoscalerLink(env, settings)
     from supervisor.gpu_monitor import GpuMonitor
 
     components["gpu_monitor"] = GpuMonitor.from_settings(settings)

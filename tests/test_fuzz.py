@@ -1,0 +1,246 @@
+"""Hypothesis throws malformed bodies and odd headers at the public port and at the API wrapper.
+
+Whatever arrives: never a 500, never a crash (the daemon and both children keep their pids),
+and afterwards the worker is still ready and a valid request still works. One worker serves the
+whole module; requests go through http.client so hypothesis stays synchronous.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import string
+from urllib.parse import urlsplit
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.procs import get_json, post_json
+from tests.test_autoscaler_e2e import TINY, start_worker
+
+TOKEN = "fuzz-t0ken"
+EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "150"))  # raise it for a longer hunt
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                       HealthCheck.filter_too_much])
+# What a malformed or refused request may get; 500 (a bug), 502 (a child lost) never.
+ALLOWED = {200, 400, 401, 404, 409, 413, 417, 422}
+MODIFIER_KEYS = ["prompt", "negative_prompt", "width", "height", "steps", "seed", "cfg",
+                 "cfg_scale", "sampler_name", "scheduler", "denoise", "ckpt_name", "batch_size",
+                 "filename_prefix", "image", "w"]
+
+
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fuzz")
+    # Small limits keep the valid requests hypothesis stumbles on quick.
+    env = {"WORKER_AUTH_TOKEN": TOKEN, "API_MAX_DIMENSION": "128", "API_MAX_STEPS": "4",
+           "API_INPUT_TIMEOUT": "2", "WEBHOOK_TIMEOUT": "2", "API_REQUEST_TIMEOUT": "20"}
+    with start_worker(tmp, "--step-seconds", "0.001", env=env) as running:
+        running.pids = pids(running)
+        yield running
+
+
+def pids(worker) -> tuple[int, int | None, int | None]:
+    return (worker.process.pid, worker.child_pid("comfyui"), worker.child_pid("wrapper"))
+
+
+# --- strategies ----------------------------------------------------------------------------------
+scalars = (st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False)
+           | st.text(max_size=40))
+json_values = st.recursive(
+    scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+        st.text(max_size=10), inner, max_size=4), max_leaves=20)
+odd_values = json_values | st.sampled_from(
+    ["Text2Image", "RawWorkflow", "Image2Image", "", " ", "__RANDOM_INT__", -1, 0, 2**64,
+     -(2**63), 1e308, [], {}, "../../etc/passwd", "\x00", "data:image/png;base64,AAAA",
+     "http://127.0.0.1:1/x.png", "ftp://x", "\u202e\ufeff"])
+small_ints = st.integers(min_value=-8, max_value=160)
+graphs = st.dictionaries(
+    st.text(max_size=4) | st.sampled_from(["1", "2", "9"]),
+    st.fixed_dictionaries(
+        {"class_type": st.sampled_from(["EmptyImage", "SaveImage", "KSampler", "LoadImage",
+                                        "ImageInvert", "NoSuchNode", ""]) | odd_values},
+        optional={"inputs": st.dictionaries(
+            st.sampled_from(["width", "height", "batch_size", "color", "images",
+                             "filename_prefix", "image", "seed"]) | st.text(max_size=6),
+            small_ints | st.just(["1", 0]) | odd_values, max_size=5) | odd_values})
+    | odd_values, max_size=4)
+modifications = st.dictionaries(st.sampled_from(MODIFIER_KEYS) | st.text(max_size=8),
+                                small_ints | odd_values, max_size=6)
+blocks = {
+    "s3": st.dictionaries(st.sampled_from(["access_key_id", "secret_access_key",
+                                           "endpoint_url", "bucket_name", "region", "x"]),
+                          st.text(max_size=30) | odd_values, max_size=6),
+    "webhook": st.dictionaries(st.sampled_from(["url", "extra_params", "secret", "timeout", "y"]),
+                               st.sampled_from(["http://127.0.0.1:1/", "https://no.invalid/",
+                                                "not a url", "file:///etc/passwd"])
+                               | odd_values, max_size=4),
+}
+inputs = st.fixed_dictionaries({}, optional={
+    "request_id": st.text(alphabet=string.ascii_letters + string.digits + "-_.", max_size=140)
+    | odd_values,
+    "modifier": st.sampled_from(["Text2Image", "RawWorkflow", "Image2Image"]) | odd_values,
+    "modifications": modifications | odd_values,
+    "workflow_json": graphs | odd_values,
+    "s3": blocks["s3"] | odd_values,
+    "webhook": blocks["webhook"] | odd_values,
+    "return_outputs_as_base64": st.booleans() | odd_values,
+    "handler": odd_values,
+})
+# Nearly valid requests, so that the fuzzing also reaches ComfyUI's own validation and runs.
+nearly_valid = st.one_of(
+    st.builds(lambda g, b: {"input": {"workflow_json": g, "return_outputs_as_base64": b}},
+              graphs, st.booleans()),
+    st.builds(lambda m, name: {"input": {"modifier": name, "modifications": m}}, modifications,
+              st.sampled_from(["Text2Image", "RawWorkflow", "Image2Image"])),
+)
+documents = st.one_of(
+    nearly_valid,
+    json_values,
+    st.builds(lambda i: {"input": i}, inputs),
+    st.builds(lambda v: {"input": v}, odd_values),
+    st.builds(lambda a, i: {"auth_data": a, "payload": {"input": i}}, json_values, inputs),
+    st.builds(lambda p: {"payload": p}, odd_values),
+)
+
+
+def deep(depth: int, opener: bytes, closer: bytes) -> bytes:
+    return opener * depth + closer * depth
+
+
+raw_bodies = st.one_of(
+    documents.map(lambda d: json.dumps(d).encode()),
+    documents.map(lambda d: json.dumps(d).encode()).flatmap(
+        lambda b: st.integers(0, max(len(b) - 1, 0)).map(lambda n: b[:n])),   # cut short
+    st.binary(max_size=300),
+    st.integers(1, 20_000).map(lambda n: deep(n, b"[", b"]")),
+    st.integers(1, 5_000).map(lambda n: b'{"input": ' + b'{"a": ' * n + b"1" + b"}" * (n + 1)),
+    st.integers(0, 2_000_000).map(lambda n: json.dumps(
+        {"input": {"modifier": "Text2Image", "modifications": {
+            "prompt": "x" * n, "steps": 1, "width": 16, "height": 16}}}).encode()),
+    st.integers(0, 500_000).map(lambda n: b'{"input": "' + b"\xff\xfe" * n + b'"}'),
+    st.sampled_from([b"", b" ", b"null", b"NaN", b"1e999999", b'"\\ud800"', b"{}",
+                     b'{"input": {"modifier": "Text2Image", "modifications": {"steps": NaN}}}',
+                     b'{"input": {}, "input": {"modifier": 1}}', b"\xef\xbb\xbf{}"]),
+)
+header_text = st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0xFF,
+                                             blacklist_characters="\x7f"), max_size=60)
+content_types = st.sampled_from([
+    None, "application/json", "text/plain", "application/x-www-form-urlencoded",
+    "multipart/form-data; boundary=xyz", "application/json; charset=latin-1",
+    "application/json; charset=utf-16", "", "*/*"]) | header_text
+authorizations = st.sampled_from([
+    None, f"Bearer {TOKEN}", f"bearer {TOKEN}", f"Bearer  {TOKEN} ", "Bearer", "Bearer ",
+    "Bearer wrong", "Basic Zm9vOmJhcg==", TOKEN, f"Bearer {TOKEN}x", f"Token {TOKEN}"]) | \
+    header_text.map(lambda t: "Bearer " + t)
+extra_headers = st.dictionaries(
+    st.sampled_from(["X-Return-Outputs-As-Base64", "X-Include-ComfyUI-Response", "Accept",
+                     "Content-Encoding", "Expect", "X-Forwarded-For"]),
+    header_text | st.sampled_from(["1", "true", "gzip", "deflate", "identity", "100-continue"]),
+    max_size=3)
+
+
+# --- sending -------------------------------------------------------------------------------------
+def send(url: str, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes]:
+    status, _, payload = exchange(url, path, body, headers)
+    return status, payload
+
+
+def exchange(url: str, path: str, body: bytes, headers: dict[str, str]
+             ) -> tuple[int, str, bytes]:
+    """(status, content type, body) of one POST."""
+    parts = urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+    try:
+        connection.request("POST", path, body=body, headers=headers)
+        response = connection.getresponse()
+        return response.status, response.getheader("Content-Type", ""), response.read()
+    finally:
+        connection.close()
+
+
+def build_headers(content_type: str | None, authorization: str | None,
+                  extra: dict[str, str]) -> dict[str, str]:
+    headers = dict(extra)
+    if content_type is not None:
+        headers["Content-Type"] = content_type
+    if authorization is not None:
+        headers["Authorization"] = authorization
+    return headers
+
+
+def check_answer(status: int, content_type: str, payload: bytes, what: str) -> None:
+    assert status in ALLOWED, f"{what}: HTTP {status}: {payload[:500]!r}"
+    if status == 200:
+        return
+    if content_type.startswith("application/json"):
+        # Every refusal of ours explains itself.
+        body = json.loads(payload)
+        assert isinstance(body, dict) and body.get("error"), body
+    else:
+        # aiohttp refuses some requests itself (a body it cannot decode, an odd Expect), in
+        # plain text and before any handler runs; nothing else may answer without JSON.
+        assert status in (400, 417) and content_type.startswith("text/plain"), \
+            f"{what}: HTTP {status} {content_type}: {payload[:500]!r}"
+
+
+def assert_still_serving(worker) -> None:
+    assert worker.process.poll() is None, worker.log()[-3000:]
+    assert pids(worker) == worker.pids, "a process was restarted"
+    status, health = get_json(worker.url + "/health")
+    assert status == 200, health
+    assert get_json(worker.wrapper_url + "/health")[0] == 200
+    status, body = post_json(worker.url + "/generate/sync", {"input": {"workflow_json": TINY}},
+                             {"Authorization": f"Bearer {TOKEN}"})
+    assert status == 200 and body["status"] == "completed", body
+
+
+# --- tests ---------------------------------------------------------------------------------------
+@FUZZ
+@given(body=raw_bodies, content_type=content_types, authorization=authorizations,
+       extra=extra_headers)
+def test_public_port_never_fails_on_odd_requests(worker, body, content_type, authorization,
+                                                 extra):
+    headers = build_headers(content_type, authorization, extra)
+    status, answer_type, payload = exchange(worker.url, "/generate/sync", body, headers)
+    check_answer(status, answer_type, payload, f"public port, headers {headers}")
+
+
+@FUZZ
+@given(body=raw_bodies, content_type=content_types, extra=extra_headers,
+       path=st.sampled_from(["/generate/sync", "/generate/stream"]))
+def test_wrapper_never_fails_on_odd_requests(worker, body, content_type, extra, path):
+    headers = build_headers(content_type, None, extra)
+    status, answer_type, payload = exchange(worker.wrapper_url, path, body, headers)
+    if path == "/generate/stream" and status == 200:
+        # Accepted: the stream must end with the result, whatever the result is.
+        assert b"event: final_result" in payload, payload[-500:]
+    else:
+        check_answer(status, answer_type, payload, f"wrapper {path}, headers {headers}")
+
+
+# Minimal cases the fuzzing found (each answered 500 and logged a traceback per request).
+@pytest.mark.parametrize("headers", [
+    {"Authorization": "Bearer \x80"},          # not UTF-8: the token gate failed to encode it
+    {"Authorization": f"Bearer {TOKEN}\xe9"},
+    {"Expect": "\x80"},                        # aiohttp's default Expect handler echoes it
+    {"Content-Encoding": "gzip"},              # a body that is not gzip
+    {"Content-Encoding": "deflate"},
+], ids=["auth-x80", "auth-token-xe9", "expect-x80", "gzip-plain", "deflate-plain"])
+@pytest.mark.parametrize("side", ["public", "wrapper"])
+def test_odd_headers_found_by_fuzzing_are_refused_cleanly(worker, headers, side):
+    url = worker.url if side == "public" else worker.wrapper_url
+    status, payload = send(url, "/generate/sync", b'{"input": {}}', headers)
+    assert status in {400, 401, 417}, f"{side} {headers}: HTTP {status}: {payload[:300]!r}"
+
+
+def test_worker_is_still_ready_and_serving_afterwards(worker):
+    assert_still_serving(worker)
+    # A bug caught by an error middleware is logged even when the client saw another status.
+    # (aiohttp also logs tracebacks for bodies it cannot decode; those were answered 400.)
+    logs = worker.log() + "".join(p.read_text(errors="replace")
+                                  for p in (worker.log_path.parent / "logs").glob("*.log"))
+    assert "bug while serving" not in logs
