@@ -72,6 +72,7 @@ class Job:
     last_progress: dict[str, Any] | None = None
     cancel_requested: bool = False
     prepared: asyncio.Future | None = None   # the graph, once inputs are uploaded
+    persisting: asyncio.Task | None = None   # the write of its "queued" record
     done: asyncio.Event = field(default_factory=asyncio.Event)
     listeners: list[asyncio.Queue] = field(default_factory=list)
 

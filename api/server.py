@@ -71,11 +71,12 @@ async def _read_request(request: web.Request, service: GenerationService, max_de
     return parsed
 
 
-async def _accept(request: web.Request) -> Job | web.Response:
+async def _accept(request: web.Request, *, record_queued: bool = False
+                  ) -> Job | web.Response:
     service = request.app[SERVICE]
     try:
         parsed = await _read_request(request, service, request.app[MAX_JSON_DEPTH])
-        return service.submit(parsed)
+        return service.submit(parsed, record_queued=record_queued)
     except RequestInvalid as exc:
         return _json(exc.body(), 400)
     except DuplicateRequest as exc:
@@ -102,7 +103,7 @@ async def generate_sync(request: web.Request) -> web.StreamResponse:
 
 
 async def generate_async(request: web.Request) -> web.Response:
-    accepted = await _accept(request)
+    accepted = await _accept(request, record_queued=True)
     if isinstance(accepted, web.Response):
         return accepted
     return _json(accepted.result(), 202)

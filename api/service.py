@@ -44,6 +44,10 @@ from api.webhooks import merge as merge_webhook
 logger = logging.getLogger(__name__)
 
 
+#: Prompts handed to ComfyUI's queue ahead of the one running (ComfyUI runs them in order).
+PREFETCH_DEPTH = 8
+
+
 class QueueFull(Exception):
     pass
 
@@ -79,7 +83,8 @@ class GenerationService:
         self._pending: collections.deque[Job] = collections.deque()
         # The next job's prompt, handed to ComfyUI's own queue while the current one runs, so
         # ComfyUI starts it the moment the current one ends: job id -> the submit task.
-        self._prefetched: dict[str, asyncio.Task] = {}
+        self._prefetched: dict[str, asyncio.Future] = {}
+        self._prefetcher: asyncio.Task | None = None
         self._wakeup = asyncio.Event()
         self._runner: asyncio.Task | None = None
         self._background: set[asyncio.Task] = set()
@@ -92,6 +97,8 @@ class GenerationService:
         self._runner = asyncio.create_task(self._run(), name="generation-runner")
 
     async def stop(self) -> None:
+        if self._prefetcher:
+            self._prefetcher.cancel()
         if self._runner:
             self._runner.cancel()
             await asyncio.gather(self._runner, return_exceptions=True)
@@ -110,8 +117,12 @@ class GenerationService:
         except ValueError:
             return 0
 
-    def submit(self, request: GenerateRequest) -> Job:
-        """Accept a valid request (raises RequestInvalid, DuplicateRequest or QueueFull)."""
+    def submit(self, request: GenerateRequest, *, record_queued: bool = True) -> Job:
+        """Accept a valid request (raises RequestInvalid, DuplicateRequest or QueueFull).
+
+        `record_queued` writes the request to the result store at once, so that a client who
+        polls `/result/{id}` learns of a wrapper restart; a client still connected for the
+        answer (sync, stream) learns it from the broken connection and needs no record."""
         if request.request_id in self.active:
             raise DuplicateRequest(request.request_id)
         if len(self._pending) >= self.queue_size:
@@ -122,7 +133,8 @@ class GenerationService:
         self.active[job.id] = job
         self._pending.append(job)
         self._spawn(self._prepare(job, graph), f"prepare-{job.id}")
-        self._spawn(self.store.save(job.to_record()), f"persist-{job.id}")
+        if record_queued:
+            job.persisting = self._spawn(self.store.save(job.to_record()), f"persist-{job.id}")
         self._wakeup.set()
         self._announce(job)
         return job
@@ -334,28 +346,43 @@ class GenerationService:
         self._spawn(self._postprocess(job, result), f"postprocess-{job.id}")
 
     def _prefetch_next(self) -> None:
-        """Queue the next job's prompt in ComfyUI now, if its inputs are ready.
+        """Hand the waiting jobs' prompts to ComfyUI's own queue, in order, while one runs.
 
-        Only once the current prompt is in ComfyUI's queue (it has a prompt id): ComfyUI runs
-        prompts in the order they arrive, and the next one must not overtake it."""
+        ComfyUI then starts each the moment the previous one ends. Only once the current prompt
+        is in ComfyUI's queue (it has a prompt id), and one submission at a time, so that no
+        prompt overtakes another; a job whose inputs are not ready yet stops the walk."""
         current = self.current
-        if not self._pending or current is None or current.prompt_id is None:
+        if current is None or current.prompt_id is None:
             return
-        nxt = self._pending[0]
-        ready = nxt.prepared is not None and nxt.prepared.done() and \
-            nxt.prepared.exception() is None
-        if not ready or nxt.cancel_requested or nxt.id in self._prefetched:
-            return
-        client_id = uuid.uuid4().hex
+        if self._prefetcher is None or self._prefetcher.done():
+            self._prefetcher = asyncio.create_task(self._prefetch_waiting(), name="prefetch")
 
-        async def submit():
-            submission = await self.client.submit(nxt.prepared.result(), client_id=client_id)
-            nxt.prompt_id = submission.prompt_id
-            return submission
+    async def _prefetch_waiting(self) -> None:
+        index = 0
+        while index < len(self._pending) and index < PREFETCH_DEPTH:
+            job = self._pending[index]
+            index += 1
+            if job.id in self._prefetched or job.cancel_requested:
+                continue
+            ready = job.prepared is not None and job.prepared.done() and \
+                job.prepared.exception() is None
+            if not ready:
+                return
+            future: asyncio.Future = asyncio.get_running_loop().create_future()
+            self._prefetched[job.id] = future
+            try:
+                submission = await self.client.submit(job.prepared.result(),
+                                                      client_id=uuid.uuid4().hex)
+            except Exception as exc:  # the runner reports it when the job's turn comes
+                future.set_exception(exc)
+                future.exception()  # retrieved here; the runner raises it again
+                return
+            job.prompt_id = submission.prompt_id
+            future.set_result(submission)
+            if job.cancel_requested:  # cancelled while its prompt was on the way
+                await self._stop_prompt(job)
 
-        self._prefetched[nxt.id] = asyncio.create_task(submit(), name=f"prefetch-{nxt.id}")
-
-    async def _wait_prefetched(self, submitted: asyncio.Task, graph: dict[str, Any],
+    async def _wait_prefetched(self, submitted: asyncio.Future, graph: dict[str, Any],
                                on_event: Any) -> Any:
         submission = await submitted  # raises what submitting raised (e.g. PromptRejected)
         self._prefetch_next()
@@ -421,12 +448,19 @@ class GenerationService:
         self.served[status.value] += 1
         level = logging.INFO if status is JobStatus.COMPLETED else logging.WARNING
         logger.log(level, "request %s %s: %s", job.id, status.value, message)
-        await self.store.save(job.to_record())
+        record = job.to_record()
+        self.store.remember(record)  # readable at /result/{id} from now on
         self.active.pop(job.id, None)
         job.publish({"event": "final_result", "request_id": job.id, "status": "final_result",
                      "result": job.result(), "elapsed_time": _elapsed(job)})
-        job.done.set()
+        job.done.set()  # the waiting client is answered without waiting for the disk
+        self._spawn(self._persist_final(job, record), f"persist-final-{job.id}")
         self._send_webhook(job)
+
+    async def _persist_final(self, job: Job, record: dict[str, Any]) -> None:
+        if job.persisting is not None:  # the "queued" record must not land after this one
+            await asyncio.gather(job.persisting, return_exceptions=True)
+        await self.store.write(record)
 
     def _send_webhook(self, job: Job) -> None:
         if self.webhooks is None:
@@ -452,10 +486,11 @@ class GenerationService:
             event = "queued" if job.status is JobStatus.PENDING else "status"
             job.publish({"event": event, **self._status_event(job)})
 
-    def _spawn(self, coro: Any, name: str) -> None:
+    def _spawn(self, coro: Any, name: str) -> asyncio.Task:
         task = asyncio.create_task(coro, name=name)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
 
     def health_detail(self) -> dict[str, Any]:
         job = self.current

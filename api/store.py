@@ -69,12 +69,16 @@ class ResultStore:
 
     async def save(self, record: dict[str, Any]) -> None:
         """Remember a result and write its file off the event loop."""
-        self._remember(record)
+        self.remember(record)
+        await self.write(record)
+
+    async def write(self, record: dict[str, Any]) -> None:
+        """Write a remembered result's file, off the event loop."""
         await asyncio.to_thread(self._write, record)
 
     def put(self, record: dict[str, Any]) -> None:
         """Blocking variant of `save` (tests, start-up)."""
-        self._remember(record)
+        self.remember(record)
         self._write(record)
 
     async def get(self, request_id: str) -> dict[str, Any] | None:
@@ -107,7 +111,8 @@ class ResultStore:
     def __len__(self) -> int:
         return len(self._stamps)
 
-    def _remember(self, record: dict[str, Any]) -> None:
+    def remember(self, record: dict[str, Any]) -> None:
+        """Make a result readable now (its file is written separately)."""
         self._stamps[record["id"]] = time.time()
         self._stamps.move_to_end(record["id"])
         self._keep_body(record)
