@@ -140,7 +140,7 @@ class Daemon:
                            reason: str) -> None:
         if new in (ChildState.RESTARTING, ChildState.FAILED, ChildState.STOPPED) and \
                 old in (ChildState.READY, ChildState.UNHEALTHY):
-            if self.public and self.public.dispatcher.abort_current(
+            if self.public and self.public.dispatcher.abort_all(
                     f"ComfyUI died during the request: {reason}"):
                 logger.warning("request in flight failed: ComfyUI %s", reason)
         if new in (ChildState.RESTARTING, ChildState.FAILED):
@@ -235,7 +235,7 @@ class Daemon:
                        "draining": self.draining,
                        "history": list(self.tracker.history)[-20:]},
             "children": {"comfyui": self.comfyui.snapshot(), "wrapper": self.wrapper.snapshot()},
-            "queue": {"in_flight": 1 if dispatcher and dispatcher.busy else 0,
+            "queue": {"in_flight": dispatcher.in_flight if dispatcher else 0,
                       "waiting": dispatcher.waiting if dispatcher else 0,
                       "max_waiting": self.settings.worker.queue_size,
                       "wrapper": self._wrapper_detail, "served": served},
@@ -386,7 +386,7 @@ class Daemon:
             waiter.cancel()
             second.cancel()
         if self.public:
-            self.public.dispatcher.abort_current("the worker is stopping; the request did not "
+            self.public.dispatcher.abort_all("the worker is stopping; the request did not "
                                                  "finish within the drain time")
         for task in self._tasks:
             task.cancel()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import aiohttp
@@ -42,53 +42,64 @@ class RequestHooks:
     rejected: Callable[[Admitted | None], None] | None = None
 
 
-@dataclass
 class Dispatcher:
-    """FIFO, one request in flight, a bounded number waiting."""
+    """FIFO hand-off to the wrapper: `depth` requests in flight, `max_waiting` waiting here.
 
-    max_waiting: int
-    _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    waiting: int = 0
-    current: asyncio.Task | None = None
-    _abort_reason: str | None = None
+    ComfyUI runs one prompt at a time whatever we do; a depth of 2 lets the next request wait
+    inside the wrapper (and ComfyUI's own queue) rather than here, so ComfyUI starts it the
+    moment the current one ends instead of a round trip later.
+    """
+
+    def __init__(self, max_waiting: int, depth: int = 2):
+        self.max_waiting = max_waiting
+        self.depth = depth
+        self._slots = asyncio.Semaphore(depth)   # FIFO: waiters are woken in arrival order
+        self.waiting = 0
+        self._in_flight: dict[asyncio.Future, str | None] = {}  # work -> abort reason
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
 
     @property
     def busy(self) -> bool:
-        return self._lock.locked()
+        return bool(self._in_flight)
 
     def full(self) -> bool:
-        return self.busy and self.waiting >= self.max_waiting
+        return self.in_flight >= self.depth and self.waiting >= self.max_waiting
 
-    def abort_current(self, reason: str) -> bool:
-        """Fail the request in flight now (ComfyUI died): its client gets a 502 at once.
-
-        `reason` is the whole message the client reads."""
-        if self.current is not None and not self.current.done():
-            self._abort_reason = reason
-            self.current.cancel()
-            return True
-        return False
+    def abort_all(self, reason: str) -> bool:
+        """Fail every request in flight now (ComfyUI died, the worker stops): each client gets
+        a 502 at once. `reason` is the whole message the client reads."""
+        aborted = False
+        for work in list(self._in_flight):
+            if not work.done():
+                self._in_flight[work] = reason
+                work.cancel()
+                aborted = True
+        return aborted
 
     async def run(self, work: Callable[[], Any], on_start: Callable[[], None]) -> Any:
         self.waiting += 1
         try:
-            await self._lock.acquire()
+            await self._slots.acquire()
         finally:
             self.waiting -= 1
+        future = asyncio.ensure_future(work())
+        self._in_flight[future] = None
         try:
             on_start()
-            self._abort_reason = None
-            self.current = asyncio.ensure_future(work())
             try:
-                return await asyncio.shield(self.current)
+                return await asyncio.shield(future)
             except asyncio.CancelledError:
-                if self._abort_reason is not None and self.current.cancelled():
-                    raise Aborted(self._abort_reason) from None
-                self.current.cancel()
+                reason = self._in_flight.get(future)
+                if reason is not None and future.cancelled():
+                    raise Aborted(reason) from None
+                future.cancel()  # our own client went away
                 raise
         finally:
-            self.current = None
-            self._lock.release()
+            del self._in_flight[future]
+            self._slots.release()
 
 
 class PublicServer:
@@ -175,7 +186,7 @@ class PublicServer:
 
         def on_start() -> None:
             started_at[0] = time.time()
-            self.metrics.in_flight.set(1)
+            self.metrics.in_flight.set(self.dispatcher.in_flight)
             self.metrics.queue_depth.set(self.dispatcher.waiting)
             if self.hooks.started:
                 self.hooks.started(admitted)
@@ -196,7 +207,7 @@ class PublicServer:
         except Aborted as exc:
             return _json({"error": str(exc), "status": "failed"}, 502)
         finally:
-            self.metrics.in_flight.set(0)
+            self.metrics.in_flight.set(self.dispatcher.in_flight)
             self.metrics.queue_depth.set(self.dispatcher.waiting)
             if self.hooks.finished:
                 self.hooks.finished(admitted, status, entered, started_at[0] or entered,
