@@ -247,7 +247,7 @@ def test_daemon_down_prints_the_local_gpu_and_comfyui_and_exits_3(tmp_path):
     assert as_json.returncode == 3
     data = json.loads(as_json.stdout)
     assert data["daemon"]["reachable"] is False and data["health"]["exit_code"] == 3
-    assert data["gpu"]["verdict"]["level"] == "degraded"
+    assert data["gpu"]["verdict"]["level"] == "unhealthy"
     assert [p["pid"] for p in data["comfyui"]["processes"]] == [orphan.pid]
 
 
