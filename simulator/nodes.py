@@ -133,7 +133,7 @@ class SaveImage(SimNode):
     CLASS_TYPE = "SaveImage"
     DISPLAY_NAME = "Save Image"
     CATEGORY = "image"
-    DESCRIPTION = "Saves the input images to your ComfyUI output directory."
+    DESCRIPTION = "Simulated: writes the images as PNG files into the output folder."
     OUTPUT_NODE = True
     FOLDER_TYPE: ClassVar[str] = "output"
     COMPRESS_LEVEL: ClassVar[int] = SAVE_COMPRESS_LEVEL
@@ -142,10 +142,8 @@ class SaveImage(SimNode):
     def input_types(cls, env):
         return {
             "required": {
-                "images": ("IMAGE", {"tooltip": "The images to save."}),
-                "filename_prefix": ("STRING", {"default": "ComfyUI", "tooltip": (
-                    "The prefix for the file to save. This may include formatting information such as "
-                    "%date:yyyy-MM-dd% or %Empty Latent Image.width% to include values from nodes.")}),
+                "images": ("IMAGE", {}),
+                "filename_prefix": ("STRING", {"default": "ComfyUI"}),
             },
             "hidden": dict(_OUTPUT_HIDDEN),
         }
@@ -175,7 +173,7 @@ class SaveImage(SimNode):
 class PreviewImage(SaveImage):
     CLASS_TYPE = "PreviewImage"
     DISPLAY_NAME = "Preview Image"
-    DESCRIPTION = "Saves the input images to your ComfyUI output directory."
+    DESCRIPTION = "Simulated: writes the images as PNG files into the output folder."
     FOLDER_TYPE = "temp"
     COMPRESS_LEVEL = PREVIEW_COMPRESS_LEVEL
 
@@ -269,16 +267,14 @@ class CheckpointLoaderSimple(SimNode):
     CLASS_TYPE = "CheckpointLoaderSimple"
     DISPLAY_NAME = "Load Checkpoint"
     CATEGORY = "loaders"
-    DESCRIPTION = "Loads a diffusion model checkpoint, diffusion models are used to denoise latents."
+    DESCRIPTION = "Simulated: checks the checkpoint name and hands out stand-in model, CLIP and VAE."
     RETURN_TYPES = ("MODEL", "CLIP", "VAE")
-    OUTPUT_TOOLTIPS = ("The model used for denoising latents.",
-                       "The CLIP model used for encoding text prompts.",
-                       "The VAE model used for encoding and decoding images to and from latent space.")
+    OUTPUT_TOOLTIPS = ("Stand-in model.", "Stand-in CLIP.", "Stand-in VAE.")
 
     @classmethod
     def input_types(cls, env):
         return {"required": {
-            "ckpt_name": (env.checkpoint_names(), {"tooltip": "The name of the checkpoint (model) to load."}),
+            "ckpt_name": (env.checkpoint_names(), {}),
         }}
 
     async def run(self, ctx, ckpt_name):
@@ -294,16 +290,15 @@ class CLIPTextEncode(SimNode):
     CLASS_TYPE = "CLIPTextEncode"
     DISPLAY_NAME = "CLIP Text Encode (Prompt)"
     CATEGORY = "conditioning"
-    DESCRIPTION = ("Encodes a text prompt using a CLIP model into an embedding that can be used to guide the "
-                   "diffusion model towards generating specific images.")
+    DESCRIPTION = "Simulated: keeps the prompt text as the conditioning."
     RETURN_TYPES = ("CONDITIONING",)
-    OUTPUT_TOOLTIPS = ("A conditioning containing the embedded text used to guide the diffusion model.",)
+    OUTPUT_TOOLTIPS = ("Simulated conditioning.",)
 
     @classmethod
     def input_types(cls, env):
         return {"required": {
-            "text": ("STRING", {"multiline": True, "dynamicPrompts": True, "tooltip": "The text to be encoded."}),
-            "clip": ("CLIP", {"tooltip": "The CLIP model used for encoding the text."}),
+            "text": ("STRING", {"multiline": True, "dynamicPrompts": True}),
+            "clip": ("CLIP", {}),
         }}
 
     async def run(self, ctx, text, clip):
@@ -314,19 +309,16 @@ class EmptyLatentImage(SimNode):
     CLASS_TYPE = "EmptyLatentImage"
     DISPLAY_NAME = "Empty Latent Image"
     CATEGORY = "latent"
-    DESCRIPTION = "Create a new batch of empty latent images to be denoised via sampling."
+    DESCRIPTION = "Simulated: a blank latent of the given size."
     RETURN_TYPES = ("LATENT",)
-    OUTPUT_TOOLTIPS = ("The empty latent image batch.",)
+    OUTPUT_TOOLTIPS = ("Blank latent.",)
 
     @classmethod
     def input_types(cls, env):
         return {"required": {
-            "width": ("INT", {"default": 512, "min": 16, "max": MAX_RESOLUTION, "step": 8,
-                              "tooltip": "The width of the latent images in pixels."}),
-            "height": ("INT", {"default": 512, "min": 16, "max": MAX_RESOLUTION, "step": 8,
-                               "tooltip": "The height of the latent images in pixels."}),
-            "batch_size": ("INT", {"default": 1, "min": 1, "max": 4096,
-                                   "tooltip": "The number of latent images in the batch."}),
+            "width": ("INT", {"default": 512, "min": 16, "max": MAX_RESOLUTION, "step": 8}),
+            "height": ("INT", {"default": 512, "min": 16, "max": MAX_RESOLUTION, "step": 8}),
+            "batch_size": ("INT", {"default": 1, "min": 1, "max": 4096}),
         }}
 
     async def run(self, ctx, width, height, batch_size=1):
@@ -337,35 +329,23 @@ class KSampler(SimNode):
     CLASS_TYPE = "KSampler"
     DISPLAY_NAME = "KSampler"
     CATEGORY = "sampling"
-    DESCRIPTION = "Uses the provided model, positive and negative conditioning to denoise the latent image."
+    DESCRIPTION = "Simulated: waits step_seconds per step and reports progress each step."
     RETURN_TYPES = ("LATENT",)
-    OUTPUT_TOOLTIPS = ("The denoised latent.",)
+    OUTPUT_TOOLTIPS = ("Simulated latent.",)
 
     @classmethod
     def input_types(cls, env):
         return {"required": {
-            "model": ("MODEL", {"tooltip": "The model used for denoising the input latent."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
-                             "tooltip": "The random seed used for creating the noise."}),
-            "steps": ("INT", {"default": 20, "min": 1, "max": 10000,
-                              "tooltip": "The number of steps used in the denoising process."}),
-            "cfg": ("FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01, "tooltip": (
-                "The Classifier-Free Guidance scale balances creativity and adherence to the prompt. Higher "
-                "values result in images more closely matching the prompt however too high values will "
-                "negatively impact quality.")}),
-            "sampler_name": (list(SAMPLER_NAMES), {"tooltip": (
-                "The algorithm used when sampling, this can affect the quality, speed, and style of the "
-                "generated output.")}),
-            "scheduler": (list(SCHEDULER_NAMES), {
-                "tooltip": "The scheduler controls how noise is gradually removed to form the image."}),
-            "positive": ("CONDITIONING", {
-                "tooltip": "The conditioning describing the attributes you want to include in the image."}),
-            "negative": ("CONDITIONING", {
-                "tooltip": "The conditioning describing the attributes you want to exclude from the image."}),
-            "latent_image": ("LATENT", {"tooltip": "The latent image to denoise."}),
-            "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": (
-                "The amount of denoising applied, lower values will maintain the structure of the initial "
-                "image allowing for image to image sampling.")}),
+            "model": ("MODEL", {}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True}),
+            "steps": ("INT", {"default": 20, "min": 1, "max": 10000}),
+            "cfg": ("FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01}),
+            "sampler_name": (list(SAMPLER_NAMES), {}),
+            "scheduler": (list(SCHEDULER_NAMES), {}),
+            "positive": ("CONDITIONING", {}),
+            "negative": ("CONDITIONING", {}),
+            "latent_image": ("LATENT", {}),
+            "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01}),
         }}
 
     async def run(self, ctx, model, seed, steps, cfg, sampler_name, scheduler, positive, negative,
@@ -384,15 +364,15 @@ class VAEDecode(SimNode):
     CLASS_TYPE = "VAEDecode"
     DISPLAY_NAME = "VAE Decode"
     CATEGORY = "latent"
-    DESCRIPTION = "Decodes latent images back into pixel space images."
+    DESCRIPTION = "Simulated: an image eight times the latent's size."
     RETURN_TYPES = ("IMAGE",)
-    OUTPUT_TOOLTIPS = ("The decoded image.",)
+    OUTPUT_TOOLTIPS = ("Simulated image.",)
 
     @classmethod
     def input_types(cls, env):
         return {"required": {
-            "samples": ("LATENT", {"tooltip": "The latent to be decoded."}),
-            "vae": ("VAE", {"tooltip": "The VAE model used for decoding the latent."}),
+            "samples": ("LATENT", {}),
+            "vae": ("VAE", {}),
         }}
 
     async def run(self, ctx, samples, vae):
