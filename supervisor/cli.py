@@ -168,6 +168,51 @@ def benchmark_command(ctx: click.Context, comfyui_url: str | None, output_dir: s
                                    as_json=as_json, socket_path=socket_path))
 
 
+# --- admin actions --------------------------------------------------------------------------------
+def _admin_action(ctx: click.Context, route: str, socket_path: str | None) -> None:
+    import aiohttp
+
+    from supervisor.admin import admin_request
+
+    settings = _load(ctx.obj["config_path"])
+    socket = Path(socket_path or settings.worker.admin_socket)
+    try:
+        answer = asyncio.run(admin_request(socket, "POST", route, timeout=30))
+    except (OSError, aiohttp.ClientError) as exc:
+        click.echo(f"comfy-worker: the daemon is not reachable at {socket} ({exc})", err=True)
+        sys.exit(3)
+    click.echo(answer.get("message", json.dumps(answer)))
+    sys.exit(0 if answer.get("ok", True) else 1)
+
+
+_SOCKET_OPTION = click.option("--socket", "socket_path", default=None,
+                              help="Admin socket of the daemon (default: worker.admin_socket).")
+
+
+@main.command("restart-comfyui")
+@_SOCKET_OPTION
+@click.pass_context
+def restart_comfyui_command(ctx: click.Context, socket_path: str | None) -> None:
+    """Restart ComfyUI now (also ends a failed cool-down)."""
+    _admin_action(ctx, "/restart/comfyui", socket_path)
+
+
+@main.command("drain")
+@_SOCKET_OPTION
+@click.pass_context
+def drain_command(ctx: click.Context, socket_path: str | None) -> None:
+    """Take no new work; requests already queued finish."""
+    _admin_action(ctx, "/drain", socket_path)
+
+
+@main.command("resume")
+@_SOCKET_OPTION
+@click.pass_context
+def resume_command(ctx: click.Context, socket_path: str | None) -> None:
+    """Take work again after `drain`."""
+    _admin_action(ctx, "/resume", socket_path)
+
+
 def _register_subcommands() -> None:
     from supervisor.client_cli import client
     from supervisor.health_cli import health

@@ -357,3 +357,58 @@ def test_operator_modifier_file_works_without_code_change(tmp_path):
         status, body = generate(w, {"input": {"modifier": "InvertSquare",
                                               "modifications": {"size": 1024}}})
         assert status == 400 and "maximum of 512" in body["errors"]["input.modifications.size"]
+
+
+def test_image_inputs_by_url_are_fetched_checked_and_uploaded(stack, tmp_path):
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    sim, wrapper = stack
+    status, first = generate(wrapper, {"input": {"workflow_json": TINY}})
+    png = Path(first["output"][0]["local_path"]).read_bytes()
+
+    class Files(BaseHTTPRequestHandler):
+        def do_GET(self):
+            body, kind = {"/in.png": (png, "image/png"),
+                          "/page.html": (b"<html></html>", "text/html")}.get(
+                self.path, (b"", ""))
+            self.send_response(200 if body else 404)
+            if kind:
+                self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Files)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        status, body = generate(wrapper, {"input": {"modifier": "Image2Image", "modifications": {
+            "input_image": f"{base}/in.png", "steps": 2}}})
+        assert status == 200, body
+        assert png_size(body["output"][0]["local_path"]) == (64, 48)
+        for path, words in (("/page.html", "content type text/html is not an image"),
+                            ("/missing.png", "answered HTTP 404")):
+            status, body = generate(wrapper, {"input": {"modifier": "Image2Image",
+                                                        "modifications": {
+                                                            "input_image": base + path}}})
+            assert status == 400, body
+            assert words in body["errors"]["input"]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_base64_output_over_the_cap_is_reported_not_truncated(tmp_path):
+    with start_simulator(tmp_path) as sim, \
+            start_wrapper(tmp_path, sim.url, sim.output_dir, API_BASE64_MAX_BYTES="50") as w:
+        status, body = generate(w, {"input": {"workflow_json": TINY,
+                                              "return_outputs_as_base64": True}})
+        assert status == 200
+        out = body["output"][0]
+        assert "data" not in out
+        assert "over the 50 byte limit" in out["error"]
+        assert Path(out["local_path"]).is_file()

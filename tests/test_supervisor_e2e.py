@@ -229,3 +229,60 @@ def test_sigterm_lets_the_request_in_flight_finish_then_second_sigterm_is_immedi
         assert worker.process.wait(30) == 0
         assert time.monotonic() - began < 15, "a second SIGTERM skips the 60 s drain"
         thread.join(30)
+
+
+def test_drain_and_resume_from_the_command_line(tmp_path):
+    with start_daemon(tmp_path, "--step-seconds", "0.01") as worker:
+        command = [sys.executable, "-m", "supervisor.cli", "drain", "--socket",
+                   str(worker.admin_socket)]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=ROOT)
+        assert done.returncode == 0 and "draining" in done.stdout
+        status, body = get_json(worker.url + "/health")
+        assert status == 503 and body["reason"].startswith("draining")
+        assert worker.generate({"input": {"workflow_json": TINY}})[0] == 503
+        command[3] = "resume"
+        assert subprocess.run(command, capture_output=True, timeout=60, cwd=ROOT).returncode == 0
+        wait_until(lambda: get_json(worker.url + "/health")[0] == 200, 10, "ready again")
+        assert oct(worker.admin_socket.stat().st_mode & 0o777) == "0o660"
+
+
+def test_tls_on_the_public_port(tmp_path):
+    import datetime
+    import ssl
+    import urllib.request
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    env = {"USE_SSL": "true", "WORKER_SSL_CERT": str(cert_path), "WORKER_SSL_KEY": str(key_path)}
+    with start_daemon(tmp_path, "--step-seconds", "0.01", wait_ready=False,
+                      extra_env=env) as worker:
+        context = ssl.create_default_context(cafile=str(cert_path))
+        context.check_hostname = False
+        https = worker.url.replace("http://", "https://")
+
+        def ready():
+            try:
+                with urllib.request.urlopen(https + "/health", context=context,
+                                            timeout=2) as response:
+                    return response.status == 200
+            except OSError:
+                return False
+
+        wait_until(ready, 30, "ready over TLS")
+        with pytest.raises(OSError):
+            urllib.request.urlopen(worker.url + "/health", timeout=2).read()
