@@ -46,6 +46,8 @@ logger = logging.getLogger(__name__)
 
 #: Prompts handed to ComfyUI's queue ahead of the one running (ComfyUI runs them in order).
 PREFETCH_DEPTH = 8
+#: Seconds a stopping wrapper waits for outputs, uploads and result files under way.
+STOP_GRACE = 10.0
 
 
 class QueueFull(Exception):
@@ -96,15 +98,20 @@ class GenerationService:
             logger.info("result store: %d earlier results available", recovered)
         self._runner = asyncio.create_task(self._run(), name="generation-runner")
 
-    async def stop(self) -> None:
+    async def stop(self, grace: float = STOP_GRACE) -> None:
+        """Stop taking prompts; let outputs, uploads and result files that are under way
+        finish (for up to `grace` seconds) so that nothing already answered is lost."""
         if self._prefetcher:
             self._prefetcher.cancel()
         if self._runner:
             self._runner.cancel()
             await asyncio.gather(self._runner, return_exceptions=True)
-        for task in list(self._background):
-            task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
+        if self._background:
+            done, pending = await asyncio.wait(set(self._background), timeout=grace)
+            for task in pending:
+                logger.warning("stopping: %s did not finish in %g s", task.get_name(), grace)
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
 
     # --- intake ---------------------------------------------------------------------------------
     def queue_depth(self) -> int:
