@@ -215,9 +215,11 @@ def resume_command(ctx: click.Context, socket_path: str | None) -> None:
 
 def _register_subcommands() -> None:
     from supervisor.client_cli import client
+    from supervisor.gpu_check import gpu
     from supervisor.health_cli import health
 
     main.add_command(health)
+    main.add_command(gpu)
     main.add_command(client)
 
 
