@@ -12,10 +12,12 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -416,3 +418,28 @@ def common_arguments(parser: argparse.ArgumentParser, default_n: int) -> None:
                         help="keep the work folder (logs, outputs) and print its path")
     parser.add_argument("--time-limit", type=float, default=300.0,
                         help="give up after this many seconds of measuring (default 300)")
+
+
+def run_script(name: str, args: Any, body: Callable[[Path], dict], render: Callable[[dict], str],
+               expected: tuple[type[BaseException], ...] = ()) -> int:
+    """Run one script's measurement in a fresh work folder; print the report; exit status.
+
+    `body(workdir)` starts what it needs and returns the report. The folder is removed after
+    unless --keep; a PerfError (or one of `expected`) or the time limit ends it with status 1."""
+    install_stop_signals()
+    workdir = Path(tempfile.mkdtemp(prefix="comfy-worker-perf-"))
+    try:
+        report = body(workdir)
+    except (PerfError, *expected) as exc:
+        print(f"{name}: {exc}", file=sys.stderr)
+        return 1
+    except TimeoutError:
+        print(f"{name}: gave up after {args.time_limit:g} s (--time-limit)", file=sys.stderr)
+        return 1
+    finally:
+        if args.keep:
+            note(f"work folder kept: {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    print(json.dumps(report, indent=2) if args.json else render(report))
+    return 0

@@ -27,10 +27,8 @@ import argparse
 import asyncio
 import contextlib
 import json
-import shutil
 import signal
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,7 +49,7 @@ from benchmark.perf.common import (
     cpu_per_request,
     free_port,
     http_status,
-    install_stop_signals,
+    run_script,
     launch,
     memory_mb,
     note,
@@ -393,26 +391,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backoff-initial", type=float, default=None,
                         help="SUPERVISOR_BACKOFF_INITIAL for the daemon (default: the product's)")
     args = parser.parse_args(argv)
-    install_stop_signals()
-    workdir = Path(tempfile.mkdtemp(prefix="comfy-worker-perf-"))
-    try:
+
+    def body(workdir: Path) -> dict:
         note(f"starting `comfy-worker run` with the simulator (work folder {workdir})")
         with start_stack(workdir, args) as stack:
-            report = run_bounded(measure(args, stack), args.time_limit)
-    except PerfError as exc:
-        print(f"stack_latency: {exc}", file=sys.stderr)
-        return 1
-    except TimeoutError:
-        print(f"stack_latency: gave up after {args.time_limit:g} s (--time-limit)", file=sys.stderr)
-        return 1
-    finally:
-        if args.keep:
-            note(f"work folder kept: {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
-    print(json.dumps(report, indent=2) if args.json else render(report))
-    return 0
+            return run_bounded(measure(args, stack), args.time_limit)
 
+    return run_script("stack_latency", args, body, render)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -22,10 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
@@ -40,7 +37,7 @@ from benchmark.perf.common import (
     common_arguments,
     cpu_per_request,
     gap_figures,
-    install_stop_signals,
+    run_script,
     note,
     percentile,
     post_generate,
@@ -223,30 +220,16 @@ def main(argv: list[str] | None = None) -> int:
     common_arguments(parser, default_n=200)
     parser.add_argument("--rounds", type=int, default=3, help="back-to-back rounds (default 3)")
     args = parser.parse_args(argv)
-    install_stop_signals()
-    workdir = Path(tempfile.mkdtemp(prefix="comfy-worker-perf-"))
-    try:
+
+    def body(workdir: Path) -> dict:
         note(f"starting the simulator and the wrapper (work folder {workdir})")
         with start_simulator(workdir, "--step-seconds", str(args.step_seconds)) as sim, \
                 start_wrapper(workdir, sim.url, sim.output_dir) as wrapper:
             pids = {"wrapper": wrapper.process.pid, "comfyui": sim.process.pid}
-            report = run_bounded(measure(args, sim.url, sim.output_dir, wrapper.url, pids),
-                                 args.time_limit)
-    except (PerfError, SimulatorStartError) as exc:
-        print(f"wrapper_latency: {exc}", file=sys.stderr)
-        return 1
-    except TimeoutError:
-        print(f"wrapper_latency: gave up after {args.time_limit:g} s (--time-limit)",
-              file=sys.stderr)
-        return 1
-    finally:
-        if args.keep:
-            note(f"work folder kept: {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
-    print(json.dumps(report, indent=2) if args.json else render(report))
-    return 0
+            return run_bounded(measure(args, sim.url, sim.output_dir, wrapper.url, pids),
+                               args.time_limit)
 
+    return run_script("wrapper_latency", args, body, render, (SimulatorStartError,))
 
 if __name__ == "__main__":
     sys.exit(main())
