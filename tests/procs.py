@@ -22,7 +22,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def base_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("S3_", "WEBHOOK_", "REPORT_ADDR", "COMFY", "WORKER_", "API_",
-                                "BENCHMARK_", "GPU_", "NOTIFY_SOCKET", "WATCHDOG_"))}
+                                "BENCHMARK_", "GPU_", "NOTIFY_SOCKET", "WATCHDOG_",
+                                "SUPERVISOR_", "LOG_LEVEL", "AUTOSCALER_", "UNSECURED",
+                                "USE_SSL", "CONTAINER_ID", "MASTER_TOKEN", "PUBLIC_IPADDR",
+                                "VAST_TCP_PORT_"))}
     env["PYTHONUNBUFFERED"] = "1"
     env.update({k: str(v) for k, v in extra.items()})
     return env
@@ -105,6 +108,8 @@ class Daemon(Proc):
     comfy_url: str
     state_dir: Path
     token: str
+    wrapper_url: str = ""
+    port: int = 0
 
     def status(self) -> dict:
         import asyncio
@@ -128,9 +133,13 @@ def simulator_command(port: int, base: Path, *extra: str) -> str:
 
 @contextlib.contextmanager
 def start_daemon(tmp_path: Path, *sim_args: str, wait_ready: bool = True, token: str = "t0ken",
-                 extra_env: dict | None = None, stop: bool = True) -> Iterator[Daemon]:
-    """The whole worker as a subprocess (`comfy-worker run`) with the simulator as ComfyUI."""
-    comfy_port, wrapper_port, public_port = free_port(), free_port(), free_port()
+                 extra_env: dict | None = None, stop: bool = True,
+                 port: int | None = None) -> Iterator[Daemon]:
+    """The whole worker as a subprocess (`comfy-worker run`) with the simulator as ComfyUI.
+
+    `extra_env` overrides the test defaults; a value of None removes the variable."""
+    comfy_port, wrapper_port = free_port(), free_port()
+    public_port = port or free_port()
     base = tmp_path / "comfy"
     state = tmp_path / "state"
     env = base_env(
@@ -144,14 +153,20 @@ def start_daemon(tmp_path: Path, *sim_args: str, wait_ready: bool = True, token:
         SUPERVISOR_BACKOFF_INITIAL="0.2", SUPERVISOR_BACKOFF_MAX="1",
         SUPERVISOR_CHILD_STOP_TIMEOUT="3", WORKER_DRAIN_TIMEOUT="3",
         **({"WORKER_AUTH_TOKEN": token} if token else {"UNSECURED": "true"}))
-    env.update({k: str(v) for k, v in (extra_env or {}).items()})  # extra_env overrides defaults
+    for name, value in (extra_env or {}).items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = str(value)
     log_path = tmp_path / "daemon.log"
     with open(log_path, "ab") as log:
         process = subprocess.Popen([sys.executable, "-m", "supervisor.cli", "run"], cwd=ROOT,
                                    env=env, stdout=log, stderr=subprocess.STDOUT,
                                    start_new_session=True)
     daemon = Daemon(process, f"http://127.0.0.1:{public_port}", log_path,
-                    tmp_path / "admin.sock", f"http://127.0.0.1:{comfy_port}", state, token)
+                    tmp_path / "admin.sock", f"http://127.0.0.1:{comfy_port}", state,
+                    env.get("WORKER_AUTH_TOKEN", ""), wrapper_url=f"http://127.0.0.1:{wrapper_port}",
+                    port=public_port)
     try:
         if wait_ready:
             wait_until(lambda: process.poll() is not None or

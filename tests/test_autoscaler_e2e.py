@@ -3,8 +3,7 @@
 One worker runs for the whole module (REPORT_ADDR points at the fake; no WORKER_AUTH_TOKEN, no
 UNSECURED), the fake autoscaler runs in a thread with its own event loop so the tests can stay
 synchronous and the worker can report to it between tests. `start_worker` is also used by
-tests/test_client_cli.py and tests/test_fuzz.py: unlike `procs.start_daemon` it lets the test
-choose the public port, drop variables, and it tells where the API wrapper listens.
+tests/test_client_cli.py and tests/test_fuzz.py.
 """
 
 from __future__ import annotations
@@ -12,11 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import subprocess
-import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -25,73 +21,24 @@ from click.testing import CliRunner
 
 from supervisor.client_cli import client
 from tests.fake_autoscaler import FakeAutoscaler, Outage, new_private_key
-from tests.procs import (ROOT, Daemon, base_env, free_port, http_status, post_json,
-                         simulator_command, wait_until)
+from tests.procs import Daemon, free_port, http_status, post_json, start_daemon, wait_until
 
 TINY = {"1": {"class_type": "EmptyImage",
               "inputs": {"width": 32, "height": 32, "batch_size": 1, "color": 0}},
         "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "e"}}}
 CONTAINER_ID = 4242
 MASTER_TOKEN = "mt-e2e-secret"
-# Variables of a Vast-style host that must not leak from the developer's shell into a test.
-_HOST_VARS = ("CONTAINER_ID", "MASTER_TOKEN", "PUBLIC_IPADDR", "UNSECURED", "USE_SSL",
-              "VAST_TCP_PORT_", "AUTOSCALER_")
-
-
-# --- starting a worker ---------------------------------------------------------------------------
-@dataclass
-class Worker(Daemon):
-    wrapper_url: str = ""
-    port: int = 0
 
 
 @contextlib.contextmanager
 def start_worker(tmp_path: Path, *sim_args: str, env: dict[str, Any] | None = None,
-                 port: int | None = None, wait_ready: bool = True) -> Iterator[Worker]:
-    """`comfy-worker run` with the simulator as ComfyUI; `env` values of None remove a variable.
-
-    No authentication variable is set by default: pass WORKER_AUTH_TOKEN, UNSECURED or the
-    autoscaler's variables in `env`.
-    """
-    comfy_port, wrapper_port = free_port(), free_port()
-    port = port or free_port()
-    base, state = tmp_path / "comfy", tmp_path / "state"
-    environment = base_env(
-        COMFYUI_COMMAND=simulator_command(comfy_port, base, *sim_args),
-        COMFYUI_CWD=str(tmp_path), COMFYUI_URL=f"http://127.0.0.1:{comfy_port}",
-        COMFYUI_OUTPUT_DIR=str(base / "output"), WRAPPER_URL=f"http://127.0.0.1:{wrapper_port}",
-        WORKER_HOST="127.0.0.1", WORKER_PORT=str(port), WORKER_STATE_DIR=str(state),
-        WORKER_LOG_DIR=str(tmp_path / "logs"), WORKER_ADMIN_SOCKET=str(tmp_path / "admin.sock"),
-        GPU_REQUIRED="false", BENCHMARK_ENABLED="false", SUPERVISOR_PROBE_INTERVAL="0.5",
-        SUPERVISOR_PROBE_TIMEOUT="1", SUPERVISOR_HANG_TIMEOUT="3",
-        SUPERVISOR_BACKOFF_INITIAL="0.2", SUPERVISOR_BACKOFF_MAX="1",
-        SUPERVISOR_CHILD_STOP_TIMEOUT="3", WORKER_DRAIN_TIMEOUT="3")
-    for name in list(environment):
-        if name.startswith(_HOST_VARS):
-            del environment[name]
-    for name, value in (env or {}).items():
-        if value is None:
-            environment.pop(name, None)
-        else:
-            environment[name] = str(value)
-    log_path = tmp_path / "daemon.log"
-    with open(log_path, "ab") as log:
-        process = subprocess.Popen([sys.executable, "-m", "supervisor.cli", "run"], cwd=ROOT,
-                                   env=environment, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
-    worker = Worker(process, f"http://127.0.0.1:{port}", log_path, tmp_path / "admin.sock",
-                    f"http://127.0.0.1:{comfy_port}", state,
-                    environment.get("WORKER_AUTH_TOKEN", ""),
-                    wrapper_url=f"http://127.0.0.1:{wrapper_port}", port=port)
-    try:
-        if wait_ready:
-            wait_until(lambda: process.poll() is not None or
-                       http_status(worker.url + "/health") == 200, 60, "the worker to be ready")
-            if process.poll() is not None:
-                raise AssertionError(f"worker exited: {worker.log()}")
+                 port: int | None = None, wait_ready: bool = True) -> Iterator[Daemon]:
+    """`procs.start_daemon` with no authentication variable set by default: pass
+    WORKER_AUTH_TOKEN, UNSECURED or the autoscaler's variables in `env` (None removes one)."""
+    no_auth = {"WORKER_AUTH_TOKEN": None, "UNSECURED": None}
+    with start_daemon(tmp_path, *sim_args, port=port, wait_ready=wait_ready,
+                      extra_env={**no_auth, **(env or {})}) as worker:
         yield worker
-    finally:
-        worker.stop(30)
 
 
 def autoscaler_env(report_addr: str, port: int, **extra: Any) -> dict[str, Any]:
@@ -160,7 +107,7 @@ def worker(tmp_path_factory, fake):
         yield running
 
 
-def signed(worker: Worker, fake: FakeAutoscaler, workflow: dict, auth: dict | None = None,
+def signed(worker: Daemon, fake: FakeAutoscaler, workflow: dict, auth: dict | None = None,
            **auth_kwargs: Any) -> tuple[int, dict]:
     auth = auth if auth is not None else fake.make_auth_data(**auth_kwargs)
     return post_json(worker.url + "/generate/sync",

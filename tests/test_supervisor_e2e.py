@@ -13,7 +13,7 @@ import time
 import psutil
 import pytest
 
-from tests.procs import ROOT, free_port, get_json, start_daemon, wait_until
+from tests.procs import ROOT, get_json, start_daemon, wait_until
 
 TINY = {"1": {"class_type": "EmptyImage",
               "inputs": {"width": 32, "height": 32, "batch_size": 1, "color": 0}},
