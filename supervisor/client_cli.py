@@ -252,14 +252,8 @@ async def send_sync(session: aiohttp.ClientSession, target: Target, payload: dic
                                 ) as response:
             answer = await _answer_json(response)
             return Outcome(response.status, answer, time.monotonic() - began, None, worker)
-    except ClientError as exc:
-        return Outcome(None, {}, time.monotonic() - began, str(exc), worker)
-    except asyncio.TimeoutError:
-        return Outcome(None, {}, time.monotonic() - began,
-                       f"timeout: no answer within {timeout:g} s", worker)
-    except aiohttp.ClientError as exc:
-        return Outcome(None, {}, time.monotonic() - began,
-                       f"{exc.__class__.__name__}: {exc}", worker)
+    except (ClientError, asyncio.TimeoutError, aiohttp.ClientError) as exc:
+        return _failed(exc, began, f"no answer within {timeout:g} s", worker)
 
 
 async def _read_events(response: aiohttp.ClientResponse):
@@ -309,14 +303,19 @@ async def send_stream(session: aiohttp.ClientSession, target: Target, payload: d
                                    None, worker)
         return Outcome(None, {}, time.monotonic() - began,
                        "the stream ended without a final result", worker)
-    except ClientError as exc:
-        return Outcome(None, {}, time.monotonic() - began, str(exc), worker)
-    except asyncio.TimeoutError:
-        return Outcome(None, {}, time.monotonic() - began,
-                       f"timeout: no result within {timeout:g} s", worker)
-    except aiohttp.ClientError as exc:
-        return Outcome(None, {}, time.monotonic() - began,
-                       f"{exc.__class__.__name__}: {exc}", worker)
+    except (ClientError, asyncio.TimeoutError, aiohttp.ClientError) as exc:
+        return _failed(exc, began, f"no result within {timeout:g} s", worker)
+
+
+def _failed(exc: BaseException, began: float, timed_out: str, worker: str | None) -> Outcome:
+    """The Outcome of a request that got no answer; never raised to the caller."""
+    if isinstance(exc, ClientError):
+        error = str(exc)
+    elif isinstance(exc, asyncio.TimeoutError):
+        error = f"timeout: {timed_out}"
+    else:
+        error = f"{exc.__class__.__name__}: {exc}"
+    return Outcome(None, {}, time.monotonic() - began, error, worker)
 
 
 def _stream_status(result: dict[str, Any]) -> int:
