@@ -76,11 +76,6 @@ class ResultStore:
         """Write a remembered result's file, off the event loop."""
         await asyncio.to_thread(self._write, record)
 
-    def put(self, record: dict[str, Any]) -> None:
-        """Blocking variant of `save` (tests, start-up)."""
-        self.remember(record)
-        self._write(record)
-
     async def get(self, request_id: str) -> dict[str, Any] | None:
         stamp = self._stamps.get(request_id)
         if stamp is None:

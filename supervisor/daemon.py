@@ -227,7 +227,6 @@ class Daemon:
     # --- snapshot -------------------------------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:
         dispatcher = self.public.dispatcher if self.public else None
-        served = {k.split("=")[0]: v for k, v in self._served().items()}
         return {
             "worker": {"state": self.tracker.state.value, "reason": self.tracker.reason,
                        "since": self.tracker.since, "pid": os.getpid(),
@@ -238,7 +237,7 @@ class Daemon:
             "queue": {"in_flight": dispatcher.in_flight if dispatcher else 0,
                       "waiting": dispatcher.waiting if dispatcher else 0,
                       "max_waiting": self.settings.worker.queue_size,
-                      "wrapper": self._wrapper_detail, "served": served},
+                      "wrapper": self._wrapper_detail, "served": self._served()},
             "gpu": self.gpu.snapshot() if self.gpu else {"status": "not monitored"},
             "benchmark": self.benchmark.snapshot() if self.benchmark else {"status": "disabled"},
             "events": self._events[-30:],
@@ -254,18 +253,20 @@ class Daemon:
         return counts
 
     def public_snapshot(self) -> dict[str, Any]:
-        """What /health shows the world: states and reasons, no logs, no paths, no pids."""
-        snap = self.snapshot()
+        """What /health shows the world: states and reasons, no logs, no paths, no pids.
+
+        Built from the parts directly: /health is probed often, the full snapshot is not."""
+        dispatcher = self.public.dispatcher if self.public else None
+        bench = self.benchmark.snapshot() if self.benchmark else {"status": "disabled"}
         return {
-            "children": {name: {"state": c["state"], "reason": c["reason"],
-                                "restarts": c["restarts"]}
-                         for name, c in snap["children"].items()},
-            "gpu": {"verdict": snap["gpu"].get("verdict")},
-            "benchmark": {k: snap["benchmark"].get(k) for k in ("status", "reason", "seconds",
-                                                                  "its", "expected_seconds",
-                                                                  "max_perf", "causes")},
-            "queue": {"in_flight": snap["queue"]["in_flight"],
-                      "waiting": snap["queue"]["waiting"]},
+            "children": {child.name: {"state": child.state.value, "reason": child.reason,
+                                      "restarts": child.restarts}
+                         for child in (self.comfyui, self.wrapper)},
+            "gpu": {"verdict": self.gpu.verdict_summary() if self.gpu else None},
+            "benchmark": {k: bench.get(k) for k in ("status", "reason", "seconds", "its",
+                                                    "expected_seconds", "max_perf", "causes")},
+            "queue": {"in_flight": dispatcher.in_flight if dispatcher else 0,
+                      "waiting": dispatcher.waiting if dispatcher else 0},
         }
 
     # --- admin actions --------------------------------------------------------------------------

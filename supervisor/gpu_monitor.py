@@ -92,6 +92,10 @@ class GpuMonitor:
     def verdict(self) -> Verdict:
         return self._verdict
 
+    def verdict_summary(self) -> dict[str, Any]:
+        return {"level": self._verdict.level.value, "reasons": list(self._verdict.reasons),
+                "notes": list(self._detail.notes) if self._detail else []}
+
     def window(self, since: float, until: float | None = None):
         return self.sampler.window(since, until)
 
@@ -127,8 +131,7 @@ class GpuMonitor:
                     trends[str(gpu.index)] = trend.to_dict() if hasattr(trend, "to_dict") else \
                         str(trend)
         return {
-            "verdict": {"level": self._verdict.level.value, "reasons": list(self._verdict.reasons),
-                        "notes": list(self._detail.notes) if self._detail else []},
+            "verdict": self.verdict_summary(),
             "required": self.required,
             "snapshot": latest.to_dict() if latest else None,
             "age_s": round(time.monotonic() - latest.monotonic, 1) if latest else None,
