@@ -43,52 +43,63 @@ class SettingType:
 
 
 @dataclass(frozen=True)
-class Int(SettingType):
-    minimum: int | None = None
-    maximum: int | None = None
+class _Number(SettingType):
+    """A number within optional bounds; subclasses say which kind and how to parse it."""
+
+    minimum: float | None = None
+    maximum: float | None = None
+    noun = "a number"
 
     @property
     def expected(self) -> str:  # type: ignore[override]
-        if self.minimum is not None and self.maximum is not None:
-            return f"an integer from {self.minimum} to {self.maximum}"
-        if self.minimum is not None:
-            return f"an integer of at least {self.minimum}"
-        return "an integer"
+        low, high = self.minimum, self.maximum
+        if low is not None and high is not None:
+            return f"{self.noun} from {self.show(low)} to {self.show(high)}"
+        if low is not None:
+            return f"{self.noun} of at least {self.show(low)}"
+        return self.noun
 
-    def from_env(self, text: str) -> int:
+    def show(self, bound: float) -> str:
+        return f"{bound:g}"
+
+    def parse(self, text: str) -> float:
+        raise NotImplementedError
+
+    def from_env(self, text: str) -> float:
         try:
-            return self.check(int(text.strip(), 10))
+            return self.check(self.parse(text.strip()))
         except ValueError:
             raise self.fail() from None
 
-    def check(self, value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise self.fail()
-        if self.minimum is not None and value < self.minimum:
-            raise self.fail()
-        if self.maximum is not None and value > self.maximum:
+    def in_range(self, value: float) -> float:
+        if (self.minimum is not None and value < self.minimum) or \
+                (self.maximum is not None and value > self.maximum):
             raise self.fail()
         return value
 
 
 @dataclass(frozen=True)
-class Float(SettingType):
-    minimum: float | None = None
-    maximum: float | None = None
+class Int(_Number):
+    noun = "an integer"
 
-    @property
-    def expected(self) -> str:  # type: ignore[override]
-        if self.minimum is not None and self.maximum is not None:
-            return f"a number from {self.minimum:g} to {self.maximum:g}"
-        if self.minimum is not None:
-            return f"a number of at least {self.minimum:g}"
-        return "a number"
+    def show(self, bound: float) -> str:
+        return str(bound)
 
-    def from_env(self, text: str) -> float:
-        try:
-            return self.check(float(text.strip()))
-        except ValueError:
-            raise self.fail() from None
+    def parse(self, text: str) -> int:
+        return int(text, 10)
+
+    def check(self, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.fail()
+        return self.in_range(value)
+
+
+@dataclass(frozen=True)
+class Float(_Number):
+    noun = "a number"
+
+    def parse(self, text: str) -> float:
+        return float(text)
 
     def check(self, value: Any) -> float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -96,11 +107,7 @@ class Float(SettingType):
         value = float(value)
         if value != value:  # NaN
             raise self.fail()
-        if self.minimum is not None and value < self.minimum:
-            raise self.fail()
-        if self.maximum is not None and value > self.maximum:
-            raise self.fail()
-        return value
+        return self.in_range(value)
 
 
 class Bool(SettingType):
