@@ -37,6 +37,7 @@ class ResultStore:
         self._stamps: OrderedDict[str, float] = OrderedDict()   # every result, oldest first
         self._bodies: OrderedDict[str, dict[str, Any]] = OrderedDict()  # the recent ones
         self._last_expire = 0.0
+        self._expired: list[Path] = []  # files of forgotten results, deleted off the loop
 
     def load(self) -> int:
         """Blocking: read what an earlier run left; returns how many results were recovered."""
@@ -65,6 +66,9 @@ class ResultStore:
                 self._stamps.move_to_end(record["id"])
             self._keep_body(record)
         self.expire(force=True)
+        expired, self._expired = self._expired, []
+        for old in expired:
+            self._unlink(old)
         return len(self._stamps)
 
     async def save(self, record: dict[str, Any]) -> None:
@@ -73,8 +77,9 @@ class ResultStore:
         await self.write(record)
 
     async def write(self, record: dict[str, Any]) -> None:
-        """Write a remembered result's file, off the event loop."""
-        await asyncio.to_thread(self._write, record)
+        """Write a remembered result's file, and delete expired ones, off the event loop."""
+        expired, self._expired = self._expired, []
+        await asyncio.to_thread(self._write, record, expired)
 
     async def get(self, request_id: str) -> dict[str, Any] | None:
         stamp = self._stamps.get(request_id)
@@ -134,7 +139,9 @@ class ResultStore:
             logger.warning("unreadable result file %s: %s", path, exc)
             return None
 
-    def _write(self, record: dict[str, Any]) -> None:
+    def _write(self, record: dict[str, Any], expired: list[Path] = ()) -> None:
+        for old in expired:
+            self._unlink(old)
         path = self._path(record["id"])
         if path is None:
             return
@@ -146,16 +153,21 @@ class ResultStore:
             logger.error("could not persist result %s: %s", record["id"], exc)
 
     def _drop(self, request_id: str) -> None:
+        """Forget a result now; its file goes with the next write (which runs in a thread)."""
         self._stamps.pop(request_id, None)
         self._bodies.pop(request_id, None)
         path = self._path(request_id)
         if path is not None:
-            try:
-                path.unlink()
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                logger.warning("could not delete expired result %s: %s", path, exc)
+            self._expired.append(path)
+
+    @staticmethod
+    def _unlink(path: Path) -> None:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            logger.warning("could not delete expired result %s: %s", path, exc)
 
 
 def _mark_interrupted(record: dict[str, Any]) -> bool:
