@@ -58,7 +58,8 @@ class WrapperRuntime:
     async def start(self) -> None:
         s = self.settings
         state = Path(s.worker.state_dir)
-        output_dir = s.comfyui_output_dir
+        output = s.comfyui_folders.output
+        output_dir = output.path
         self.session = aiohttp.ClientSession()
         self.client = ComfyClient(s.comfyui.url, output_dir=output_dir,
                                   timeouts=ClientTimeouts(ws_idle=s.api.ws_idle_timeout))
@@ -80,7 +81,7 @@ class WrapperRuntime:
             webhook_defaults=webhook_defaults(s), output_dir=output_dir,
             queue_size=s.api.queue_size, request_timeout=s.api.request_timeout,
             base64_max_bytes=s.api.base64_max_bytes,
-            allow_private_webhooks=s.webhook.allow_private_targets)
+            allow_private_webhooks=s.webhook.allow_private_targets, output_dir_why=output.why)
         await self.service.start()
         app = build_app(self.service, max_body_bytes=s.api.max_body_bytes,
                         max_json_depth=s.worker.max_json_depth)

@@ -31,12 +31,31 @@ def _unique(folder: Path, name: str, taken: set[str]) -> str:
     return candidate
 
 
-def collect(outputs: list[Any], output_dir: Path, request_id: str) -> list[dict[str, Any]]:
-    """Blocking (file system): run it in a thread. `outputs` are the client's OutputFile objects."""
+def missing(outputs: list[Any], output_dir: Path) -> list[int]:
+    """Blocking: indexes of the outputs that are not on disk where ComfyUI's folder says."""
+    return [index for index, item in enumerate(outputs)
+            if not _source(item, output_dir).is_file()]
+
+
+def _source(item: Any, output_dir: Path) -> Path:
+    return Path(item.local_path) if item.local_path else output_dir / item.subfolder / item.filename
+
+
+def collect(outputs: list[Any], output_dir: Path, request_id: str,
+            fetched: dict[int, bytes | str] | None = None,
+            folder_why: str = "comfyui.output_dir") -> list[dict[str, Any]]:
+    """Blocking (file system): run it in a thread. `outputs` are the client's OutputFile objects.
+
+    `fetched` holds, for outputs that were not on disk, their bytes from ComfyUI's `GET /view`
+    (written into the request's folder) or why that failed (the entry then gets an `error` that
+    names the path tried and the setting to set). `folder_why` says where the output folder came
+    from, for that message.
+    """
+    fetched = fetched or {}
     folder = output_dir / request_id
     taken: set[str] = set()
     described: list[dict[str, Any]] = []
-    for item in outputs:
+    for index, item in enumerate(outputs):
         entry: dict[str, Any] = {
             "filename": item.filename, "local_path": None, "type": item.type,
             "subfolder": item.subfolder, "node_id": item.node_id,
@@ -44,11 +63,25 @@ def collect(outputs: list[Any], output_dir: Path, request_id: str) -> list[dict[
             "mimetype": item.mimetype or mimetypes.guess_type(item.filename)[0]
             or "application/octet-stream",
         }
-        source = Path(item.local_path) if item.local_path else \
-            output_dir / item.subfolder / item.filename
+        source = _source(item, output_dir)
         if not source.is_file():
-            entry["local_path"] = str(source)
-            entry["error"] = "ComfyUI reported this file but it is not on disk"
+            got = fetched.get(index)
+            if not isinstance(got, bytes):
+                entry["local_path"] = str(source)
+                entry["error"] = (
+                    f"ComfyUI reported this file but it is not at {source} (output folder "
+                    f"{output_dir}, {folder_why}), and GET /view could not fetch it "
+                    f"({got or 'not tried'}); set comfyui.output_dir (COMFYUI_OUTPUT_DIR) to the "
+                    f"folder ComfyUI writes to")
+                described.append(entry)
+                continue
+            folder.mkdir(parents=True, exist_ok=True)
+            name = _unique(folder, item.filename, taken)
+            target = folder / name
+            _write_whole(target, got)
+            entry["filename"] = name
+            entry["local_path"] = str(target.resolve())
+            entry["fetched_via_view"] = True
             described.append(entry)
             continue
         folder.mkdir(parents=True, exist_ok=True)
@@ -62,6 +95,14 @@ def collect(outputs: list[Any], output_dir: Path, request_id: str) -> list[dict[
         entry["local_path"] = str(target.resolve())
         described.append(entry)
     return described
+
+
+def _write_whole(target: Path, data: bytes) -> None:
+    """Write to a temporary name and rename: a reader never sees half a file."""
+    partial = target.with_name(f".{target.name}.partial")
+    with open(partial, "wb") as handle:
+        handle.write(data)
+    os.replace(partial, target)
 
 
 def inline_base64(entries: list[dict[str, Any]], max_bytes: int) -> None:

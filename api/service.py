@@ -33,7 +33,7 @@ from api.comfy import Progress as ProgressEvent
 from api.inputs import InputError, InputFetcher, looks_like_image_reference
 from api.jobs import FailureKind, Job, JobStatus, now_ms
 from api.modifiers import ModifierRegistry, replace_random_ints
-from api.outputs import collect, inline_base64
+from api.outputs import collect, inline_base64, missing
 from api.request import GenerateRequest, RequestInvalid
 from api.s3 import S3Settings, S3Uploader, UploadItem
 from api.s3 import merge as merge_s3
@@ -64,8 +64,10 @@ class GenerationService:
                  webhooks: WebhookDispatcher | None, s3_defaults: S3Settings,
                  webhook_defaults: WebhookSettings, output_dir: Path, queue_size: int,
                  request_timeout: float, base64_max_bytes: int,
-                 allow_private_webhooks: bool = False):
+                 allow_private_webhooks: bool = False,
+                 output_dir_why: str = "comfyui.output_dir"):
         self.client = client
+        self.output_dir_why = output_dir_why
         self.registry = registry
         self.store = store
         self.fetcher = fetcher
@@ -409,7 +411,9 @@ class GenerationService:
     # --- stage 3: outputs -----------------------------------------------------------------------
     async def _postprocess(self, job: Job, result: Any) -> None:
         try:
-            entries = await asyncio.to_thread(collect, result.outputs, self.output_dir, job.id)
+            fetched = await self._fetch_missing(result.outputs)
+            entries = await asyncio.to_thread(collect, result.outputs, self.output_dir, job.id,
+                                              fetched, self.output_dir_why)
             entries += [{"node_id": t.node_id, "output_type": t.output_type, "text": t.text,
                          "type": "text"} for t in result.texts]
             if job.request.return_base64:
@@ -426,6 +430,22 @@ class GenerationService:
             logger.exception("request %s: collecting outputs failed", job.id)
             await self._finish(job, JobStatus.FAILED, "Internal error while collecting outputs.",
                                FailureKind.INTERNAL)
+
+    async def _fetch_missing(self, outputs: list[Any]) -> dict[int, bytes | str]:
+        """Files ComfyUI reported that are not in our view of its output folder (ComfyUI on
+        another host or container, or a folder we got wrong): fetched through `GET /view`."""
+        gone = await asyncio.to_thread(missing, outputs, self.output_dir)
+        fetched: dict[int, bytes | str] = {}
+        for index in gone:
+            try:
+                fetched[index] = await self.client.view(outputs[index])
+            except ComfyError as exc:
+                fetched[index] = str(exc)
+        if gone:
+            logger.warning("%d output file(s) not under %s (%s); fetched through ComfyUI's "
+                           "GET /view: %d", len(gone), self.output_dir, self.output_dir_why,
+                           sum(1 for v in fetched.values() if isinstance(v, bytes)))
+        return fetched
 
     async def _upload(self, job: Job, entries: list[dict[str, Any]]) -> None:
         settings = merge_s3(self.s3_defaults, job.request.s3)

@@ -49,6 +49,17 @@ def check_png(path: str | os.PathLike[str] | None, width: int, height: int) -> P
         raise OutputInvalid(f"output image {target} does not exist") from None
     except OSError as exc:
         raise OutputInvalid(f"output image {target} cannot be read: {exc.strerror or exc}") from None
+    return _judge(target, str(target), head, tail, size, width, height)
+
+
+def check_png_data(data: bytes, where: str, width: int, height: int) -> PngInfo:
+    """As :func:`check_png`, for an image fetched over HTTP (``where`` names where from)."""
+    return _judge(Path(where), where, data[:_HEAD_BYTES], data[-len(_IEND):], len(data),
+                  width, height)
+
+
+def _judge(path: Path, target: str, head: bytes, tail: bytes, size: int, width: int,
+           height: int) -> PngInfo:
     if size == 0:
         raise OutputInvalid(f"output image {target} is empty")
     if not head.startswith(PNG_SIGNATURE):
@@ -61,4 +72,4 @@ def check_png(path: str | os.PathLike[str] | None, width: int, height: int) -> P
                             f"expected {width}x{height}")
     if tail != _IEND:
         raise OutputInvalid(f"output image {target} is truncated (no IEND chunk)")
-    return PngInfo(target, got_width, got_height, size)
+    return PngInfo(path, got_width, got_height, size)

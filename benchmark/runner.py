@@ -22,7 +22,7 @@ import aiohttp
 
 from api.comfy import ClientTimeouts, ComfyClient, ComfyError, SystemStats
 from benchmark.cache import BenchmarkStore, CacheKey
-from benchmark.errors import BenchmarkError, CheckpointMissing, RunFailed
+from benchmark.errors import BenchmarkError, CheckpointMissing, OutputInvalid, RunFailed
 from benchmark.graph import load_prompts, make_graph, workload_fingerprint
 from benchmark.models import (
     BenchmarkParams,
@@ -32,11 +32,12 @@ from benchmark.models import (
     Phase,
     RunRecord,
 )
-from benchmark.png import check_png
+from benchmark.png import PngInfo, check_png, check_png_data
 from benchmark.reference import expectation
 from benchmark.targets import (
     ComfyDriver,
     ComfyTarget,
+    RunOutcome,
     Target,
     WrapperDriver,
     WrapperTarget,
@@ -73,6 +74,7 @@ class _Context:
     gpu: GpuInfo | None = None
     fingerprint: str = ""
     started: float = dataclasses.field(default_factory=time.monotonic)
+    client: ComfyClient | None = None  # for GET /view
 
     @property
     def device(self) -> tuple[str, str]:
@@ -166,6 +168,7 @@ async def run_benchmark(target: Target, settings: Any, telemetry: TelemetrySourc
     rng = random.SystemRandom() if rng is None else rng
     ctx = _Context(params, target)
     client, driver, session = await _open(target)
+    ctx.client = client
     try:
         report = await _measure(ctx, client, driver, telemetry, store, rng, keep_outputs,
                                 on_progress, _install_path(settings))
@@ -260,7 +263,7 @@ async def _one_run(number: int, ctx: _Context, driver: Any, telemetry: Telemetry
     try:
         outcome = await driver.run(bench.graph, run_id, params.run_timeout, on_step)
         until = time.monotonic()
-        info = await asyncio.to_thread(check_png, outcome.output_path, params.width, params.height)
+        info = await _check_image(ctx, outcome)
     except RunFailed as exc:
         raise type(exc)(f"{label}: {exc}") from None
     finally:
@@ -280,6 +283,26 @@ async def _one_run(number: int, ctx: _Context, driver: Any, telemetry: Telemetry
                      its=outcome.its, steps=outcome.steps, output_path=str(info.path),
                      output_bytes=info.size_bytes, prompt=bench.prompt, seed=bench.seed,
                      telemetry=window)
+
+
+async def _check_image(ctx: _Context, outcome: RunOutcome) -> PngInfo:
+    """The image on disk where the run said; else fetched from ComfyUI's GET /view (ComfyUI on
+    another host, or an output folder this process guessed wrong); else an error naming both."""
+    params = ctx.params
+    path = outcome.output_path
+    on_disk = bool(path) and await asyncio.to_thread(os.path.isfile, path)
+    if on_disk or outcome.comfy_file is None or ctx.client is None:
+        return await asyncio.to_thread(check_png, path, params.width, params.height)
+    file = outcome.comfy_file
+    try:
+        data = await ctx.client.view(file)
+    except ComfyError as exc:
+        raise OutputInvalid(
+            f"output image {path or file.filename} is not on this machine's disk and GET /view "
+            f"could not fetch it from ComfyUI ({exc}); set comfyui.output_dir "
+            f"(COMFYUI_OUTPUT_DIR, or --output-dir) to the folder ComfyUI writes to") from None
+    where = f"{ctx.client.base_url}/view?filename={file.filename}"
+    return await asyncio.to_thread(check_png_data, data, where, params.width, params.height)
 
 
 async def _mark(telemetry: TelemetrySource) -> None:

@@ -23,6 +23,7 @@ import aiohttp
 
 from api.comfy import (
     ComfyClient,
+    OutputFile,
     ComfyConnectionError,
     ComfyError,
     Progress,
@@ -40,10 +41,11 @@ StepCallback = Callable[[int, int, Optional[float]], Optional[Awaitable[Any]]]
 
 @dataclass(frozen=True)
 class ComfyTarget:
-    """ComfyUI at ``url``; ``output_dir`` is its output folder as this process sees it."""
+    """ComfyUI at ``url``; ``output_dir`` is its output folder as this process sees it (None:
+    images are fetched through ComfyUI's ``GET /view``)."""
 
     url: str
-    output_dir: Path
+    output_dir: Path | None = None
 
     @property
     def comfy_url(self) -> str:
@@ -82,6 +84,8 @@ class RunOutcome:
     steps: int
     output_path: str | None
     other_files: tuple[Path, ...] = ()  # more copies of the same image, removed with it
+    #: ComfyUI's own file, for GET /view when ``output_path`` is not on this machine's disk.
+    comfy_file: OutputFile | None = None
 
 
 class _StepMeter:
@@ -167,7 +171,8 @@ class ComfyDriver:
             raise OutputInvalid("the run completed but ComfyUI reported no output image")
         return RunOutcome(seconds=wall, wall_seconds=wall, its=result.sampling.its,
                           steps=result.sampling.steps,
-                          output_path=str(images[0].local_path) if images[0].local_path else None)
+                          output_path=str(images[0].local_path) if images[0].local_path else None,
+                          comfy_file=images[0])
 
     async def _abort(self, prompt_id: str) -> None:
         try:
@@ -215,7 +220,8 @@ class WrapperDriver:
         steps = meter.steps or int(timings.get("steps") or 0)
         return RunOutcome(seconds=seconds, wall_seconds=wall, its=its, steps=steps,
                           output_path=first.get("local_path"),
-                          other_files=self._comfy_copies(result))
+                          other_files=self._comfy_copies(result),
+                          comfy_file=_comfy_image(result))
 
     def _comfy_copies(self, result: dict[str, Any]) -> tuple[Path, ...]:
         """ComfyUI's own files of this run (the wrapper hands out links or copies of them)."""
@@ -236,27 +242,55 @@ class WrapperDriver:
 
     async def _stream(self, graph: dict[str, Any], run_id: str, on_step: StepCallback | None
                       ) -> tuple[dict[str, Any], _StepMeter]:
+        """Follow the run on ``/generate/stream``; a wrapper without it is asked on
+        ``/generate/sync``, the one route the contract promises.
+
+        Two dialects of server-sent events are understood: named events (``event: progress``,
+        ``event: final_result``, this project's wrapper) and plain ``data:`` events whose JSON
+        ``status`` says what they are (the ai-dock wrapper: ``final_result`` carries the result,
+        ``error`` a failure). Step progress is only shown where the wrapper sends it."""
         body = {"input": {"workflow_json": graph, "request_id": run_id}}
         meter = _StepMeter()
-        url = self.target.url.rstrip("/") + "/generate/stream"
-        # ComfyUI's own response names its copy of the image, so it can be cleaned up too.
-        headers = {"X-Include-ComfyUI-Response": "1"} if self.target.output_dir is not None else {}
-        async with self.session.post(url, json=body, headers=headers) as response:
+        base = self.target.url.rstrip("/")
+        # ComfyUI's own response names its copy of the image: to clean it up, or to fetch it
+        # through GET /view when the wrapper's path is not on this machine's disk.
+        headers = {"X-Include-ComfyUI-Response": "1"}
+        async with self.session.post(base + "/generate/stream", json=body,
+                                     headers=headers) as response:
+            if response.status in (404, 405):
+                return await self._sync(base, body, headers), meter
             if response.status != 200:
                 text = await response.text()
                 raise RunFailed(f"the wrapper answered HTTP {response.status}: {_short_error(text)}")
             async for event, data in _iter_sse(response):
-                if event == "progress":
+                kind = event if event != "message" else str(data.get("status") or "")
+                if kind == "progress":
                     progress = data.get("progress") or {}
                     step, total = int(progress.get("step") or 0), int(progress.get("max") or 0)
                     meter.update(step)
                     await call_callback(on_step, step, total, progress.get("its"))
-                elif event == "final_result":
+                elif kind == "final_result":
                     result = data.get("result")
                     if not isinstance(result, dict):
                         raise RunFailed("the wrapper's final_result event carries no result")
                     return result, meter
+                elif kind == "error" and event == "message":
+                    raise RunFailed(f"the wrapper's event stream failed: "
+                                    f"{data.get('message') or 'no message'}")
         raise RunFailed("the wrapper closed the event stream before the final result")
+
+    async def _sync(self, base: str, body: dict[str, Any], headers: dict[str, str]
+                    ) -> dict[str, Any]:
+        async with self.session.post(base + "/generate/sync", json=body,
+                                     headers=headers) as response:
+            text = await response.text()
+            try:
+                result = json.loads(text)
+            except ValueError:
+                result = None
+            if not isinstance(result, dict) or "status" not in result:
+                raise RunFailed(f"the wrapper answered HTTP {response.status}: {_short_error(text)}")
+            return result
 
     async def _abort(self, run_id: str) -> None:
         url = self.target.url.rstrip("/") + f"/cancel/{run_id}"
@@ -289,6 +323,24 @@ async def _iter_sse(response: aiohttp.ClientResponse) -> AsyncIterator[tuple[str
             event = line[len("event:"):].strip()
         elif line.startswith("data:"):
             data_lines.append(line[len("data:"):].lstrip(" "))
+
+
+def _comfy_image(result: dict[str, Any]) -> OutputFile | None:
+    """ComfyUI's own record of the benchmark image, from the history entry the wrapper passed on."""
+    for prompt_id, entry in (result.get("comfyui_response") or {}).items():
+        outputs = (entry or {}).get("outputs") if isinstance(entry, dict) else None
+        if not isinstance(outputs, dict):
+            continue
+        ordered = sorted(outputs.items(), key=lambda kv: str(kv[0]) != SAVE_NODE)
+        for node_id, node_output in ordered:
+            for item in (node_output or {}).get("images") or []:
+                if isinstance(item, dict) and item.get("filename") and \
+                        item.get("type", "output") == "output":
+                    return OutputFile(node_id=str(node_id), output_type="images",
+                                      filename=str(item["filename"]),
+                                      subfolder=str(item.get("subfolder") or ""), type="output",
+                                      local_path=None, mimetype="image/png")
+    return None
 
 
 def _short_error(text: str) -> str:

@@ -13,10 +13,13 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 from config.settings import BY_NAME, SETTINGS, Setting
 from config.types import InvalidValue
+
+if TYPE_CHECKING:
+    from config.comfy_folders import ComfyFolders
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -115,11 +118,18 @@ class Settings:
 
     # Values derived from others live here, once, rather than at every call site.
     @property
+    def comfyui_folders(self) -> "ComfyFolders":
+        """ComfyUI's output/input/temp folders: set explicitly, else read from its command line."""
+        from config.comfy_folders import discover
+
+        return discover(self._values["comfyui.command"], self._values["comfyui.cwd"],
+                        self._values["comfyui.install_path"],
+                        {kind: self._values[f"comfyui.{kind}_dir"]
+                         for kind in ("output", "input", "temp")})
+
+    @property
     def comfyui_output_dir(self) -> Path:
-        explicit = self._values["comfyui.output_dir"]
-        if explicit is not None:
-            return Path(explicit)
-        return Path(self._values["comfyui.install_path"] or ".") / "output"
+        return self.comfyui_folders.output.path
 
 
 def _plain(value: Any) -> Any:

@@ -109,7 +109,8 @@ class Daemon:
                 env.setdefault("COMFY_WORKER_CONFIG", str(self.settings.config_path))
             # The wrapper reads the same settings; make sure it talks to the same ComfyUI.
             env.setdefault("COMFYUI_URL", self.settings.comfyui.url)
-            env.setdefault("COMFYUI_OUTPUT_DIR", str(self.settings.comfyui_output_dir))
+            # Its output folder it finds as the daemon does: from the same settings, or from
+            # ComfyUI's command line (config/comfy_folders.py).
         return ChildSpec(name="wrapper", command=command, cwd=w.cwd, env=env,
                          probe=self._probe_wrapper, startup_timeout=w.startup_timeout,
                          log_path=log_dir / "wrapper.log", **self._common())
