@@ -38,6 +38,7 @@ class ComfyFolders:
     output: Folder
     input: Folder
     temp: Folder
+    models: Folder
 
 
 def command_flags(command: Sequence[str]) -> dict[str, str]:
@@ -60,7 +61,7 @@ def discover(command: Sequence[str], cwd: Path | None, install_path: Path | None
              explicit: dict[str, Path | None] | None = None) -> ComfyFolders:
     """ComfyUI's folders: explicit settings first, then its command line, then its install path.
 
-    ``explicit`` maps "output"/"input"/"temp" to the value of ``comfyui.<kind>_dir`` (None when
+    ``explicit`` maps "output"/"input"/"temp"/"models" to the value of ``comfyui.<kind>_dir`` (None when
     not set). Relative paths on the command line are taken from ``cwd`` (ComfyUI's working
     folder), as ComfyUI itself would.
     """
@@ -88,5 +89,7 @@ def discover(command: Sequence[str], cwd: Path | None, install_path: Path | None
             return Folder(path, f"from --{kind}-directory in comfyui.command")
         return Folder(base.path / kind, f"{base.why}, then {kind}/")
 
+    # ComfyUI has no flag for its models folder: it is always models/ under the base folder
+    # (extra_model_paths.yaml adds search places but never moves where files are expected).
     return ComfyFolders(base=base, output=folder("output"), input=folder("input"),
-                        temp=folder("temp"))
+                        temp=folder("temp"), models=folder("models"))

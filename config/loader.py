@@ -119,17 +119,22 @@ class Settings:
     # Values derived from others live here, once, rather than at every call site.
     @property
     def comfyui_folders(self) -> "ComfyFolders":
-        """ComfyUI's output/input/temp folders: set explicitly, else read from its command line."""
+        """ComfyUI's output/input/temp/models folders: set explicitly, else read from its
+        command line."""
         from config.comfy_folders import discover
 
         return discover(self._values["comfyui.command"], self._values["comfyui.cwd"],
                         self._values["comfyui.install_path"],
                         {kind: self._values[f"comfyui.{kind}_dir"]
-                         for kind in ("output", "input", "temp")})
+                         for kind in ("output", "input", "temp", "models")})
 
     @property
     def comfyui_output_dir(self) -> Path:
         return self.comfyui_folders.output.path
+
+    @property
+    def comfyui_models_dir(self) -> Path:
+        return self.comfyui_folders.models.path
 
 
 def _plain(value: Any) -> Any:

@@ -23,6 +23,7 @@ from config.types import (
     Str,
     StrList,
     StrMap,
+    TableList,
     Url,
 )
 
@@ -54,6 +55,8 @@ SECTION_DOCS: dict[str, str] = {
     "gpu": "GPU health through NVML and the thresholds that turn readings into verdicts.",
     "benchmark": "The start-up benchmark that flags a slow node.",
     "autoscaler": "The Vast.ai-style autoscaler; on when REPORT_ADDR is set.",
+    "models": "Model files on the node: the start-up manifest, the download engine, and model "
+              "URLs in requests.",
 }
 
 _MIB = 1024 * 1024
@@ -146,6 +149,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("comfyui", "temp_dir", PathType(), "",
             "ComfyUI's temp folder (default: found like output_dir; --temp-directory X means X/temp).",
             ("COMFYUI_TEMP_DIR",)),
+    Setting("comfyui", "models_dir", PathType(), "",
+            "ComfyUI's models folder, where manifest paths and request-URL models go (default: "
+            "models/ under --base-directory in comfyui.command, else under install_path).",
+            ("COMFYUI_MODELS_DIR",)),
     Setting("comfyui", "startup_timeout", Float(1, 86400), 900.0,
             "Seconds ComfyUI may take to answer its first probe (custom nodes can take minutes).",
             ("COMFYUI_STARTUP_TIMEOUT",)),
@@ -299,6 +306,40 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("autoscaler", "replay_window", Float(1, 86400), 600.0,
             "Seconds a used signature is remembered to refuse replays.",
             ("AUTOSCALER_REPLAY_WINDOW",)),
+    # --- models -------------------------------------------------------------------------------
+    Setting("models", "files", TableList(), [],
+            "The manifest: [[models.files]] tables with url, path (under the models folder), "
+            "sha256, when = before_ready | background, auth_env, auth_header; S3 entries may add "
+            "endpoint_url, region, access_key_env, secret_key_env.", ("MODELS",)),
+    Setting("models", "manifest", PathType(), "",
+            "A separate manifest file of top-level [[models]] tables, added to models.files.",
+            ("MODELS_MANIFEST",)),
+    Setting("models", "parallel", Int(1, 32), 2, "Model files downloaded at once.",
+            ("MODELS_PARALLEL",)),
+    Setting("models", "retries", Int(0, 100), 4,
+            "Retries (resuming where it stopped) of one download before it counts as failed.",
+            ("MODELS_RETRIES",)),
+    Setting("models", "backoff_initial", Float(0.01, 3600), 2.0,
+            "First delay before retrying a download; doubles each time.",
+            ("MODELS_BACKOFF_INITIAL",)),
+    Setting("models", "backoff_max", Float(0.01, 86400), 300.0,
+            "Longest delay between tries of a failing manifest download.",
+            ("MODELS_BACKOFF_MAX",)),
+    Setting("models", "read_timeout", Float(0.1, 3600), 60.0,
+            "Seconds without a byte from the source before a download is cut and resumed.",
+            ("MODELS_READ_TIMEOUT",)),
+    Setting("models", "allow_request_urls", Bool(), False,
+            "Let requests name a model by URL in a model-loading input (downloaded and cached).",
+            ("MODELS_ALLOW_REQUEST_URLS",)),
+    Setting("models", "allowed_hosts", StrList(), [],
+            "Hosts that request model URLs may name (exact names, or '.example.com' for "
+            "subdomains); empty refuses all.", ("MODELS_ALLOWED_HOSTS",)),
+    Setting("models", "allow_private_hosts", Bool(), False,
+            "Let request model URLs reach loopback, private or link-local addresses.",
+            ("MODELS_ALLOW_PRIVATE_HOSTS",)),
+    Setting("models", "cache_max_gb", Float(0.0001, 1_000_000), 100.0,
+            "Size cap of the request-URL model cache; least recently used files go first.",
+            ("MODELS_CACHE_MAX_GB",)),
 )
 
 BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}

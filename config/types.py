@@ -232,3 +232,27 @@ class StrMap(SettingType):
     def to_toml(self, value: Any) -> str:
         inner = ", ".join(f"{json.dumps(k)} = {json.dumps(v)}" for k, v in value.items())
         return "{ " + inner + " }" if inner else "{}"
+
+
+class TableList(SettingType):
+    """A list of tables (TOML ``[[section.key]]``), or a JSON array of objects in the environment.
+
+    Only the shape is checked here; the owner of the list validates each table's fields, so its
+    messages can name the entry and the field."""
+
+    expected = "a list of tables (TOML [[...]] tables; in the environment a JSON array of objects)"
+    toml_name = "array of tables"
+
+    def from_env(self, text: str) -> list[dict[str, Any]]:
+        try:
+            return self.check(json.loads(text))
+        except json.JSONDecodeError:
+            raise self.fail() from None
+
+    def check(self, value: Any) -> list[dict[str, Any]]:
+        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+            raise self.fail()
+        return [dict(v) for v in value]
+
+    def to_toml(self, value: Any) -> str:
+        return json.dumps(value)
