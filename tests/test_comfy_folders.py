@@ -94,3 +94,13 @@ def test_benchmark_against_a_remote_comfyui_needs_no_output_dir(tmp_path):
         assert done.returncode == 0, done.stdout + done.stderr
         assert '"status": "no_reference"' in done.stdout or '"status": "pass"' in done.stdout
     assert not os.path.exists(tmp_path / "no-such-folder")
+
+
+def test_models_folder_follows_the_base_directory_and_the_setting_wins():
+    from config.comfy_folders import discover
+
+    found = discover(["python", "main.py", "--base-directory", "/srv/comfy"], None, Path("/opt/C"))
+    assert found.models.path == Path("/srv/comfy/models")
+    assert "--base-directory" in found.models.why
+    found = discover(["python", "main.py"], None, Path("/opt/C"), {"models": Path("/m")})
+    assert found.models.path == Path("/m") and found.models.why == "comfyui.models_dir"
