@@ -14,12 +14,17 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-# systemd-analyze verifies the unit file; install it where it is missing and we may.
+# systemd-analyze verifies the unit file; chromium renders the /docs page. Install them where
+# they are missing and we may.
 system-tools:
 	@command -v systemd-analyze >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd >/dev/null; \
 	  else echo "systemd-analyze missing: the unit-file test will be skipped"; fi; }
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "chromium missing: the /docs browser test will be skipped"; fi; }
 
 test: $(STAMP) system-tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -12,7 +12,7 @@ from aiohttp import web
 
 from api.comfy import ClientTimeouts, ComfyClient
 from api.inputs import InputFetcher
-from api.modifiers import BUILTIN_DIR, ModifierRegistry
+from api.modifiers import registry_from_settings
 from api.s3 import S3Settings, S3Uploader
 from api.server import build_app
 from api.service import GenerationService
@@ -32,13 +32,6 @@ def s3_defaults(settings: Settings) -> S3Settings:
 def webhook_defaults(settings: Settings) -> WebhookSettings:
     w = settings.webhook
     return WebhookSettings(url=w.url, timeout=w.timeout, secret=w.secret, extra_params={})
-
-
-def modifier_registry(settings: Settings) -> ModifierRegistry:
-    folders = [BUILTIN_DIR]
-    if settings.api.modifiers_dir is not None:
-        folders.append(Path(settings.api.modifiers_dir))
-    return ModifierRegistry(folders, limit=lambda name: settings.get(name))
 
 
 class WrapperRuntime:
@@ -73,7 +66,7 @@ class WrapperRuntime:
             trusted_urls={s.webhook.url} if s.webhook.url else set())
         await self.webhooks.start()
         self.service = GenerationService(
-            client=self.client, registry=modifier_registry(s),
+            client=self.client, registry=registry_from_settings(s),
             store=ResultStore(state / "results", s.api.result_ttl, s.api.result_max),
             fetcher=InputFetcher(self.session, s.api.input_max_bytes, s.api.input_timeout,
                                  s.api.allow_private_inputs),

@@ -7,12 +7,16 @@ the ``api.modifiers_dir`` setting) holds::
      "workflow": { <ComfyUI API-format graph> },
      "bindings": {"width": {"targets": [["5", "width"]], "type": "integer", "minimum": 16,
                             "maximum": "api.max_dimension", "multiple_of": 8,
-                            "default": 512, "aliases": ["w"], "random": false, "required": false}}}
+                            "default": 512, "aliases": ["w"], "random": false, "required": false,
+                            "description": "Image width in pixels"}}}
 
 Binding types: ``string``, ``integer``, ``number``, ``boolean``, ``image`` (an http(s) URL, a data
 URI or base64 — the wrapper uploads it to ComfyUI and binds the name ComfyUI returns) and
 ``choice`` (with ``"choices": [...]``). ``"random": true`` makes a missing value, or -1, a fresh
 random integer (seeds). A ``maximum`` or ``minimum`` given as a string names a setting.
+An integer may arrive as ``512.0`` (JSON does not tell the two apart); it is bound as ``512``.
+
+The same declarations give each modifier's schema in the API document (``api.schemas``).
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ class Binding:
     aliases: tuple[str, ...] = ()
     random: bool = False
     required: bool = False
+    description: str = ""
 
 
 @dataclass(frozen=True)
@@ -114,7 +119,8 @@ def _load_file(path: Path) -> Modifier:
             minimum=spec.get("minimum"), maximum=spec.get("maximum"),
             multiple_of=spec.get("multiple_of"), choices=tuple(spec.get("choices", ())),
             aliases=tuple(spec.get("aliases", ())), random=bool(spec.get("random", False)),
-            required=bool(spec.get("required", False)))
+            required=bool(spec.get("required", False)),
+            description=str(spec.get("description", "")))
     return Modifier(name=name, description=str(data.get("description", "")), workflow=workflow,
                     bindings=bindings, source=path)
 
@@ -172,7 +178,10 @@ class ModifierRegistry:
             if key in values:
                 problems[f"input.modifications.{given}"] = f"given twice (also as '{key}' or an alias)"
                 continue
-            error = self._check(modifier.bindings[key], value)
+            binding = modifier.bindings[key]
+            if binding.type == "integer" and isinstance(value, float) and value.is_integer():
+                value = int(value)
+            error = self._check(binding, value)
             if error:
                 problems[f"input.modifications.{given}"] = error
             values[key] = value
@@ -226,6 +235,15 @@ class ModifierRegistry:
         if binding.multiple_of and value % binding.multiple_of:
             return f"{value} is not a multiple of {binding.multiple_of}"
         return None
+
+
+def registry_from_settings(settings: Any) -> ModifierRegistry:
+    """The built-in modifiers plus the operator's folder (api.modifiers_dir), with bounds that
+    name a setting read from `settings`. Reads files: call it off the event loop."""
+    folders = [BUILTIN_DIR]
+    if settings.api.modifiers_dir is not None:
+        folders.append(Path(settings.api.modifiers_dir))
+    return ModifierRegistry(folders, limit=lambda name: settings.get(name))
 
 
 def replace_random_ints(value: Any) -> Any:

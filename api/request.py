@@ -12,11 +12,46 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_INPUT_KEYS = {"request_id", "modifier", "modifications", "workflow_json", "s3", "webhook",
-               "return_outputs_as_base64", "handler"}
-_S3_KEYS = {"access_key_id", "secret_access_key", "endpoint_url", "bucket_name", "region"}
-_WEBHOOK_KEYS = {"url", "extra_params", "secret", "timeout"}
+REQUEST_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+REQUEST_ID_RE = re.compile(REQUEST_ID_PATTERN)
+
+# The declarations below are read both by the checks in this module and by `api.schemas`, which
+# builds the API document's schemas from them; a test holds the two to the same verdicts.
+
+#: The keys of ``input``, each with what it is for.
+INPUT_FIELDS: dict[str, str] = {
+    "request_id": "Your id for the request (letters, digits, '.', '_', '-'; at most 128; it "
+                  "names the output folder). A UUID4 is made when it is absent or empty.",
+    "modifier": "The name of a modifier (a workflow template, see GET /modifiers); give "
+                "either this or workflow_json.",
+    "modifications": "Values for the modifier's keys; only together with modifier.",
+    "workflow_json": "A whole ComfyUI workflow in API format (Workflow > Export (API)); give "
+                     "either this or modifier.",
+    "s3": "Upload the outputs to S3; each field overrides the operator's setting of the same "
+          "name.",
+    "webhook": "POST the result to this URL when the request ends; overrides the operator's "
+               "webhook settings field by field.",
+    "return_outputs_as_base64": "Inline each output file as base64 in its 'data' field.",
+    "handler": "Accepted and ignored (sent by some clients of the ai-dock wrapper).",
+}
+#: Kinds a field of the ``s3`` and ``webhook`` blocks can have.
+STRING, OBJECT, SECONDS = "string", "object", "seconds"
+S3_FIELDS: dict[str, tuple[str, str]] = {
+    "access_key_id": (STRING, "Access key id."),
+    "secret_access_key": (STRING, "Secret access key; never logged or returned."),
+    "endpoint_url": (STRING, "S3-compatible endpoint; a request that sets its own must also "
+                             "bring its own keys."),
+    "bucket_name": (STRING, "Bucket the outputs go to, as {request_id}/{filename}."),
+    "region": (STRING, "Region of the bucket."),
+}
+WEBHOOK_FIELDS: dict[str, tuple[str, str]] = {
+    "url": (STRING, "Where the result is POSTed; must resolve to a public address unless the "
+                    "operator allows private targets."),
+    "extra_params": (OBJECT, "Sent back as 'extra' in the webhook's body."),
+    "secret": (STRING, "HMAC-SHA256 key: the body's signature is sent as X-Webhook-Signature."),
+    "timeout": (SECONDS, "Seconds each delivery attempt may take."),
+}
+_INPUT_KEYS = set(INPUT_FIELDS)
 
 UI_FORMAT_HINT = (
     "workflow_json looks like a UI-format export (it has 'nodes' and 'links'); the API needs the "
@@ -76,12 +111,23 @@ def json_depth(value: Any, limit: int) -> bool:
     return True
 
 
+class _NotJson(ValueError):
+    pass
+
+
+def _no_constant(name: str) -> Any:
+    """Python's json reads NaN and Infinity, which JSON has not (and no bound can check)."""
+    raise _NotJson(name)
+
+
 def parse_json_body(raw: bytes, max_depth: int = 64) -> Any:
     """Decode a body, raising RequestInvalid with the position of a syntax error."""
     if not raw.strip():
         raise RequestInvalid({"body": "empty; expected a JSON object like {\"input\": {...}}"})
     try:
-        data = json.loads(raw)
+        data = json.loads(raw, parse_constant=_no_constant)
+    except _NotJson as exc:
+        raise RequestInvalid({"body": f"not valid JSON: {exc} is not a JSON value"}) from None
     except UnicodeDecodeError:
         raise RequestInvalid({"body": "not UTF-8 text"}) from None
     except json.JSONDecodeError as exc:
@@ -115,23 +161,30 @@ def check_api_graph(workflow: Any, problems: dict[str, str], where: str = "input
             problems[f"{where}.{node_id}.inputs"] = "expected an object"
 
 
-def _check_block(block: Any, name: str, keys: set[str], problems: dict[str, str]) -> None:
+def _kind_problem(kind: str, value: Any) -> str | None:
+    if kind == OBJECT:
+        return None if isinstance(value, dict) else "expected an object"
+    if kind == SECONDS:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            return "expected a positive number of seconds"
+        return None
+    return None if isinstance(value, str) else "expected a string"
+
+
+def _check_block(block: Any, name: str, fields: dict[str, tuple[str, str]],
+                 problems: dict[str, str]) -> None:
     if block is None:
         return
     if not isinstance(block, dict):
         problems[f"input.{name}"] = "expected an object"
         return
     for key, value in block.items():
-        if key not in keys:
-            problems[f"input.{name}.{key}"] = f"unknown key (known: {', '.join(sorted(keys))})"
-        elif key == "extra_params":
-            if not isinstance(value, dict):
-                problems[f"input.{name}.{key}"] = "expected an object"
-        elif key == "timeout":
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                problems[f"input.{name}.{key}"] = "expected a positive number of seconds"
-        elif not isinstance(value, str):
-            problems[f"input.{name}.{key}"] = "expected a string"
+        if key not in fields:
+            problems[f"input.{name}.{key}"] = f"unknown key (known: {', '.join(sorted(fields))})"
+            continue
+        problem = _kind_problem(fields[key][0], value)
+        if problem:
+            problems[f"input.{name}.{key}"] = problem
 
 
 def parse_request(data: Any, *, headers: dict[str, str] | None = None) -> GenerateRequest:
@@ -153,7 +206,7 @@ def parse_request(data: Any, *, headers: dict[str, str] | None = None) -> Genera
         request_id = str(uuid.uuid4())
     elif not isinstance(raw_id, str):
         problems["input.request_id"] = "expected a string"
-    elif not REQUEST_ID_RE.match(raw_id):
+    elif not REQUEST_ID_RE.fullmatch(raw_id):  # fullmatch: "$" alone lets a final "\n" in
         problems["input.request_id"] = ("only letters, digits, '.', '_' and '-' (at most 128, "
                                         "not starting with '.', '_' or '-'): it names a folder")
     else:
@@ -182,8 +235,8 @@ def parse_request(data: Any, *, headers: dict[str, str] | None = None) -> Genera
     if has_workflow and not has_modifier:
         check_api_graph(workflow, problems)
 
-    _check_block(body.get("s3"), "s3", _S3_KEYS, problems)
-    _check_block(body.get("webhook"), "webhook", _WEBHOOK_KEYS, problems)
+    _check_block(body.get("s3"), "s3", S3_FIELDS, problems)
+    _check_block(body.get("webhook"), "webhook", WEBHOOK_FIELDS, problems)
 
     flag = body.get("return_outputs_as_base64", False)
     if not isinstance(flag, bool):

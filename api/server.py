@@ -14,9 +14,11 @@ from typing import Any
 
 from aiohttp import web
 
+from api.docs import add_doc_routes
 from api.http import error_middleware, expect_handler
 from api.http import json_response as _json
 from api.jobs import Job
+from api.openapi import wrapper_document
 from api.request import RequestInvalid, parse_json_body, parse_request
 from api.s3 import RequestFieldError
 from api.s3 import merge as merge_s3
@@ -206,4 +208,6 @@ def build_app(service: GenerationService, *, max_body_bytes: int, max_json_depth
     app.router.add_get("/health", health)
     app.router.add_get("/queue-info", queue_info)
     app.router.add_get("/modifiers", list_modifiers)
+    add_doc_routes(app, lambda: wrapper_document(service.registry),
+                   title="comfy-worker API wrapper")
     return app

@@ -149,17 +149,7 @@ class GenerationService:
         return job
 
     def _build_graph(self, request: GenerateRequest) -> dict[str, Any]:
-        if request.modifier:
-            modifier = self.registry.get(request.modifier)
-            if modifier is None:
-                known = ", ".join(self.registry.names()) or "none"
-                raise RequestInvalid({"input.modifier": f"unknown modifier '{request.modifier}' "
-                                                        f"(known: {known})"}, request.request_id)
-            applied, problems = self.registry.apply(modifier, request.modifications)
-            if problems:
-                raise RequestInvalid(problems, request.request_id)
-            return applied.graph
-        return replace_random_ints(request.workflow)
+        return build_graph(self.registry, request)
 
     async def get(self, request_id: str) -> Job | dict[str, Any] | None:
         return self.active.get(request_id) or await self.store.get(request_id)
@@ -529,6 +519,22 @@ class GenerationService:
             if job and self.last_event_at else None,
             "served": dict(self.served),
         }
+
+
+def build_graph(registry: ModifierRegistry, request: GenerateRequest) -> dict[str, Any]:
+    """The graph a valid request runs: its modifier applied, or its workflow_json (raises
+    RequestInvalid for an unknown modifier or modifications the modifier refuses)."""
+    if request.modifier:
+        modifier = registry.get(request.modifier)
+        if modifier is None:
+            known = ", ".join(registry.names()) or "none"
+            raise RequestInvalid({"input.modifier": f"unknown modifier '{request.modifier}' "
+                                                    f"(known: {known})"}, request.request_id)
+        applied, problems = registry.apply(modifier, request.modifications)
+        if problems:
+            raise RequestInvalid(problems, request.request_id)
+        return applied.graph
+    return replace_random_ints(request.workflow)
 
 
 def _elapsed(job: Job) -> float:

@@ -95,6 +95,10 @@ SETTINGS: tuple[Setting, ...] = (
             ("WORKER_MAX_BODY_BYTES",)),
     Setting("worker", "max_json_depth", Int(4, 1000), 64,
             "Deepest JSON nesting accepted in a request body.", ("WORKER_MAX_JSON_DEPTH",)),
+    Setting("worker", "docs_public", Bool(), False,
+            "Serve /docs and /openapi.json on the public port without the token (they list "
+            "the routes, the modifiers and their keys, nothing secret).",
+            ("WORKER_DOCS_PUBLIC",)),
     # --- supervisor -----------------------------------------------------------------------------
     Setting("supervisor", "probe_interval", Float(0.1, 600), 2.0,
             "Seconds between health probes of each child.", ("SUPERVISOR_PROBE_INTERVAL",)),

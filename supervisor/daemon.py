@@ -16,6 +16,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -47,6 +48,21 @@ def stop_budget(settings: Settings) -> float:
                       stop_timeout=settings.supervisor.child_stop_timeout).stop_budget()
     return (settings.worker.drain_timeout + PUBLIC_CLOSE_TIMEOUT + ADMIN_CLOSE_TIMEOUT
             + 2 * child + REPORTER_FLUSH_TIMEOUT)
+
+
+def public_api_document(settings: Settings, auth: Any) -> dict[str, Any]:
+    """The public port's OpenAPI document, built on each GET /openapi.json (in a thread): the
+    modifier files are read as the wrapper reads them, so an operator's own are listed too."""
+    from api.modifiers import registry_from_settings
+    from api.openapi import public_document
+
+    required = None
+    if auth == "autoscaler":
+        from supervisor.autoscaler import REQUIRED_AUTH_FIELDS
+
+        required = REQUIRED_AUTH_FIELDS
+    return public_document(registry_from_settings(settings), auth,
+                           docs_public=settings.worker.docs_public, required_auth_fields=required)
 
 
 class Daemon:
@@ -338,11 +354,14 @@ class Daemon:
         await self.comfyui.start()
         await self.wrapper.start()
         hooks = self.autoscaler.hooks() if self.autoscaler else RequestHooks()
+        gate = self._gate()
         self.public = PublicServer(
-            tracker=self.tracker, gate=self._gate(), wrapper_url=s.wrapper.url,
+            tracker=self.tracker, gate=gate, wrapper_url=s.wrapper.url,
             metrics=self.metrics, max_waiting=s.worker.queue_size,
             max_json_depth=s.worker.max_json_depth, request_timeout=s.api.request_timeout,
-            liveness=self.liveness, snapshot=self.public_snapshot, hooks=hooks)
+            liveness=self.liveness, snapshot=self.public_snapshot, hooks=hooks,
+            document=partial(public_api_document, s, gate.name),
+            docs_public=s.worker.docs_public)
         app = self.public.build_app(s.worker.max_body_bytes)
         self._public_runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
                                             shutdown_timeout=PUBLIC_CLOSE_TIMEOUT)

@@ -73,6 +73,12 @@ class TokenGate:
         self._token = token.encode()
 
     def admit(self, request: web.Request, body: Any) -> Admitted:
+        self.check(request)
+        _, payload = split_body(body)
+        return Admitted(payload if isinstance(payload, dict) else {"input": payload})
+
+    def check(self, request: web.Request) -> None:
+        """Raise Rejected unless the request carries the token."""
         header = request.headers.get("Authorization", "")
         scheme, _, given = header.partition(" ")
         if scheme.lower() != "bearer" or not given:
@@ -81,8 +87,6 @@ class TokenGate:
         if not hmac.compare_digest(given.strip().encode("utf-8", "surrogateescape"),
                                    self._token):
             raise Rejected(401, "invalid bearer token")
-        _, payload = split_body(body)
-        return Admitted(payload if isinstance(payload, dict) else {"input": payload})
 
 
 class AutoscalerGate:

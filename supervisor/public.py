@@ -16,10 +16,11 @@ from typing import Any, Callable
 import aiohttp
 from aiohttp import web
 
+from api.docs import DocumentFactory, add_doc_routes
 from api.http import error_middleware, expect_handler
 from api.http import json_response as _json
 from api.request import RequestInvalid, parse_json_body
-from supervisor.gates import Admitted, Gate, Rejected
+from supervisor.gates import Admitted, Gate, Rejected, TokenGate
 from supervisor.metrics import WorkerMetrics
 from supervisor.state import WorkerStateTracker
 
@@ -107,7 +108,8 @@ class PublicServer:
                  metrics: WorkerMetrics, max_waiting: int, max_json_depth: int,
                  request_timeout: float, liveness: Callable[[], tuple[bool, str]],
                  snapshot: Callable[[], dict[str, Any]], hooks: RequestHooks | None = None,
-                 retry_after: int = 10):
+                 retry_after: int = 10, document: DocumentFactory | None = None,
+                 docs_public: bool = False):
         self.tracker = tracker
         self.gate = gate
         self.wrapper_url = wrapper_url.rstrip("/")
@@ -119,6 +121,8 @@ class PublicServer:
         self.snapshot = snapshot
         self.hooks = hooks or RequestHooks()
         self.retry_after = retry_after
+        self.document = document
+        self.docs_public = docs_public
         self.session: aiohttp.ClientSession | None = None
 
     def build_app(self, max_body_bytes: int) -> web.Application:
@@ -128,8 +132,24 @@ class PublicServer:
         app.router.add_get("/health", self.health)
         app.router.add_get("/health/live", self.live)
         app.router.add_get("/metrics", self.metrics_route)
+        if self.document is not None:
+            add_doc_routes(app, self.document, title="comfy-worker", guard=self._docs_guard)
         app.cleanup_ctx.append(self._session_ctx)
         return app
+
+    def _docs_guard(self, request: web.Request) -> web.Response | None:
+        """The docs need what the work needs, unless worker.docs_public says otherwise."""
+        if self.docs_public or self.gate.name == "unsecured":
+            return None
+        if isinstance(self.gate, TokenGate):
+            try:
+                self.gate.check(request)
+            except Rejected as exc:
+                return _json({"error": f"{exc.reason} (or set worker.docs_public = true to "
+                                       "serve the docs without it)"}, exc.status)
+            return None
+        return _json({"error": "behind the autoscaler the API docs are served only when "
+                               "worker.docs_public is true"}, 401)
 
     async def _session_ctx(self, app: web.Application):
         self.session = aiohttp.ClientSession(

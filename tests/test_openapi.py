@@ -1,0 +1,281 @@
+"""The API documents, in-process: they validate, they list every route the servers register and
+every modifier, and the request validator and the documents' schemas agree on every body.
+
+The agreement is checked on generated bodies (hypothesis): the odd documents of the fuzz test,
+and bodies built near each modifier's bounds. For each one, "the schema accepts it" must equal
+"the wrapper accepts it" (`parse_request`, then the modifier applied, as `/generate` does).
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+from jsonschema import Draft202012Validator
+from openapi_spec_validator import validate
+
+from api.modifiers import BUILTIN_DIR, ModifierRegistry
+from api.openapi import public_document, wrapper_document
+from api.request import RequestInvalid, parse_json_body, parse_request
+from api.schemas import standalone
+from api.server import build_app
+from api.service import build_graph
+from supervisor.autoscaler import REQUIRED_AUTH_FIELDS
+from supervisor.gates import TokenGate
+from supervisor.public import PublicServer
+from tests.test_fuzz import documents, odd_values
+
+LIMITS = {"api.max_dimension": 256, "api.max_steps": 50}
+REGISTRY = ModifierRegistry([BUILTIN_DIR], limit=LIMITS.get)
+WRAPPER = wrapper_document(REGISTRY)
+SCHEMA = Draft202012Validator(standalone("GenerateRequest", WRAPPER["components"]["schemas"]))
+AGREE = settings(max_examples=400, deadline=None, database=None,
+                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+METHODS = {"get", "post", "put", "delete", "patch"}
+
+
+def public_documents():
+    return {
+        "token": public_document(REGISTRY, "token", docs_public=False),
+        "token-docs-public": public_document(REGISTRY, "token", docs_public=True),
+        "autoscaler": public_document(REGISTRY, "autoscaler", docs_public=False,
+                                      required_auth_fields=REQUIRED_AUTH_FIELDS),
+        "unsecured": public_document(REGISTRY, "unsecured", docs_public=False),
+    }
+
+
+# --- the documents ---------------------------------------------------------------------------------
+def test_wrapper_document_is_valid_openapi_3_1():
+    assert WRAPPER["openapi"] == "3.1.0"
+    validate(WRAPPER)
+
+
+@pytest.mark.parametrize("mode", list(public_documents()))
+def test_public_documents_are_valid_openapi_3_1(mode):
+    validate(public_documents()[mode])
+
+
+def operations(document) -> set[tuple[str, str]]:
+    return {(method.upper(), path) for path, item in document["paths"].items()
+            for method in item if method in METHODS}
+
+
+def registered(app) -> set[tuple[str, str]]:
+    """What the aiohttp app answers (HEAD comes with every GET and is not listed)."""
+    found = set()
+    for resource in app.router.resources():
+        for route in resource:
+            if route.method != "HEAD":
+                found.add((route.method, resource.canonical))
+    return found
+
+
+def test_wrapper_document_lists_exactly_the_routes_the_wrapper_registers():
+    app = build_app(SimpleNamespace(registry=REGISTRY), max_body_bytes=1024, max_json_depth=8)
+    assert registered(app) == operations(WRAPPER)
+
+
+def test_public_document_lists_exactly_the_routes_the_public_port_registers():
+    server = PublicServer(tracker=None, gate=TokenGate("t"), wrapper_url="http://127.0.0.1:1",
+                          metrics=None, max_waiting=1, max_json_depth=8, request_timeout=1,
+                          liveness=lambda: (True, ""), snapshot=dict, document=dict)
+    app = server.build_app(1024)
+    for document in public_documents().values():
+        assert registered(app) == operations(document)
+    # and nothing of the wrapper's own routes leaks into it
+    assert ("POST", "/generate") not in operations(public_documents()["token"])
+
+
+def test_every_status_code_of_the_readme_table_is_documented():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme.split("### Status codes", 1)[1].split("\n\n", 1)[1].split("\n\n", 1)[0]
+    codes = {code for line in table.splitlines()[2:]
+             for code in line.split("|")[1].replace("/", " ").split()}
+    documented = {code for document in [WRAPPER, *public_documents().values()]
+                  for item in document["paths"].values() for op in item.values()
+                  for code in op["responses"]}
+    assert codes and codes <= documented, codes - documented
+
+
+def test_auth_schemes_follow_the_public_ports_mode():
+    docs = public_documents()
+    assert docs["token"]["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    assert docs["token"]["paths"]["/generate/sync"]["post"]["security"] == [{"bearer": []}]
+    assert docs["token"]["paths"]["/health"]["get"]["security"] == []      # probes are open
+    assert docs["token"]["paths"]["/docs"]["get"]["security"] == [{"bearer": []}]
+    assert docs["token-docs-public"]["paths"]["/docs"]["get"]["security"] == []
+    auto = docs["autoscaler"]
+    assert "securitySchemes" not in auto["components"]
+    body = auto["paths"]["/generate/sync"]["post"]["requestBody"]["content"]
+    assert body["application/json"]["schema"] == {"$ref": "#/components/schemas/AutoscalerRequest"}
+    assert auto["components"]["schemas"]["AuthData"]["required"] == list(REQUIRED_AUTH_FIELDS)
+    assert "401" in auto["paths"]["/docs"]["get"]["responses"]
+
+
+# --- modifiers ---------------------------------------------------------------------------------------
+def test_every_shipped_modifier_has_its_schema():
+    components = WRAPPER["components"]["schemas"]
+    shipped = {json.loads(p.read_text())["name"] for p in BUILTIN_DIR.glob("*.json")}
+    assert shipped == {"Text2Image", "Image2Image", "RawWorkflow"}
+    variants = {r["$ref"].rsplit("/", 1)[1] for r in components["Input"]["oneOf"]}
+    for name in shipped:
+        modifier = REGISTRY.get(name)
+        assert f"ModifierInput_{name}" in variants
+        schema = components[f"Modifications_{name}"]
+        keys = set(modifier.bindings) | {a for b in modifier.bindings.values() for a in b.aliases}
+        assert set(schema["properties"]) == keys
+        assert schema["additionalProperties"] is False
+    width = components["Modifications_Text2Image"]["properties"]["width"]
+    # a bound that names a setting is today's value of that setting
+    assert (width["minimum"], width["maximum"], width["multipleOf"]) == (16, 256, 8)
+    assert components["Modifications_Text2Image"]["properties"]["cfg_scale"]["maximum"] == 100
+    image = components["Modifications_Image2Image"]
+    assert {"anyOf": [{"required": ["input_image"]}, {"required": ["image"]}]} in image["allOf"]
+    assert components["ModifierInput_Image2Image"]["required"] == ["modifier", "modifications"]
+
+
+def test_an_operators_modifier_appears_with_its_keys(tmp_path):
+    (tmp_path / "Upscale.json").write_text(json.dumps({
+        "name": "Upscale", "description": "Scale an image up.",
+        "workflow": {"1": {"class_type": "LoadImage", "inputs": {"image": "x.png"}},
+                     "2": {"class_type": "ImageScale", "inputs": {"image": ["1", 0]}}},
+        "bindings": {
+            "image": {"targets": [["1", "image"]], "type": "image", "required": True},
+            "method": {"targets": [["2", "upscale_method"]], "type": "choice",
+                       "choices": ["nearest-exact", "bicubic"], "default": "bicubic"},
+            "factor": {"targets": [["2", "scale_by"]], "type": "number", "minimum": 1,
+                       "maximum": "api.max_dimension"}}}))
+    registry = ModifierRegistry([BUILTIN_DIR, tmp_path], limit=LIMITS.get)
+    document = wrapper_document(registry)
+    validate(document)
+    schema = document["components"]["schemas"]["Modifications_Upscale"]
+    assert schema["properties"]["method"] == {"enum": ["nearest-exact", "bicubic"],
+                                              "default": "bicubic"}
+    assert schema["properties"]["factor"] == {"type": "number", "minimum": 1, "maximum": 256}
+    validator = Draft202012Validator(standalone("GenerateRequest",
+                                                document["components"]["schemas"]))
+    assert validator.is_valid({"input": {"modifier": "Upscale",
+                                         "modifications": {"image": "a", "factor": 2}}})
+    assert not validator.is_valid({"input": {"modifier": "Upscale",
+                                             "modifications": {"method": "lanczos"}}})
+
+
+# --- the validator and the schema agree ------------------------------------------------------------
+def wrapper_accepts(document) -> bool:
+    try:
+        build_graph(REGISTRY, parse_request(document))
+    except RequestInvalid:
+        return False
+    return True
+
+
+def check_agreement(document) -> None:
+    try:  # as it arrives over HTTP: what json.dumps writes and the wrapper reads back
+        document = parse_json_body(json.dumps(document).encode())
+    except RequestInvalid:
+        return  # NaN/Infinity: not JSON, refused before any schema applies
+    by_schema = SCHEMA.is_valid(document)
+    by_wrapper = wrapper_accepts(document)
+    if by_schema != by_wrapper:
+        why = [e.message for e in SCHEMA.iter_errors(document)][:3]
+        try:
+            build_graph(REGISTRY, parse_request(document))
+        except RequestInvalid as exc:
+            why.append(f"wrapper: {exc.problems}")
+        raise AssertionError(f"schema {'accepts' if by_schema else 'refuses'}, wrapper "
+                             f"{'accepts' if by_wrapper else 'refuses'}: {document!r} ({why})")
+
+
+def near(binding) -> st.SearchStrategy:
+    """Values around what a modifier key accepts: in and out of its bounds and type."""
+    kind = binding.type
+    if kind in ("integer", "number"):
+        low = REGISTRY.bound(binding.minimum)
+        high = REGISTRY.bound(binding.maximum)
+        low = -20 if low is None else low
+        high = 300 if high is None or high > 10**6 else high
+        ints = st.integers(int(low) - 9, int(high) + 9)
+        values = ints | ints.map(float) | st.sampled_from([-1, -1.0, 0, high, high + 1, 0.5])
+        if kind == "number":
+            values = values | st.floats(low - 1, high + 1)
+        return values | st.sampled_from(["8", True, None])
+    if kind == "image":
+        return st.sampled_from(["", "data:image/png;base64,AAAA", "https://x.invalid/a.png", 5])
+    if kind == "choice":
+        return st.sampled_from([*binding.choices, "other", None])
+    return st.text(max_size=5) | st.sampled_from([5, None, True])
+
+
+def modifications_near(name: str) -> st.SearchStrategy:
+    modifier = REGISTRY.get(name)
+    names = {key: binding for key, binding in modifier.bindings.items()}
+    names.update({a: b for b in modifier.bindings.values() for a in b.aliases})
+    return st.lists(st.sampled_from(sorted(names)), max_size=5, unique=True).flatmap(
+        lambda keys: st.fixed_dictionaries({k: near(names[k]) for k in keys}))
+
+
+request_ids = (st.text(alphabet=string.ascii_letters + string.digits + "._-/\n ", max_size=6)
+               | st.integers(120, 132).map(lambda n: "a" * n)
+               | st.sampled_from(["", None, "ok\n", "-x", "x.y", 7]))
+blocks = st.fixed_dictionaries({}, optional={
+    "s3": st.none() | st.dictionaries(st.sampled_from(["bucket_name", "region", "nope"]),
+                                      st.text(max_size=3) | st.sampled_from([1, None]),
+                                      max_size=2),
+    "webhook": st.none() | st.dictionaries(
+        st.sampled_from(["url", "timeout", "extra_params", "secret"]),
+        st.sampled_from([0, -1, 0.5, 30, True, "5", {}, {"a": 1}, "https://x.invalid/"]),
+        max_size=2),
+    "return_outputs_as_base64": st.sampled_from([True, False, None, 1]),
+    "request_id": request_ids,
+    "handler": odd_values,
+})
+workflow_alongside = st.sampled_from([{}, {"workflow_json": {}}, {"workflow_json": None},
+                                      {"workflow_json": {"1": {"class_type": "X"}}}])
+
+
+def modifier_body(name: str) -> st.SearchStrategy:
+    return st.builds(lambda mods, extra, wf: {"input": {"modifier": name, "modifications": mods,
+                                                        **extra, **wf}},
+                     modifications_near(name) | st.none(), blocks, workflow_alongside)
+
+
+workflow_bodies = st.builds(
+    lambda extra, mods: {"input": {"workflow_json": {"1": {"class_type": "EmptyImage",
+                                                           "inputs": {}}}, **extra, **mods}},
+    blocks, st.sampled_from([{}, {"modifications": {}}, {"modifications": {"a": 1}},
+                             {"modifier": ""}, {"modifier": None}]))
+near_valid = st.one_of(*[modifier_body(name) for name in REGISTRY.names()], workflow_bodies)
+
+
+@AGREE
+@given(document=near_valid)
+@example({"input": {"modifier": "Text2Image", "modifications": {"width": 512.0}}})
+@example({"input": {"modifier": "Text2Image", "request_id": "abc\n"}})
+@example({"input": {"modifier": "Text2Image", "modifications": {"cfg": 1, "cfg_scale": 2}}})
+@example({"input": {"modifier": "Image2Image", "modifications": {"image": "x"}}})
+@example({"input": {"modifier": "Image2Image"}})
+@example({"input": {"workflow_json": {"nodes": [], "links": []}}})
+def test_validator_and_schema_agree_near_the_modifiers_bounds(document):
+    check_agreement(document)
+
+
+@AGREE
+@given(document=documents)
+def test_validator_and_schema_agree_on_odd_documents(document):
+    check_agreement(document)
+
+
+def test_agreement_is_not_vacuous():
+    """Both verdicts occur among the examples the agreement tests draw from."""
+    assert wrapper_accepts({"input": {"modifier": "Text2Image",
+                                      "modifications": {"width": 64, "seed": -1}}})
+    assert SCHEMA.is_valid({"input": {"modifier": "Text2Image",
+                                      "modifications": {"width": 64, "seed": -1}}})
+    assert not SCHEMA.is_valid({"input": {"modifier": "Text2Image",
+                                          "modifications": {"width": 60}}})
+    assert not SCHEMA.is_valid({"input": {"modifier": "Nope"}})
