@@ -13,6 +13,7 @@ from aiohttp import web
 from api.comfy import ClientTimeouts, ComfyClient
 from api.inputs import InputFetcher
 from api.modifiers import registry_from_settings
+from api.metrics import WrapperMetrics
 from api.s3 import S3Settings, S3Uploader
 from api.server import build_app
 from api.service import GenerationService
@@ -58,12 +59,14 @@ class WrapperRuntime:
                                   timeouts=ClientTimeouts(ws_idle=s.api.ws_idle_timeout))
         self.uploader = S3Uploader(max_parallel=s.s3.max_parallel, retries=s.s3.retries,
                                    presign_expiry=s.s3.presign_expiry)
+        self.metrics = WrapperMetrics()
         self.webhooks = WebhookDispatcher(
             spool_dir=state / "webhooks", retries=s.webhook.retries,
             backoff_initial=s.webhook.backoff_initial, backoff_max=s.webhook.backoff_max,
             max_age=s.webhook.spool_max_age,
             allow_private_targets=s.webhook.allow_private_targets,
-            trusted_urls={s.webhook.url} if s.webhook.url else set())
+            trusted_urls={s.webhook.url} if s.webhook.url else set(),
+            on_settled=lambda result: self.metrics.webhooks.labels(result.state.value).inc())
         await self.webhooks.start()
         self.service = GenerationService(
             client=self.client, registry=registry_from_settings(s),
@@ -74,9 +77,12 @@ class WrapperRuntime:
             webhook_defaults=webhook_defaults(s), output_dir=output_dir,
             queue_size=s.api.queue_size, request_timeout=s.api.request_timeout,
             base64_max_bytes=s.api.base64_max_bytes,
-            allow_private_webhooks=s.webhook.allow_private_targets, output_dir_why=output.why)
+            allow_private_webhooks=s.webhook.allow_private_targets, output_dir_why=output.why,
+            metrics=self.metrics)
+        webhooks, service = self.webhooks, self.service
+        self.metrics.bind(spool=lambda: webhooks.pending, queue=service.queue_depth)
         await self.service.start()
-        app = build_app(self.service, max_body_bytes=s.api.max_body_bytes,
+        app = build_app(self.service, metrics=self.metrics, max_body_bytes=s.api.max_body_bytes,
                         max_json_depth=s.worker.max_json_depth)
         # handler_cancellation: a client that hangs up on /generate/sync cancels its request.
         self.runner = web.AppRunner(app, handler_cancellation=True, access_log=None)

@@ -18,6 +18,7 @@ from api.docs import add_doc_routes
 from api.http import error_middleware, expect_handler
 from api.http import json_response as _json
 from api.jobs import Job
+from api.metrics import WrapperMetrics
 from api.openapi import wrapper_document
 from api.request import RequestInvalid, parse_json_body, parse_request
 from api.s3 import RequestFieldError
@@ -31,6 +32,7 @@ logger = logging.getLogger(__name__)
 SERVICE = web.AppKey("service", GenerationService)
 MAX_JSON_DEPTH = web.AppKey("max_json_depth", int)
 PROBE_TIMEOUT = web.AppKey("probe_timeout", float)
+METRICS = web.AppKey("metrics", WrapperMetrics)
 RETRY_AFTER_BUSY = "5"
 
 
@@ -193,8 +195,14 @@ async def list_modifiers(request: web.Request) -> web.Response:
         for m in registry.modifiers.values()]})
 
 
+async def metrics_route(request: web.Request) -> web.Response:
+    payload, content_type = request.app[METRICS].render()
+    return web.Response(body=payload, headers={"Content-Type": content_type})
+
+
 def build_app(service: GenerationService, *, max_body_bytes: int, max_json_depth: int,
-              probe_timeout: float = 3.0) -> web.Application:
+              probe_timeout: float = 3.0, metrics: WrapperMetrics | None = None
+              ) -> web.Application:
     app = web.Application(client_max_size=max_body_bytes,
                           middlewares=[error_middleware("wrapper", "api.max_body_bytes")])
     app[SERVICE] = service
@@ -210,4 +218,8 @@ def build_app(service: GenerationService, *, max_body_bytes: int, max_json_depth
     app.router.add_get("/modifiers", list_modifiers)
     add_doc_routes(app, lambda: wrapper_document(service.registry),
                    title="comfy-worker API wrapper")
+    if metrics is not None:
+        # The wrapper listens on loopback only; the daemon reads this and serves it on.
+        app[METRICS] = metrics
+        app.router.add_get("/metrics", metrics_route)
     return app

@@ -31,6 +31,7 @@ from api.comfy import (
 )
 from api.comfy import Progress as ProgressEvent
 from api.inputs import InputError, InputFetcher, looks_like_image_reference
+from api.metrics import WrapperMetrics
 from api.jobs import FailureKind, Job, JobStatus, now_ms
 from api.modifiers import ModifierRegistry, replace_random_ints
 from api.outputs import collect, inline_base64, missing
@@ -65,9 +66,11 @@ class GenerationService:
                  webhook_defaults: WebhookSettings, output_dir: Path, queue_size: int,
                  request_timeout: float, base64_max_bytes: int,
                  allow_private_webhooks: bool = False,
-                 output_dir_why: str = "comfyui.output_dir"):
+                 output_dir_why: str = "comfyui.output_dir",
+                 metrics: WrapperMetrics | None = None):
         self.client = client
         self.output_dir_why = output_dir_why
+        self.metrics = metrics
         self.registry = registry
         self.store = store
         self.fetcher = fetcher
@@ -450,6 +453,8 @@ class GenerationService:
                 entry["url"] = outcome.url
             else:
                 entry["upload_error"] = outcome.error
+            if self.metrics:
+                self.metrics.uploads.labels("uploaded" if outcome.url else "failed").inc()
 
     # --- the end of every request ---------------------------------------------------------------
     async def _finish(self, job: Job, status: JobStatus, message: str,
@@ -463,6 +468,9 @@ class GenerationService:
         if job.generated_at_ms is None and job.started_at_ms:
             job.generated_at_ms = job.completed_at_ms
         self.served[status.value] += 1
+        if self.metrics:
+            outcome = job.failure.value if job.failure else status.value
+            self.metrics.job_finished(outcome, job.timings(), job.started_at_ms is not None)
         level = logging.INFO if status is JobStatus.COMPLETED else logging.WARNING
         logger.log(level, "request %s %s: %s", job.id, status.value, message)
         record = job.to_record()

@@ -28,7 +28,7 @@ import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import aiohttp
 
@@ -364,7 +364,9 @@ class WebhookDispatcher:
         allow_private_targets: bool = False,
         trusted_urls: Iterable[str] | None = None,
         max_concurrent: int = 16,
+        on_settled: Callable[[DeliveryResult], None] | None = None,
     ) -> None:
+        self._on_settled = on_settled
         if retries < 0:
             raise ValueError("retries must be 0 or more")
         if backoff_initial <= 0 or backoff_max < backoff_initial:
@@ -509,6 +511,11 @@ class WebhookDispatcher:
             await asyncio.to_thread(self._spool.remove, item.delivery_id)
         except OSError as exc:
             log.error("cannot remove settled webhook %s from the spool: %s", item.delivery_id, exc)
+        if self._on_settled is not None:
+            try:
+                self._on_settled(result)
+            except Exception:
+                log.exception("webhook on_settled callback failed")
         return result
 
     async def _attempt_until_settled(self, item: SpooledDelivery) -> DeliveryResult:

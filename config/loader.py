@@ -265,10 +265,28 @@ def _cross_checks(values: dict[str, Any], sources: dict[str, Source]) -> list[st
     if values["supervisor.backoff_initial"] > values["supervisor.backoff_max"]:
         problems.append("supervisor.backoff_initial: larger than supervisor.backoff_max "
                         f"(from {sources['supervisor.backoff_initial']})")
+    if values["metrics.port"] and not values["metrics.token"] and not \
+            values["metrics.unsecured"] and not _loopback(values["metrics.host"]):
+        problems.append(
+            f"metrics.host: {values['metrics.host']!r} (from {sources['metrics.host']}) is not a "
+            "loopback address, so anyone who reaches it would read GPU serials and fleet "
+            "internals: set metrics.token (METRICS_TOKEN) for Prometheus to send as a bearer "
+            "token, or metrics.unsecured = true (METRICS_UNSECURED) on a private network")
     if not values["comfyui.command"]:
         problems.append(f"comfyui.command: empty (from {sources['comfyui.command']}): "
                         "expected the command that starts ComfyUI")
     return problems
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def check_file(path: str | os.PathLike[str]) -> Settings:

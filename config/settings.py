@@ -46,6 +46,7 @@ class Setting:
 
 SECTION_DOCS: dict[str, str] = {
     "worker": "The public side of the daemon: port, auth, queue, state and log folders.",
+    "metrics": "Who may read the Prometheus figures: a listener of its own, apart from the public port.",
     "supervisor": "How the children (ComfyUI and the wrapper) are watched and restarted.",
     "comfyui": "How ComfyUI is started and reached. It must listen on 127.0.0.1 only.",
     "wrapper": "The API wrapper child. An empty command runs this project's `comfy-worker api`.",
@@ -99,6 +100,19 @@ SETTINGS: tuple[Setting, ...] = (
             "Serve /docs and /openapi.json on the public port without the token (they list "
             "the routes, the modifiers and their keys, nothing secret).",
             ("WORKER_DOCS_PUBLIC",)),
+    # --- metrics --------------------------------------------------------------------------------
+    Setting("metrics", "host", Str(), "127.0.0.1",
+            "Address of the Prometheus /metrics listener (not the public port). Loopback by "
+            "default; any other address needs metrics.token or metrics.unsecured.",
+            ("METRICS_HOST",)),
+    Setting("metrics", "port", Int(0, 65535), 9188,
+            "Port of the /metrics listener; 0 turns it off.", ("METRICS_PORT",)),
+    Setting("metrics", "token", Str(), "",
+            "Bearer token Prometheus must send to read /metrics (empty: none asked).",
+            ("METRICS_TOKEN",), secret=True),
+    Setting("metrics", "unsecured", Bool(), False,
+            "Serve /metrics on a non-loopback metrics.host without a token (a private network "
+            "only).", ("METRICS_UNSECURED",)),
     # --- supervisor -----------------------------------------------------------------------------
     Setting("supervisor", "probe_interval", Float(0.1, 600), 2.0,
             "Seconds between health probes of each child.", ("SUPERVISOR_PROBE_INTERVAL",)),

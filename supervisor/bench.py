@@ -116,11 +116,6 @@ class BenchmarkController:
         logger.log(level, "%s (%.1f s%s)", report.reason(), time.monotonic() - started,
                    ", from cache" if report.from_cache else "")
         daemon._event("benchmark", report.reason())
-        daemon.metrics.bench_seconds.set(report.seconds or 0)
-        daemon.metrics.bench_its.set(report.its or 0)
-        daemon.metrics.bench_expected.set(report.expected_seconds or 0)
-        daemon.metrics.bench_slow.set(1 if report.status is BenchmarkStatus.SLOW else 0)
-        daemon.metrics.max_perf.set(report.max_perf or 0)
         daemon._recompute()
         if daemon.autoscaler:
             daemon.autoscaler.state_changed(daemon)

@@ -28,7 +28,10 @@ from config import Settings
 from supervisor.admin import AdminServer
 from supervisor.child import ChildProcess, ChildSpec, ChildState, ProbeFailed
 from supervisor.gates import AutoscalerGate, Gate, OpenGate, TokenGate
+from supervisor.child import ChildState as _ChildState
+from supervisor.metric_families import benchmark_families, child_families, info_family
 from supervisor.metrics import WorkerMetrics
+from supervisor.metrics_server import MetricsServer
 from supervisor.public import PublicServer, RequestHooks
 from supervisor.sdnotify import SystemdNotifier
 from supervisor.state import OK, ChildView, Inputs, Verdict, WorkerStateTracker, derive
@@ -39,14 +42,25 @@ WATCH_INTERVAL = 1.0
 #: Stop stages, in seconds; their sum must fit in the unit's TimeoutStopSec (a test checks it).
 ADMIN_CLOSE_TIMEOUT = 2.0
 PUBLIC_CLOSE_TIMEOUT = 2.0
+METRICS_CLOSE_TIMEOUT = 1.0
 REPORTER_FLUSH_TIMEOUT = 3.0
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("comfy-worker")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def stop_budget(settings: Settings) -> float:
     """The longest a clean stop can take: drain, then each child's TERM→KILL, then the rest."""
     child = ChildSpec(name="budget", command=["true"],
                       stop_timeout=settings.supervisor.child_stop_timeout).stop_budget()
-    return (settings.worker.drain_timeout + PUBLIC_CLOSE_TIMEOUT + ADMIN_CLOSE_TIMEOUT
+    return (settings.worker.drain_timeout + PUBLIC_CLOSE_TIMEOUT + METRICS_CLOSE_TIMEOUT
+            + ADMIN_CLOSE_TIMEOUT
             + 2 * child + REPORTER_FLUSH_TIMEOUT)
 
 
@@ -91,6 +105,9 @@ class Daemon:
         self.wrapper = ChildProcess(self._wrapper_spec())
         self.public: PublicServer | None = None
         self.admin: AdminServer | None = None
+        self.metrics_server: MetricsServer | None = None
+        self.comfyui_version = ""
+        self._register_metric_sources()
         self._public_runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task] = []
@@ -162,7 +179,19 @@ class Daemon:
                 logger.warning("request in flight failed: ComfyUI %s", reason)
         if new in (ChildState.RESTARTING, ChildState.FAILED):
             self._event("comfyui", f"{old.value} -> {new.value}: {reason}")
+        if new is ChildState.READY and not self.stopping:
+            self._tasks.append(asyncio.get_running_loop().create_task(
+                self._learn_comfyui_version(), name="comfyui-version"))
         self._recompute()
+
+    async def _learn_comfyui_version(self) -> None:
+        try:
+            stats = await self.comfy_client.system_stats(
+                timeout=self.settings.supervisor.probe_timeout)
+        except Exception as exc:  # only a label on comfy_worker_info; try at the next ready
+            logger.debug("ComfyUI version not read: %s", exc)
+            return
+        self.comfyui_version = stats.comfyui_version or ""
 
     def _on_wrapper_change(self, child: ChildProcess, old: ChildState, new: ChildState,
                            reason: str) -> None:
@@ -207,7 +236,6 @@ class Daemon:
             self._last_tick = time.monotonic()
             self._recompute()
             self._check_stall()
-            self._update_metrics()
             if interval is not None:
                 self.notifier.watchdog()
             if self.benchmark and self.benchmark.should_start(self):
@@ -227,13 +255,27 @@ class Daemon:
             self._wrapper_detail = {}
             self.comfyui.report_hang(reason)
 
-    def _update_metrics(self) -> None:
-        for child in (self.comfyui, self.wrapper):
-            self.metrics.child_restarts.labels(child.name).set(child.restarts)
-            self.metrics.child_up.labels(child.name).set(
-                1 if child.state is ChildState.READY else 0)
-        if self.gpu:
-            self.gpu.update_metrics(self.metrics)
+    # --- metrics --------------------------------------------------------------------------------
+    def _register_metric_sources(self) -> None:
+        """What /metrics reads at each scrape; each part is asked, nothing is copied ahead."""
+        from benchmark import BenchmarkStatus
+
+        states = [state.value for state in _ChildState]
+        verdicts = [status.value for status in BenchmarkStatus]
+        self.metrics.add_source(self._info_families)
+        self.metrics.add_source(lambda: child_families((self.comfyui, self.wrapper), states))
+        if self.benchmark is not None:
+            self.metrics.add_source(lambda: benchmark_families(
+                self.benchmark.report, verdicts, self.benchmark.pending))
+        if self.gpu is not None:
+            self.metrics.add_source(self.gpu.metric_families)
+        self.metrics.queue_capacity.set(self.settings.worker.queue_size)
+
+    def _info_families(self):
+        latest = self.gpu.latest() if self.gpu else None
+        return info_family(_version(), self.comfyui_version,
+                           (latest.driver_version if latest else None) or "",
+                           (latest.cuda_version if latest else None) or "")
 
     def liveness(self) -> tuple[bool, str]:
         age = time.monotonic() - self._last_tick
@@ -265,7 +307,7 @@ class Daemon:
         counts: dict[str, float] = {}
         for metric in self.metrics.requests.collect():
             for sample in metric.samples:
-                if sample.name.endswith("_total"):
+                if sample.name.endswith("_total") and sample.value:
                     counts[sample.labels["status"]] = sample.value
         return counts
 
@@ -385,6 +427,17 @@ class Daemon:
             logger.error("admin socket %s unavailable (%s); `comfy-worker health` will read "
                          "only what it can see directly", s.worker.admin_socket, exc)
             self.admin = None
+        if s.metrics.port:
+            self.metrics_server = MetricsServer(self.metrics, wrapper_url=s.wrapper.url,
+                                                token=s.metrics.token,
+                                                close_timeout=METRICS_CLOSE_TIMEOUT)
+            try:
+                await self.metrics_server.start(s.metrics.host, s.metrics.port)
+            except OSError as exc:
+                # Serving goes on without figures; Prometheus' `up` shows the gap.
+                logger.error("metrics listener %s:%d unavailable (%s); set metrics.port "
+                             "(METRICS_PORT) to a free port, or 0 to turn it off",
+                             s.metrics.host, s.metrics.port, exc)
         if self.autoscaler:
             await self.autoscaler.start(self)
         self._tasks.append(asyncio.create_task(self._watch(), name="watch"))
@@ -414,6 +467,8 @@ class Daemon:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._public_runner:
             await self._public_runner.cleanup()
+        if self.metrics_server:
+            await self.metrics_server.close()
         if self.admin:
             try:
                 await asyncio.wait_for(self.admin.close(), ADMIN_CLOSE_TIMEOUT)

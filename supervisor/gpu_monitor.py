@@ -8,14 +8,18 @@ event loop (the sampler uses threads; the watcher is a thread of its own).
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import psutil
+from prometheus_client.core import Metric
 
 from config import Settings
 from supervisor.gpu import (
     AsyncNvmlReader,
+    EventKind,
+    GpuEvent,
     GpuPolicyThresholds,
     GpuSampler,
     GpuSnapshot,
@@ -24,14 +28,15 @@ from supervisor.gpu import (
     XidEventWatcher,
     evaluate,
 )
+from supervisor.metric_families import gpu_families
 from supervisor.state import Level, Verdict
 
 logger = logging.getLogger(__name__)
 
+#: How far back the snapshot's per-GPU history reaches (`comfy-worker health --watch` draws it).
+HISTORY_SECONDS = 300.0
 _LEVELS = {HealthLevel.OK: Level.OK, HealthLevel.DEGRADED: Level.DEGRADED,
            HealthLevel.UNHEALTHY: Level.UNHEALTHY}
-_THROTTLES = {"hw_slowdown", "sw_thermal_slowdown", "hw_thermal_slowdown", "hw_power_brake",
-              "sw_power_cap"}
 
 
 def process_tree(pid: int | None) -> set[int]:
@@ -53,7 +58,10 @@ class GpuMonitor:
                                               power_cap_ratio=g.power_cap_ratio,
                                               pcie_busy_util_pct=g.busy_utilization)
         self.reader = reader or NvmlReader(fake_source=g.fake_source)
-        self.watcher = XidEventWatcher(self.reader)
+        self.watcher = XidEventWatcher(self.reader, on_event=self._count_event)
+        self._event_lock = threading.Lock()
+        self._xid_counts: dict[tuple[str, str, str], int] = {}
+        self._ecc_event_counts: dict[str, int] = {}
         self.our_pids: Callable[[], set[int]] = lambda: set()
         self.sampler = GpuSampler(AsyncNvmlReader(self.reader), interval_s=g.sample_interval,
                                   capacity=g.history_size, our_pids=lambda: self.our_pids(),
@@ -102,24 +110,49 @@ class GpuMonitor:
     def latest(self) -> GpuSnapshot | None:
         return self.sampler.latest()
 
-    def update_metrics(self, metrics: Any) -> None:
-        snapshot = self.sampler.latest()
-        metrics.gpu_health.set({Level.OK: 0, Level.DEGRADED: 1,
-                                Level.UNHEALTHY: 2}[self._verdict.level])
-        if snapshot is None:
-            return
-        for gpu in snapshot.gpus:
-            labels = (str(gpu.index), gpu.name or "unknown")
-            _set(metrics.gpu_temp, labels, gpu.temperature and gpu.temperature.current_c)
-            _set(metrics.gpu_power, labels, gpu.power and gpu.power.draw_w)
-            _set(metrics.gpu_power_limit, labels, gpu.power and gpu.power.enforced_limit_w)
-            _set(metrics.gpu_sm_clock, labels, gpu.clocks and gpu.clocks.sm_mhz)
-            _set(metrics.gpu_util, labels, gpu.utilization and gpu.utilization.gpu_pct)
-            used = gpu.memory and gpu.memory.used_mib
-            _set(metrics.gpu_mem_used, labels, used * 1048576 if used is not None else None)
-            reasons = {str(getattr(r, "value", r)) for r in
-                       ((gpu.clocks and gpu.clocks.event_reasons) or ())}
-            metrics.gpu_throttled.labels(*labels).set(1 if reasons & _THROTTLES else 0)
+    def _count_event(self, event: GpuEvent) -> None:
+        """Called in the watcher thread: counts for /metrics (the watcher's history is bounded)."""
+        gpu = "" if event.gpu_index is None else str(event.gpu_index)
+        with self._event_lock:
+            if event.kind is EventKind.XID:
+                key = (gpu, str(event.xid), event.severity.value)
+                self._xid_counts[key] = self._xid_counts.get(key, 0) + 1
+            else:
+                self._ecc_event_counts[gpu] = self._ecc_event_counts.get(gpu, 0) + 1
+
+    def metric_families(self) -> Iterable[Metric]:
+        """A `WorkerMetrics` source: the latest sample, the verdict and the event counts."""
+        with self._event_lock:
+            xids, ecc = dict(self._xid_counts), dict(self._ecc_event_counts)
+        level = {Level.OK: 0, Level.DEGRADED: 1, Level.UNHEALTHY: 2}[self._verdict.level]
+        return gpu_families(self.sampler.latest(), level, xids, ecc)
+
+    def history(self, seconds: float, points: int = 60) -> dict[str, dict[str, list]]:
+        """Per GPU, the last `seconds` of temperature, power and SM clock, at most `points`
+        each (evenly thinned), oldest first: what `comfy-worker health --watch` draws."""
+        latest = self.sampler.latest()
+        if latest is None:
+            return {}
+        since = latest.monotonic - seconds
+        snaps = [s for s in self.sampler.recent(1_000_000) if s.monotonic >= since]
+        if len(snaps) > points:
+            step = len(snaps) / points
+            snaps = [snaps[int(k * step)] for k in range(points - 1)] + [snaps[-1]]
+        out: dict[str, dict[str, list]] = {}
+        for snap in snaps:
+            for gpu in snap.gpus:
+                if not gpu.available:
+                    continue
+                series = out.setdefault(str(gpu.index), {
+                    "age_s": [], "temperature_c": [], "power_w": [], "sm_clock_mhz": [],
+                    "slowdown_c": gpu.temperature.slowdown_c,
+                    "power_limit_w": gpu.power.enforced_limit_w,
+                    "sm_clock_max_mhz": gpu.clocks.sm_max_mhz})
+                series["age_s"].append(round(latest.monotonic - snap.monotonic, 1))
+                series["temperature_c"].append(gpu.temperature.current_c)
+                series["power_w"].append(gpu.power.draw_w)
+                series["sm_clock_mhz"].append(gpu.clocks.sm_mhz)
+        return out
 
     def snapshot(self) -> dict[str, Any]:
         latest = self.sampler.latest()
@@ -139,9 +172,6 @@ class GpuMonitor:
             "event_watch": self.watcher.status().to_dict()
             if hasattr(self.watcher.status(), "to_dict") else str(self.watcher.status()),
             "trends": trends,
+            "history": self.history(HISTORY_SECONDS),
         }
 
-
-def _set(gauge: Any, labels: tuple[str, str], value: float | None) -> None:
-    if value is not None:
-        gauge.labels(*labels).set(value)

@@ -1,4 +1,7 @@
-"""The public port: `/generate/sync` while healthy, readiness, liveness and metrics.
+"""The public port: `/generate/sync` while healthy, readiness and liveness.
+
+`/metrics` is not here: it has a listener of its own (`supervisor.metrics_server`), so that a
+request client cannot read the fleet's internals.
 
 Work is forwarded to the wrapper one request at a time, in arrival order (ComfyUI runs one prompt
 at a time, so a second in-flight request would only wait inside the wrapper, out of our sight).
@@ -131,7 +134,6 @@ class PublicServer:
         app.router.add_post("/generate/sync", self.generate_sync, expect_handler=expect_handler)
         app.router.add_get("/health", self.health)
         app.router.add_get("/health/live", self.live)
-        app.router.add_get("/metrics", self.metrics_route)
         if self.document is not None:
             add_doc_routes(app, self.document, title="comfy-worker", guard=self._docs_guard)
         app.cleanup_ctx.append(self._session_ctx)
@@ -261,10 +263,6 @@ class PublicServer:
     async def live(self, request: web.Request) -> web.Response:
         alive, reason = self.liveness()
         return _json({"alive": alive, "reason": reason}, 200 if alive else 503)
-
-    async def metrics_route(self, request: web.Request) -> web.Response:
-        payload, content_type = self.metrics.render()
-        return web.Response(body=payload, headers={"Content-Type": content_type})
 
 
 def _retry_after(upstream: aiohttp.ClientResponse) -> dict[str, str]:

@@ -25,7 +25,7 @@ def base_env(**extra: str) -> dict[str, str]:
                                 "BENCHMARK_", "GPU_", "NOTIFY_SOCKET", "WATCHDOG_",
                                 "SUPERVISOR_", "LOG_LEVEL", "AUTOSCALER_", "UNSECURED",
                                 "USE_SSL", "CONTAINER_ID", "MASTER_TOKEN", "PUBLIC_IPADDR",
-                                "VAST_TCP_PORT_"))}
+                                "VAST_TCP_PORT_", "METRICS_"))}
     env["PYTHONUNBUFFERED"] = "1"
     env.update({k: str(v) for k, v in extra.items()})
     return env
@@ -110,6 +110,7 @@ class Daemon(Proc):
     token: str
     wrapper_url: str = ""
     port: int = 0
+    metrics_url: str = ""
 
     def status(self) -> dict:
         import asyncio
@@ -138,7 +139,7 @@ def start_daemon(tmp_path: Path, *sim_args: str, wait_ready: bool = True, token:
     """The whole worker as a subprocess (`comfy-worker run`) with the simulator as ComfyUI.
 
     `extra_env` overrides the test defaults; a value of None removes the variable."""
-    comfy_port, wrapper_port = free_port(), free_port()
+    comfy_port, wrapper_port, metrics_port = free_port(), free_port(), free_port()
     public_port = port or free_port()
     base = tmp_path / "comfy"
     state = tmp_path / "state"
@@ -147,6 +148,7 @@ def start_daemon(tmp_path: Path, *sim_args: str, wait_ready: bool = True, token:
         COMFYUI_CWD=str(tmp_path), COMFYUI_URL=f"http://127.0.0.1:{comfy_port}",
         COMFYUI_OUTPUT_DIR=str(base / "output"), WRAPPER_URL=f"http://127.0.0.1:{wrapper_port}",
         WORKER_HOST="127.0.0.1", WORKER_PORT=str(public_port), WORKER_STATE_DIR=str(state),
+        METRICS_HOST="127.0.0.1", METRICS_PORT=str(metrics_port),
         WORKER_LOG_DIR=str(tmp_path / "logs"), WORKER_ADMIN_SOCKET=str(tmp_path / "admin.sock"),
         GPU_REQUIRED="false", BENCHMARK_ENABLED="false", SUPERVISOR_PROBE_INTERVAL="0.5",
         SUPERVISOR_PROBE_TIMEOUT="1", SUPERVISOR_HANG_TIMEOUT="3",
@@ -166,7 +168,8 @@ def start_daemon(tmp_path: Path, *sim_args: str, wait_ready: bool = True, token:
     daemon = Daemon(process, f"http://127.0.0.1:{public_port}", log_path,
                     tmp_path / "admin.sock", f"http://127.0.0.1:{comfy_port}", state,
                     env.get("WORKER_AUTH_TOKEN", ""), wrapper_url=f"http://127.0.0.1:{wrapper_port}",
-                    port=public_port)
+                    port=public_port,
+                    metrics_url=f"http://{env['METRICS_HOST']}:{env['METRICS_PORT']}")
     try:
         if wait_ready:
             wait_until(lambda: process.poll() is not None or

@@ -48,7 +48,7 @@ def test_ready_serves_and_rejects_without_token(tmp_path):
         assert status == 200 and live["alive"]
         import urllib.request
 
-        metrics = urllib.request.urlopen(worker.url + "/metrics").read().decode()
+        metrics = urllib.request.urlopen(worker.metrics_url + "/metrics").read().decode()
         assert 'comfy_worker_state{state="ready"} 1.0' in metrics
         assert 'comfy_worker_requests_total{status="200"} 1.0' in metrics
 
