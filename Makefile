@@ -14,8 +14,9 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-# systemd-analyze verifies the unit file; chromium renders the /docs page. Install them where
-# they are missing and we may.
+# Debian packages the tests use, installed where missing and we may: systemd-analyze verifies the
+# unit file; chromium renders the /docs page; prometheus (server and promtool) checks the rules
+# and scrapes a real worker.
 system-tools:
 	@command -v systemd-analyze >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
@@ -25,6 +26,11 @@ system-tools:
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else echo "chromium missing: the /docs browser test will be skipped"; fi; }
+	@{ command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1; } || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	      --no-install-recommends prometheus >/dev/null; \
+	  else echo "prometheus/promtool missing: the Prometheus tests will be skipped"; fi; }
 
 test: $(STAMP) system-tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -169,7 +169,7 @@ def start_daemon(tmp_path: Path, *sim_args: str, wait_ready: bool = True, token:
                     tmp_path / "admin.sock", f"http://127.0.0.1:{comfy_port}", state,
                     env.get("WORKER_AUTH_TOKEN", ""), wrapper_url=f"http://127.0.0.1:{wrapper_port}",
                     port=public_port,
-                    metrics_url=f"http://{env['METRICS_HOST']}:{env['METRICS_PORT']}")
+                    metrics_url=f"http://{env.get('METRICS_HOST', '127.0.0.1')}:{env.get('METRICS_PORT')}")
     try:
         if wait_ready:
             wait_until(lambda: process.poll() is not None or
