@@ -182,6 +182,12 @@ def wrapper_document(registry: ModifierRegistry) -> Document:
             "tags": ["health"], "operationId": "queueInfo", "summary": "The queue.",
             "responses": {"200": _answer("Waiting, running, and the queue's size.",
                                          "QueueInfo")}}},
+        "/metrics": {"get": {
+            "tags": ["health"], "operationId": "metrics",
+            "summary": "The wrapper's Prometheus figures (stages, outcomes, uploads, webhooks); "
+                       "the daemon serves them on with its own on the metrics listener.",
+            "responses": {"200": {"description": "The text exposition format.",
+                                  "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
         "/modifiers": {"get": {
             "tags": ["generate"], "operationId": "modifiers",
             "summary": "The modifiers loaded, and their keys.",
@@ -266,11 +272,6 @@ def public_document(registry: ModifierRegistry, auth: AuthMode, *, docs_public: 
             "summary": "Liveness: 200 while the daemon's watch loop ticks.",
             "responses": {"200": _answer("Alive.", "Liveness"),
                           "503": _answer("The watch loop is stuck.", "Liveness")}}},
-        "/metrics": {"get": {
-            "tags": ["health"], "operationId": "metrics", **probe,
-            "summary": "Prometheus metrics.",
-            "responses": {"200": {"description": "The text exposition format.",
-                                  "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
         **_docs_paths("docs", [] if docs_public or auth != "token" else security),
     }
     if auth == "autoscaler" and not docs_public:

@@ -218,8 +218,7 @@ def build_app(service: GenerationService, *, max_body_bytes: int, max_json_depth
     app.router.add_get("/modifiers", list_modifiers)
     add_doc_routes(app, lambda: wrapper_document(service.registry),
                    title="comfy-worker API wrapper")
-    if metrics is not None:
-        # The wrapper listens on loopback only; the daemon reads this and serves it on.
-        app[METRICS] = metrics
-        app.router.add_get("/metrics", metrics_route)
+    # The wrapper listens on loopback only; the daemon reads this and serves it on.
+    app[METRICS] = metrics if metrics is not None else WrapperMetrics()
+    app.router.add_get("/metrics", metrics_route)
     return app
