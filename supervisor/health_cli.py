@@ -223,7 +223,8 @@ def health(ctx: click.Context, as_json: bool, logs: bool, watch: float | None,
             if as_json:
                 text = render_json(report, indent=None if watch is not None else 2) + "\n"
             else:
-                text = render_table(report, logs=logs, color=colour)
+                text = render_table(report, logs=logs, color=colour,
+                                    history=watch is not None)
                 if watch is not None:
                     stamp = time.strftime("%H:%M:%S", time.localtime(report.taken_at))
                     text = f"every {watch:g} s, Ctrl-C stops; {stamp}\n" + text

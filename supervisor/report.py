@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable, Sequence
 import click
 
 from supervisor.gpu.model import ClockEventReason
+from supervisor.sparkline import sparkline
 
 
 class Health(enum.IntEnum):
@@ -342,6 +343,39 @@ def _gpu_section(gpu: dict[str, Any], style: Style, *, local: bool) -> list[str]
     return lines
 
 
+def _history_section(gpu: dict[str, Any], style: Style) -> list[str]:
+    """Sparklines of the last minutes of each GPU: temperature against its slowdown line, power
+    against its limit, SM clock against its maximum. A cell at or over the line is red."""
+    history = gpu.get("history") if isinstance(gpu, dict) else None
+    if not isinstance(history, dict) or not history:
+        return []
+    lines = []
+    for index, series in sorted(history.items(), key=lambda item: int(item[0])):
+        ages = series.get("age_s") or []
+        span = f"last {duration(max(ages))}" if ages else ""
+        lines.append(_section(f"GPU {index} history", style, f"{span}, oldest left"))
+        rows = (("temp", series.get("temperature_c"), series.get("slowdown_c"), 20.0, "°C",
+                 "slowdown"),
+                ("power", series.get("power_w"), series.get("power_limit_w"), 0.0, "W", "limit"),
+                ("SM", series.get("sm_clock_mhz"), series.get("sm_clock_max_mhz"), 0.0, "MHz",
+                 "max"))
+        for name, values, line, low, unit, line_name in rows:
+            values = list(values or [])
+            known = [v for v in values if v is not None]
+            if not known:
+                continue
+            high = max([*known, *([line] if line else [])])
+            cells = sparkline(values, min(low, *known), high)
+            if line and name != "SM":  # heat or power at the line is the problem
+                cells = "".join(style(c, "red") if v is not None and v >= line * 0.98 else c
+                                for c, v in zip(cells, values))
+            last = known[-1]
+            ref = f" ({line_name} {_num(line)})" if line else ""
+            lines.append(f"  {name:<6}{cells}  {_num(min(known))}..{_num(max(known))}, "
+                         f"now {_num(last)} {unit}{ref}")
+    return lines
+
+
 def _child_rows(children: dict[str, Any], now: float) -> list[list[Any]]:
     rows = []
     for key, c in children.items():
@@ -483,8 +517,10 @@ def _local_processes_section(comfyui: dict[str, Any], style: Style, now: float) 
 
 # --- the whole report -----------------------------------------------------------------------------
 def render_table(report: HealthReport, *, logs: bool = False, color: bool = False,
-                 now: float | None = None) -> str:
-    """The operator's view: the verdict first, then GPU, processes, queue, benchmark, events."""
+                 now: float | None = None, history: bool = False) -> str:
+    """The operator's view: the verdict first, then GPU, processes, queue, benchmark, events.
+
+    `history`: add sparklines of the GPUs' last minutes (what `--watch` shows)."""
     style = _styler(color)
     now = report.taken_at if now is None else now
     colour = _HEALTH_COLOUR[report.health]
@@ -514,7 +550,10 @@ def render_table(report: HealthReport, *, logs: bool = False, color: bool = Fals
     if status.get("auth"):
         facts.append(f"auth {status['auth']}")
     lines.append("daemon: " + ", ".join(facts))
-    for block in (_gpu_section(status.get("gpu") or {}, style, local=False),
+    gpu_block = _gpu_section(status.get("gpu") or {}, style, local=False)
+    if history:
+        gpu_block += _history_section(status.get("gpu") or {}, style)
+    for block in (gpu_block,
                   _children_section(status.get("children") or {}, style, now, logs),
                   _queue_section(status.get("queue") or {}, style),
                   _benchmark_section(status.get("benchmark"), style, now),
