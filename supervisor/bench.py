@@ -47,7 +47,7 @@ class BenchmarkController:
 
     # --- what the daemon asks -------------------------------------------------------------------
     def should_start(self, daemon: Any) -> bool:
-        return (self.pending and not self.running
+        return (self.pending and not self.running and daemon.models_ready
                 and daemon.comfyui.state is ChildState.READY
                 and daemon.wrapper.state is ChildState.READY)
 

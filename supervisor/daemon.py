@@ -1,7 +1,7 @@
 """`comfy-worker run`: the daemon that a systemd unit starts on a GPU host.
 
-It owns, in start order (and stops in reverse): the GPU monitor, ComfyUI, the API wrapper, the
-public server, the admin socket and the autoscaler reporter. One loop — the *watch loop* — ticks
+It owns, in start order (and stops in reverse): the GPU monitor, model provisioning, ComfyUI, the
+API wrapper, the public server, the admin socket and the autoscaler reporter. One loop — the *watch loop* — ticks
 every second: it derives the worker state, pets the systemd watchdog (so a stuck loop is caught),
 and checks that a running prompt is making progress. Signal handlers only set flags; the main
 coroutine does the work.
@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from functools import partial
 from typing import Any
@@ -29,7 +30,12 @@ from supervisor.admin import AdminServer
 from supervisor.child import ChildProcess, ChildSpec, ChildState, ProbeFailed
 from supervisor.gates import AutoscalerGate, Gate, OpenGate, TokenGate
 from supervisor.child import ChildState as _ChildState
-from supervisor.metric_families import benchmark_families, child_families, info_family
+from supervisor.metric_families import (
+    benchmark_families,
+    child_families,
+    info_family,
+    model_families,
+)
 from supervisor.metrics import WorkerMetrics
 from supervisor.metrics_server import MetricsServer
 from supervisor.public import PublicServer, RequestHooks
@@ -81,7 +87,8 @@ def public_api_document(settings: Settings, auth: Any) -> dict[str, Any]:
 
 class Daemon:
     def __init__(self, settings: Settings, *, environ: dict[str, str] | None = None,
-                 gpu_monitor: Any = None, benchmark: Any = None, autoscaler: Any = None):
+                 gpu_monitor: Any = None, benchmark: Any = None, autoscaler: Any = None,
+                 provisioner: Any = None):
         self.settings = settings
         self.environ = dict(os.environ if environ is None else environ)
         self.tracker = WorkerStateTracker()
@@ -90,6 +97,7 @@ class Daemon:
         self.gpu = gpu_monitor
         self.benchmark = benchmark
         self.autoscaler = autoscaler
+        self.provisioner = provisioner
         self.started_at = time.time()
         self.draining = False
         self.stopping = False
@@ -219,6 +227,9 @@ class Daemon:
             benchmarking=bool(self.benchmark and self.benchmark.running),
             benchmark_pending=bool(self.benchmark and self.benchmark.pending),
             draining=self.draining, stopping=self.stopping)
+        if self.provisioner:
+            inputs = replace(inputs, models=self.provisioner.verdict(),
+                             provisioning=self.provisioner.reason())
         state, reason = derive(inputs)
         if self.tracker.update(state, reason):
             self.metrics.set_state(state)
@@ -269,7 +280,15 @@ class Daemon:
                 self.benchmark.report, verdicts, self.benchmark.pending))
         if self.gpu is not None:
             self.metrics.add_source(self.gpu.metric_families)
+        if self.provisioner is not None:
+            self.metrics.add_source(lambda: model_families(self.provisioner.totals(),
+                                                           self.provisioner.missing()))
         self.metrics.queue_capacity.set(self.settings.worker.queue_size)
+
+    @property
+    def models_ready(self) -> bool:
+        """Every before_ready model of the manifest is in place (true without a manifest)."""
+        return self.provisioner is None or self.provisioner.ready
 
     def _info_families(self):
         latest = self.gpu.latest() if self.gpu else None
@@ -299,6 +318,7 @@ class Daemon:
                       "wrapper": self._wrapper_detail, "served": self._served()},
             "gpu": self.gpu.snapshot() if self.gpu else {"status": "not monitored"},
             "benchmark": self.benchmark.snapshot() if self.benchmark else {"status": "disabled"},
+            "models": self.provisioner.snapshot() if self.provisioner else {"status": "none"},
             "events": self._events[-30:],
             "auth": self.public.gate.name if self.public else None,
         }
@@ -326,7 +346,14 @@ class Daemon:
                                                     "expected_seconds", "max_perf", "causes")},
             "queue": {"in_flight": dispatcher.in_flight if dispatcher else 0,
                       "waiting": dispatcher.waiting if dispatcher else 0},
+            "models": self._models_summary(),
         }
+
+    def _models_summary(self) -> dict[str, Any]:
+        if not self.provisioner:
+            return {"status": "none"}
+        snap = self.provisioner.snapshot()
+        return {k: snap[k] for k in ("status", "reason", "done_bytes", "total_bytes", "failures")}
 
     # --- admin actions --------------------------------------------------------------------------
     async def _restart_comfyui(self) -> dict[str, Any]:
@@ -385,6 +412,10 @@ class Daemon:
         self.notifier.status("starting: launching ComfyUI and the wrapper")
         Path(s.worker.log_dir).mkdir(parents=True, exist_ok=True)
         Path(s.worker.state_dir).mkdir(parents=True, exist_ok=True)
+        if self.provisioner:
+            # Downloads start at once, while ComfyUI starts: they are usually the long part.
+            self.provisioner.on_change = self._recompute
+            self._tasks.append(asyncio.create_task(self.provisioner.run(), name="provisioning"))
         if self.gpu:
             from supervisor.gpu_monitor import process_tree
 
@@ -481,6 +512,8 @@ class Daemon:
         if self.gpu:
             await self.gpu.stop()
         await self.comfy_client.close()
+        if self.provisioner:
+            await self.provisioner.store.downloader.close()
         if self._session:
             await self._session.close()
         logger.info("stopped")

@@ -251,3 +251,24 @@ def gpu_families(snapshot: GpuSnapshot | None, health_level: int,
     for gpu in snapshot.gpus:
         _record(families, gpu)
     yield from families.families.values()
+
+
+# --- models -----------------------------------------------------------------------------------------
+def model_families(totals: Any, missing: int) -> Iterable[Metric]:
+    """`totals`: `supervisor.provisioning.Totals` of the manifest's files."""
+    done = GaugeMetricFamily("comfy_worker_models_downloaded_bytes",
+                             "Bytes of the manifest's model files in place or received so far.")
+    done.add_metric([], totals.done_bytes)
+    yield done
+    size = GaugeMetricFamily("comfy_worker_models_size_bytes",
+                             "Bytes of the manifest's model files, as their sources announce.")
+    size.add_metric([], totals.total_bytes)
+    yield size
+    absent = GaugeMetricFamily("comfy_worker_models_missing",
+                               "Manifest model files not in place yet.")
+    absent.add_metric([], missing)
+    yield absent
+    failures = CounterMetricFamily("comfy_worker_model_download_failures",
+                                   "Manifest downloads that failed after the engine's retries.")
+    failures.add_metric([], totals.failures)
+    yield failures

@@ -39,6 +39,7 @@ _STATE_HEALTH = {
     "degraded": Health.DEGRADED,
     "unhealthy": Health.UNHEALTHY,
     "starting": Health.UNHEALTHY,
+    "provisioning": Health.UNHEALTHY,
     "benchmarking": Health.UNHEALTHY,
     "stopping": Health.UNHEALTHY,
 }
@@ -465,6 +466,38 @@ def _benchmark_section(bench: Any, style: Style, now: float) -> list[str]:
     return lines
 
 
+def _models_section(models: Any, style: Style) -> list[str]:
+    if not isinstance(models, dict) or models.get("status") in (None, "none"):
+        return [_section("MODELS", style, "no manifest")]
+    status = str(models.get("status"))
+    colour = {"ready": "green", "background": "green", "provisioning": "yellow",
+              "failing": "red"}.get(status)
+    head = style(status, colour)
+    if models.get("reason"):
+        head += f": {models['reason']}"
+    lines = [_section("MODELS", style, head)]
+    rows = []
+    for item in models.get("files") or []:
+        state = str(item.get("state"))
+        shown = item.get("verified") or state
+        if item.get("progress"):
+            p = item["progress"]
+            shown = f"{state} {human_size(p.get('done_bytes'))}/{human_size(p.get('total_bytes'))}"
+        size = human_size(item.get("size")) if item.get("size") else ""
+        rows.append([str(item.get("path")), str(item.get("when")),
+                     (shown, "red" if item.get("error") else None), size,
+                     str(item.get("error") or "")])
+    if rows:
+        lines += _table(["PATH", "WHEN", "STATE", "SIZE", "LAST ERROR"], rows, style)
+    return lines
+
+
+def human_size(count: Any) -> str:
+    from modelstore.progress import human_bytes
+
+    return human_bytes(count) if isinstance(count, (int, float)) else "?"
+
+
 def _events(status: dict[str, Any]) -> list[tuple[float, str, str, Any]]:
     """Daemon events (crashes, restarts) and GPU events (XIDs, ECC), oldest first."""
     found: list[tuple[float, str, str, Any]] = []
@@ -556,6 +589,7 @@ def render_table(report: HealthReport, *, logs: bool = False, color: bool = Fals
     for block in (gpu_block,
                   _children_section(status.get("children") or {}, style, now, logs),
                   _queue_section(status.get("queue") or {}, style),
+                  _models_section(status.get("models"), style),
                   _benchmark_section(status.get("benchmark"), style, now),
                   _events_section(status, style, now)):
         lines.append("")

@@ -1,4 +1,5 @@
-"""The worker's state: derived in one place from the children, the GPU and the benchmark.
+"""The worker's state: derived in one place from the children, the models, the GPU and the
+benchmark.
 
 Nothing else decides whether the worker takes work. `derive` is a pure function of its inputs,
 so every combination can be tested without processes; `WorkerStateTracker` holds the current value,
@@ -22,6 +23,7 @@ logger = logging.getLogger(__name__)
 
 class WorkerState(str, enum.Enum):
     STARTING = "starting"
+    PROVISIONING = "provisioning"  # fetching the manifest's before_ready model files
     BENCHMARKING = "benchmarking"
     READY = "ready"
     DEGRADED = "degraded"        # serving, with a warning (GPU or benchmark)
@@ -67,6 +69,8 @@ class Inputs:
     children: tuple[ChildView, ...]
     gpu: Verdict = OK
     benchmark: Verdict = OK
+    models: Verdict = OK              # unhealthy while a before_ready model keeps failing
+    provisioning: str = ""            # what provisioning is doing; empty once the models are there
     benchmarking: bool = False
     benchmark_pending: bool = False   # first run not finished yet
     draining: bool = False
@@ -80,6 +84,10 @@ def derive(inputs: Inputs) -> tuple[WorkerState, str]:
     for child in inputs.children:
         if child.state is ChildState.FAILED:
             return WorkerState.UNHEALTHY, f"{child.name} failed: {child.reason}"
+    if inputs.models.level is Level.UNHEALTHY:
+        return WorkerState.UNHEALTHY, inputs.models.reason
+    if inputs.provisioning:
+        return WorkerState.PROVISIONING, inputs.provisioning
     for child in inputs.children:
         if child.state is not ChildState.READY:
             if not child.ever_ready:

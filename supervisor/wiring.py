@@ -1,4 +1,5 @@
-"""Build the daemon's optional parts from settings: autoscaler link, GPU monitor, benchmark."""
+"""Build the daemon's optional parts from settings: autoscaler link, GPU monitor, model
+provisioning, benchmark."""
 
 from __future__ import annotations
 
@@ -123,6 +124,20 @@ def build_components(settings: Settings, environ: dict[str, str] | None = None
     from supervisor.gpu_monitor import GpuMonitor
 
     components["gpu_monitor"] = GpuMonitor.from_settings(settings)
+    from modelstore import ManifestError, load_manifest
+
+    try:
+        entries = load_manifest(settings)
+    except ManifestError as exc:
+        raise WiringError(f"model manifest: {exc}") from None
+    if entries:
+        from modelstore.store import build_store
+        from supervisor.provisioning import Provisioner
+
+        components["provisioner"] = Provisioner(
+            build_store(settings, environ), entries,
+            backoff_initial=settings.models.backoff_initial,
+            backoff_max=settings.models.backoff_max)
     if settings.benchmark.enabled:
         from supervisor.bench import BenchmarkController
 

@@ -150,6 +150,7 @@ def test_renderer_maps_every_worker_state(worker):
     expected = {"ready": (Health.HEALTHY, "HEALTHY"), "degraded": (Health.DEGRADED, "DEGRADED"),
                 "unhealthy": (Health.UNHEALTHY, "UNHEALTHY"),
                 "starting": (Health.UNHEALTHY, "UNHEALTHY (starting)"),
+                "provisioning": (Health.UNHEALTHY, "UNHEALTHY (provisioning)"),
                 "benchmarking": (Health.UNHEALTHY, "UNHEALTHY (benchmarking)"),
                 "stopping": (Health.UNHEALTHY, "UNHEALTHY (stopping)"),
                 "exploded": (Health.UNKNOWN, "UNKNOWN (exploded)")}
