@@ -16,7 +16,7 @@ SHA = hashlib.sha256(MODEL).hexdigest()
 
 
 def metric(worker, name: str) -> float | None:
-    with urllib.request.urlopen(worker.url + "/metrics", timeout=5) as answer:
+    with urllib.request.urlopen(worker.metrics_url + "/metrics", timeout=5) as answer:
         for line in answer.read().decode().splitlines():
             if line.startswith(name + " "):
                 return float(line.split()[1])
