@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import shutil
@@ -63,6 +64,7 @@ from pathlib import Path
 from typing import Any
 
 from supervisor.childlog import ChildLog
+from supervisor.ports import stranger_on_port
 from supervisor.sdnotify import strip_notify_env
 
 logger = logging.getLogger(__name__)
@@ -160,6 +162,11 @@ class ChildSpec:
     tail_lines: int = 200
     #: Linux: have the kernel SIGKILL the child if the supervisor dies.
     kill_on_parent_death: bool = True
+    #: The local TCP port the child must listen on itself: before it counts as ready, the
+    #: listening socket must belong to its process tree (see supervisor/ports.py).
+    port: int | None = None
+    #: How messages name the child ("our ComfyUI").
+    label: str = ""
 
     def __post_init__(self) -> None:
         if not self.command:
@@ -305,6 +312,11 @@ class ChildProcess:
     @property
     def last_exit(self) -> ExitInfo | None:
         return self._last_exit
+
+    @property
+    def last_output_at(self) -> float | None:
+        """Monotonic time the child last wrote anything (its output is a heartbeat)."""
+        return self._log.last_output_at
 
     def tail(self, n: int | None = None) -> list[str]:
         """The last ``n`` output lines (all kept lines when None)."""
@@ -536,6 +548,11 @@ class ChildProcess:
 
         info, level = self._classify(proc.pid, returncode)
         pid = proc.pid
+        if self.spec.port is not None and self._intent is None:
+            # A child that died by itself may have lost its port to a stranger: say who.
+            stranger = await self._stranger_on_port(pid)
+            if stranger is not None:
+                info = dataclasses.replace(info, description=f"{info.description}; {stranger}")
         # Sweep group members that outlived the leader (the group id stays reserved
         # while any member lives, so this cannot hit an unrelated process group).
         self._signal_group(signal.SIGKILL)
@@ -676,6 +693,17 @@ class ChildProcess:
             return f"probe error: {exc!r}"
         return None
 
+    async def _stranger_on_port(self, pid: int | None) -> str | None:
+        """The reason the child cannot count as ready when another process holds its port."""
+        port = self.spec.port
+        if port is None:
+            return None
+        who = self.spec.label or f"our {self.name}"
+        reason = await asyncio.to_thread(stranger_on_port, port, pid, who)
+        if reason is not None and reason != self._reason:
+            logger.error("%s: %s", self._who(), reason)
+        return reason
+
     async def _probe_loop(self, proc: asyncio.subprocess.Process) -> None:
         spec = self.spec
         launched = time.monotonic()
@@ -686,6 +714,11 @@ class ChildProcess:
             if proc.returncode is not None or self._intent is not None:
                 return  # exited or being killed meanwhile: the verdict is moot
             now = time.monotonic()
+            if self._state is ChildState.STARTING and failure is None:
+                failure = await self._stranger_on_port(proc.pid)
+                if proc.returncode is not None or self._intent is not None:
+                    return
+                now = time.monotonic()
             if self._state is ChildState.STARTING:
                 if failure is None:
                     self._ready_since = now

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import logging.handlers
+import time
 from collections import deque
 from pathlib import Path
 
@@ -84,6 +85,8 @@ class ChildLog:
     ) -> None:
         self.name = name
         self.path = path
+        #: monotonic time of the last output read (a redrawn progress bar counts): a heartbeat.
+        self.last_output_at: float | None = None
         self._tail: deque[str] = deque(maxlen=max(1, tail_lines))
         self._daemon_log = logging.getLogger(f"child.{name}")
         self._file: logging.handlers.RotatingFileHandler | None = None
@@ -118,6 +121,7 @@ class ChildLog:
             chunk = await stream.read(_READ_CHUNK)
             if not chunk:
                 break
+            self.last_output_at = time.monotonic()
             for text in splitter.feed(chunk):
                 self.line(text)
         for text in splitter.flush():
