@@ -181,6 +181,18 @@ class ExecutionOutcome:
     messages: list[tuple[str, dict[str, Any]]]
 
 
+def _console_bar(value: int, total: int) -> None:
+    """A tqdm-style bar on stderr, redrawn with ``\r`` at each step, as ComfyUI's samplers print
+    one: a supervisor reading ComfyUI's output sees each step there, whoever submitted the prompt."""
+    if total <= 0:
+        return
+    done = int(10 * value / total)
+    end = "\n" if value >= total else ""
+    sys.stderr.write(f"\r{int(100 * value / total):3d}%|{'#' * done}{' ' * (10 - done)}| "
+                     f"{value}/{total}{end}")
+    sys.stderr.flush()
+
+
 class _RunContext:
     """What a running node sees (see ``simulator.nodes.RunContext``)."""
 
@@ -198,6 +210,7 @@ class _RunContext:
         self._progress.update(self.node_id, value, total)
         self._executor.sink.send_sync("progress", {"value": value, "max": total, "prompt_id": self.prompt_id,
                                                    "node": self.node_id}, self._executor.client_id)
+        _console_bar(value, total)
         if value * 2 >= total:
             await self._executor.faults.checkpoint(f"node {self.node_id} step {value}/{total}")
 

@@ -426,9 +426,10 @@ def _queue_section(queue: dict[str, Any], style: Style) -> list[str]:
         if wrapper.get("reason"):
             text += f" ({wrapper['reason']})"
         lines.append(text)
-    if wrapper.get("prompt_id"):
-        since = wrapper.get("seconds_since_progress")
-        lines.append(f"  running prompt {wrapper['prompt_id']}"
+    comfy = queue.get("comfyui") or {}
+    if comfy.get("running"):
+        since = comfy.get("seconds_since_progress")
+        lines.append(f"  ComfyUI runs prompt {comfy['running']}, {comfy.get('pending', 0)} queued"
                      + (f", last progress {_num(since, 1)} s ago" if since is not None else ""))
     served = queue.get("served") or {}
     ok = sum(v for k, v in served.items() if str(k).startswith("2"))
