@@ -63,7 +63,7 @@ class WrapperRuntime:
         self.webhooks = WebhookDispatcher(
             spool_dir=state / "webhooks", retries=s.webhook.retries,
             backoff_initial=s.webhook.backoff_initial, backoff_max=s.webhook.backoff_max,
-            max_age=s.webhook.spool_max_age,
+            max_age=s.webhook.spool_max_age, max_bytes=s.webhook.spool_max_bytes,
             allow_private_targets=s.webhook.allow_private_targets,
             trusted_urls={s.webhook.url} if s.webhook.url else set(),
             on_settled=lambda result: self.metrics.webhooks.labels(result.state.value).inc())

@@ -54,7 +54,8 @@ class WrapperMetrics:
                                "(uploaded, failed).", ["result"], registry=r)
         self.webhooks = Counter(
             "comfy_worker_webhook_deliveries", "Webhook deliveries that settled, by result "
-            "(delivered, failed, refused, expired).", ["result"], registry=r)
+            "(delivered, failed, refused, expired, dropped: pushed out of a spool over "
+            "webhook.spool_max_bytes).", ["result"], registry=r)
         self.spool = Gauge("comfy_worker_webhook_spool_deliveries",
                            "Webhook deliveries not settled yet (spooled on disk, being sent or "
                            "waiting to retry).", registry=r)
@@ -72,7 +73,7 @@ class WrapperMetrics:
             self.stage.labels(stage)
         for result in ("uploaded", "failed"):
             self.uploads.labels(result)
-        for result in ("delivered", "failed", "refused", "expired"):
+        for result in ("delivered", "failed", "refused", "expired", "dropped"):
             self.webhooks.labels(result)
 
     def bind(self, *, spool: Callable[[], float], queue: Callable[[], float]) -> None:

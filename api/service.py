@@ -526,6 +526,9 @@ class GenerationService:
             "seconds_since_progress": round(time.monotonic() - self.last_event_at, 3)
             if job and self.last_event_at else None,
             "served": dict(self.served),
+            "webhooks": {"pending": self.webhooks.pending if self.webhooks else 0,
+                         "spool_bytes": self.webhooks.spool_bytes if self.webhooks else 0,
+                         "spool_dropped": self.webhooks.dropped if self.webhooks else 0},
         }
 
 

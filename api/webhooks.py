@@ -212,6 +212,7 @@ class DeliveryState(enum.Enum):
     REFUSED = "refused"  # the target is not allowed
     EXPIRED = "expired"  # older than the spool's max age
     SPOOLED = "spooled"  # the dispatcher stopped; the next start() sends it
+    DROPPED = "dropped"  # pushed out of a full spool (webhook.spool_max_bytes), oldest first
 
 
 @dataclass(frozen=True)
@@ -274,6 +275,23 @@ class Spool:
 
     def __init__(self, directory: Path) -> None:
         self.directory = Path(directory)
+        #: delivery id -> bytes on disk, in the order written (oldest first)
+        self.sizes: dict[str, int] = {}
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.sizes.values())
+
+    def over(self, max_bytes: int) -> list[str]:
+        """The oldest delivery ids to drop so that the rest fit in ``max_bytes``."""
+        excess = self.total_bytes - max_bytes
+        dropped: list[str] = []
+        for delivery_id, size in self.sizes.items():
+            if excess <= 0:
+                break
+            dropped.append(delivery_id)
+            excess -= size
+        return dropped
 
     def prepare(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -288,7 +306,9 @@ class Spool:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{item.delivery_id}.", suffix=".tmp", dir=self.directory)
         try:
             with os.fdopen(fd, "wb") as handle:
-                handle.write(item.to_json())
+                data = item.to_json()
+                handle.write(data)
+                self.sizes[item.delivery_id] = len(data)
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp_name, self.path_of(item.delivery_id))
@@ -298,6 +318,7 @@ class Spool:
 
     def remove(self, delivery_id: str) -> None:
         self.path_of(delivery_id).unlink(missing_ok=True)
+        self.sizes.pop(delivery_id, None)
 
     def load(self) -> tuple[list[SpooledDelivery], list[tuple[Path, str]]]:
         """Readable items, oldest first, and unreadable files with the reason."""
@@ -305,10 +326,13 @@ class Spool:
         broken: list[tuple[Path, str]] = []
         for path in sorted(self.directory.glob(f"*{self.SUFFIX}")):
             try:
-                items.append(SpooledDelivery.from_json(path.read_bytes()))
+                raw = path.read_bytes()
+                items.append(SpooledDelivery.from_json(raw))
+                self.sizes[items[-1].delivery_id] = len(raw)
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 broken.append((path, f"{type(exc).__name__}: {exc}"))
         items.sort(key=lambda item: item.created_at)
+        self.sizes = {item.delivery_id: self.sizes[item.delivery_id] for item in items}
         return items, broken
 
     def set_aside(self, path: Path) -> None:
@@ -365,6 +389,7 @@ class WebhookDispatcher:
         trusted_urls: Iterable[str] | None = None,
         max_concurrent: int = 16,
         on_settled: Callable[[DeliveryResult], None] | None = None,
+        max_bytes: int | None = None,
     ) -> None:
         self._on_settled = on_settled
         if retries < 0:
@@ -378,6 +403,11 @@ class WebhookDispatcher:
         self.allow_private_targets = allow_private_targets
         self._trusted = {u.strip() for u in (trusted_urls or ()) if u and u.strip()}
         self._spool = Spool(spool_dir)
+        self.max_bytes = max_bytes
+        #: deliveries given up because the spool was over max_bytes (for /health and metrics)
+        self.dropped = 0
+        self._by_id: dict[str, tuple[asyncio.Task[DeliveryResult], str]] = {}
+        self._dropping: set[str] = set()
         self._max_concurrent = max_concurrent
         self._tasks: set[asyncio.Task[DeliveryResult]] = set()
         self._guarded_session: aiohttp.ClientSession | None = None
@@ -425,6 +455,7 @@ class WebhookDispatcher:
                 continue
             self._launch(item, already_spooled=True)
             resumed += 1
+        self._enforce_size()
         if resumed:
             log.info("resending %d spooled webhook(s) from %s", resumed, self.spool_dir)
 
@@ -484,8 +515,32 @@ class WebhookDispatcher:
             self._deliver(item, already_spooled), name=f"webhook-{item.request_id}-{item.delivery_id}"
         )
         self._tasks.add(task)
+        self._by_id[item.delivery_id] = (task, item.request_id)
         task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(lambda _t: self._by_id.pop(item.delivery_id, None))
         return task
+
+    @property
+    def spool_bytes(self) -> int:
+        return self._spool.total_bytes
+
+    def _enforce_size(self) -> None:
+        """Keep the spool within ``max_bytes``: give up the oldest deliveries, loudly."""
+        if self.max_bytes is None:
+            return
+        for delivery_id in self._spool.over(self.max_bytes):
+            task, request_id = self._by_id.get(delivery_id, (None, "?"))
+            size = self._spool.sizes.get(delivery_id, 0)
+            self._spool.remove(delivery_id)  # one unlink: small enough for the loop
+            self.dropped += 1
+            log.error(
+                "webhook spool over %d bytes (webhook.spool_max_bytes): dropped the oldest "
+                "delivery %s for request %s (%d bytes); it will not be sent", self.max_bytes,
+                delivery_id, request_id, size)
+            self._settled(DeliveryResult(delivery_id, request_id, DeliveryState.DROPPED, 0))
+            if task is not None and not task.done():
+                self._dropping.add(delivery_id)
+                task.cancel()
 
     async def _deliver(self, item: SpooledDelivery, already_spooled: bool) -> DeliveryResult:
         try:
@@ -498,8 +553,12 @@ class WebhookDispatcher:
                         "cannot spool webhook for request %s in %s (%s); sending without a safety copy",
                         item.request_id, self.spool_dir, exc,
                     )
+                self._enforce_size()
             result = await self._attempt_until_settled(item)
         except asyncio.CancelledError:
+            if item.delivery_id in self._dropping:
+                self._dropping.discard(item.delivery_id)
+                return DeliveryResult(item.delivery_id, item.request_id, DeliveryState.DROPPED, 0)
             # Our own close(): the file stays for the next start(). Ending normally lets
             # callers awaiting the task see why it stopped.
             log.info(
@@ -511,12 +570,15 @@ class WebhookDispatcher:
             await asyncio.to_thread(self._spool.remove, item.delivery_id)
         except OSError as exc:
             log.error("cannot remove settled webhook %s from the spool: %s", item.delivery_id, exc)
+        self._settled(result)
+        return result
+
+    def _settled(self, result: DeliveryResult) -> None:
         if self._on_settled is not None:
             try:
                 self._on_settled(result)
             except Exception:
                 log.exception("webhook on_settled callback failed")
-        return result
 
     async def _attempt_until_settled(self, item: SpooledDelivery) -> DeliveryResult:
         where = redact_url(item.url)

@@ -253,6 +253,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("webhook", "spool_max_age", Float(1, 30 * 86400), 86400.0,
             "Seconds an undelivered webhook is kept and retried across restarts.",
             ("WEBHOOK_SPOOL_MAX_AGE",)),
+    Setting("webhook", "spool_max_bytes", Int(1024, 1 << 40), 256 * _MIB,
+            "Most bytes the webhook spool may hold; past it the oldest deliveries are dropped "
+            "(each logged as an error and counted).", ("WEBHOOK_SPOOL_MAX_BYTES",)),
     Setting("webhook", "allow_private_targets", Bool(), False,
             "Let request-supplied webhook URLs reach loopback, private or link-local addresses.",
             ("WEBHOOK_ALLOW_PRIVATE_TARGETS",)),

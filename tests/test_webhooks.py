@@ -283,6 +283,34 @@ async def test_old_spooled_items_are_dropped_with_a_log_line(tmp_path, make_disp
         await down.stop()
 
 
+async def test_full_spool_drops_the_oldest_with_an_error_and_a_count(tmp_path, make_dispatcher,
+                                                                     caplog):
+    spool = tmp_path / "spool"
+    down = Receiver(free_port())  # refuses connections: every delivery stays pending
+    first = await make_dispatcher(spool_dir=spool, retries=100, backoff_initial=0.05,
+                                  backoff_max=0.1)
+    tasks = [first.submit(WebhookSettings(url=down.url), PAYLOAD, f"req-{n}") for n in range(3)]
+    await asyncio.sleep(0.2)
+    sizes = [p.stat().st_size for p in spooled_files(spool)]
+    assert len(sizes) == 3
+    await first.close()
+    # Room for two of the three: the restart drops the oldest, says so and counts it.
+    second = await make_dispatcher(spool_dir=spool, retries=100, backoff_initial=0.05,
+                                   backoff_max=0.1, max_bytes=sizes[1] + sizes[2])
+    assert second.dropped == 1 and len(spooled_files(spool)) == 2
+    assert any(r.levelname == "ERROR" and "req-0" in r.getMessage()
+               and "webhook.spool_max_bytes" in r.getMessage() for r in caplog.records)
+    # A new delivery pushes out the next oldest, whose task ends as dropped.
+    latest = second.submit(WebhookSettings(url=down.url), PAYLOAD, "req-3")
+    await asyncio.sleep(0.2)
+    assert second.dropped == 2 and not latest.done()
+    names = [json.loads(p.read_bytes())["request_id"] for p in spooled_files(spool)]
+    assert names == ["req-2", "req-3"]
+    assert second.spool_bytes <= sizes[1] + sizes[2]
+    for task in tasks:
+        assert (await task).state is DeliveryState.SPOOLED
+
+
 async def test_corrupt_spool_file_is_set_aside(tmp_path, make_dispatcher):
     spool = tmp_path / "spool"
     spool.mkdir()
