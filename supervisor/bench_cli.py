@@ -87,7 +87,9 @@ def run_benchmark_command(settings: Settings, *, comfyui_url: str | None, output
         report = asyncio.run(_direct(settings, comfyui_url.rstrip("/"), folder, interactive))
         body = report.to_dict()
     else:
-        socket = Path(socket_path or settings.worker.admin_socket)
+        from supervisor.admin_locate import locate
+
+        socket = locate(settings, socket_path)
         try:
             body = asyncio.run(_through_daemon(socket, interactive))
         except (OSError, aiohttp.ClientError) as exc:

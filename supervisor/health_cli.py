@@ -25,6 +25,7 @@ import click
 import psutil
 
 from config import Settings, SettingsError, load_settings
+from supervisor.admin_locate import locate
 from supervisor.report import Health, HealthReport, render_json, render_table
 
 #: Seconds to wait for NVML when reading it directly; a GPU in a bad state can hang the driver.
@@ -211,7 +212,7 @@ def health(ctx: click.Context, as_json: bool, logs: bool, watch: float | None,
     except SettingsError as exc:
         click.echo(f"comfy-worker health: {exc}", err=True)
         ctx.exit(int(Health.UNKNOWN))
-    socket = Path(socket_path) if socket_path else Path(settings.worker.admin_socket)
+    socket = locate(settings, socket_path)
     colour = _use_colour(ctx)
     tty = sys.stdout.isatty()
     code = Health.UNKNOWN
