@@ -21,7 +21,32 @@ def _load(config_path: str | None):
         sys.exit(2)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _ConfigAnywhere(click.Group):
+    """Takes `--config FILE` after any subcommand too (`comfy-worker run --config FILE`): people
+    type it both ways. It is moved in front of the subcommand before click parses."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        moved: list[str] = []
+        rest: list[str] = []
+        index = 0
+        while index < len(args):
+            arg = args[index]
+            if arg == "--":
+                rest.extend(args[index:])
+                break
+            if arg == "--config" and index + 1 < len(args):
+                moved += [arg, args[index + 1]]
+                index += 2
+                continue
+            if arg.startswith("--config="):
+                moved.append(arg)
+            else:
+                rest.append(arg)
+            index += 1
+        return super().parse_args(ctx, moved + rest)
+
+
+@click.group(cls=_ConfigAnywhere, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
               help="TOML settings file (default: /etc/comfy-worker/worker.toml when it exists).")
 @click.pass_context
@@ -93,7 +118,7 @@ def api_command(ctx: click.Context, port: int | None, host: str | None) -> None:
 # --- run / demo ----------------------------------------------------------------------------------
 def _run_daemon(settings) -> None:
     from supervisor import preflight
-    from supervisor.daemon import Daemon
+    from supervisor.daemon import Daemon, DaemonStartError
     from supervisor.wiring import build_components, WiringError
 
     setup_logging(settings.worker.log_level, settings.secrets(), name="[supervisor]")
@@ -108,7 +133,11 @@ def _run_daemon(settings) -> None:
         click.echo(f"comfy-worker: {exc}", err=True)
         sys.exit(2)
     daemon = Daemon(settings, **components)
-    sys.exit(asyncio.run(daemon.run()))
+    try:
+        sys.exit(asyncio.run(daemon.run()))
+    except DaemonStartError as exc:
+        click.echo(f"comfy-worker: {exc}", err=True)
+        sys.exit(1)
 
 
 @main.command("run")
@@ -135,6 +164,19 @@ def demo_command(ctx: click.Context, port: int, state_dir: str) -> None:
     for key, value in env.items():
         os.environ.setdefault(key, value)
     settings = _load(ctx.obj["config_path"])
+    from supervisor.admin_locate import announce_demo_socket, forget_demo_socket
+    from supervisor.ports import holders, local_port
+
+    for what, number in (("the public port (--port)", settings.worker.port),
+                         ("ComfyUI's port", local_port(settings.comfyui.url)),
+                         ("the wrapper's port", local_port(settings.wrapper.url))):
+        taken = holders(number) if number else []
+        if taken:
+            click.echo(f"comfy-worker demo: {what} {number} is held by {taken[0].describe()}; "
+                       f"stop that process (another demo?) or choose other ports", err=True)
+            sys.exit(1)
+    socket = Path(settings.worker.admin_socket)
+    announce_demo_socket(socket)
     click.echo(
         f"\ncomfy-worker demo: ComfyUI simulator + API wrapper + supervisor on "
         f"http://127.0.0.1:{settings.worker.port}\n"
@@ -143,9 +185,12 @@ def demo_command(ctx: click.Context, port: int, state_dir: str) -> None:
         f"-d '{{\"input\": {{\"modifier\": \"Text2Image\", \"modifications\": "
         f"{{\"prompt\": \"a lighthouse at dusk\", \"width\": 256, \"height\": 256, "
         f"\"steps\": 10}}}}}}' http://127.0.0.1:{settings.worker.port}/generate/sync\n"
-        f"  health: WORKER_ADMIN_SOCKET={settings.worker.admin_socket} .venv/bin/comfy-worker "
-        f"health\n  files in {state_dir}/ ; Ctrl-C stops it.\n", err=True)
-    _run_daemon(settings)
+        f"  health: .venv/bin/comfy-worker health   (it finds this demo's admin socket, "
+        f"{socket})\n  files in {state_dir}/ ; Ctrl-C stops it.\n", err=True)
+    try:
+        _run_daemon(settings)
+    finally:
+        forget_demo_socket(socket)
 
 
 # --- benchmark -----------------------------------------------------------------------------------
@@ -174,8 +219,10 @@ def _admin_action(ctx: click.Context, route: str, socket_path: str | None) -> No
 
     from supervisor.admin import admin_request
 
+    from supervisor.admin_locate import locate
+
     settings = _load(ctx.obj["config_path"])
-    socket = Path(socket_path or settings.worker.admin_socket)
+    socket = locate(settings, socket_path)
     try:
         answer = asyncio.run(admin_request(socket, "POST", route, timeout=30))
     except (OSError, aiohttp.ClientError) as exc:

@@ -28,6 +28,7 @@ from api.comfy import ComfyClient
 from config import Settings
 from supervisor.admin import AdminServer
 from supervisor.child import ChildProcess, ChildSpec, ChildState, ProbeFailed
+from supervisor.comfy_watch import ComfyWatch
 from supervisor.gates import AutoscalerGate, Gate, OpenGate, TokenGate
 from supervisor.child import ChildState as _ChildState
 from supervisor.metric_families import (
@@ -38,6 +39,7 @@ from supervisor.metric_families import (
 )
 from supervisor.metrics import WorkerMetrics
 from supervisor.metrics_server import MetricsServer
+from supervisor.ports import describe_bind_error, local_port
 from supervisor.public import PublicServer, RequestHooks
 from supervisor.sdnotify import SystemdNotifier
 from supervisor.state import OK, ChildView, Inputs, Verdict, WorkerStateTracker, derive
@@ -59,6 +61,10 @@ def _version() -> str:
         return version("comfy-worker")
     except PackageNotFoundError:
         return "unknown"
+
+
+class DaemonStartError(Exception):
+    """The daemon cannot start; the message says why in words (the CLI prints it)."""
 
 
 def stop_budget(settings: Settings) -> float:
@@ -111,6 +117,9 @@ class Daemon:
         self.comfy_client = ComfyClient(settings.comfyui.url)
         self.comfyui = ChildProcess(self._comfyui_spec())
         self.wrapper = ChildProcess(self._wrapper_spec())
+        self._wrapper_progress_at: float | None = None
+        self.watch = ComfyWatch(self.comfy_client, output_at=lambda: self.comfyui.last_output_at,
+                                wrapper_progress_at=lambda: self._wrapper_progress_at)
         self.public: PublicServer | None = None
         self.admin: AdminServer | None = None
         self.metrics_server: MetricsServer | None = None
@@ -135,7 +144,8 @@ class Daemon:
         log_dir = Path(self.settings.worker.log_dir)
         return ChildSpec(name="comfyui", command=list(c.command), cwd=c.cwd, env=dict(c.env),
                          probe=self._probe_comfyui, startup_timeout=c.startup_timeout,
-                         log_path=log_dir / "comfyui.log", **self._common())
+                         log_path=log_dir / "comfyui.log", port=local_port(c.url),
+                         label="our ComfyUI", **self._common())
 
     def _wrapper_spec(self) -> ChildSpec:
         w = self.settings.wrapper
@@ -154,7 +164,8 @@ class Daemon:
             # ComfyUI's command line (config/comfy_folders.py).
         return ChildSpec(name="wrapper", command=command, cwd=w.cwd, env=env,
                          probe=self._probe_wrapper, startup_timeout=w.startup_timeout,
-                         log_path=log_dir / "wrapper.log", **self._common())
+                         log_path=log_dir / "wrapper.log", port=local_port(w.url),
+                         label="our wrapper", **self._common())
 
     async def _probe_comfyui(self) -> None:
         try:
@@ -172,9 +183,14 @@ class Daemon:
                 if response.status not in (200, 503):
                     raise ProbeFailed(f"GET /health answered {response.status}")
                 try:
-                    self._wrapper_detail = await response.json()
+                    detail = await response.json()
                 except (aiohttp.ContentTypeError, ValueError):
-                    self._wrapper_detail = {}
+                    detail = None
+                self._wrapper_detail = detail if isinstance(detail, dict) else {}
+                # An optional extra of this project's wrapper; any other wrapper goes without.
+                since = self._wrapper_detail.get("seconds_since_progress")
+                self._wrapper_progress_at = time.monotonic() - since \
+                    if isinstance(since, (int, float)) and since >= 0 else None
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             raise ProbeFailed(f"GET /health: {exc.__class__.__name__} {exc}".strip()) from None
 
@@ -255,15 +271,16 @@ class Daemon:
             await asyncio.sleep(WATCH_INTERVAL)
 
     def _check_stall(self) -> None:
-        """A prompt that makes no progress for longer than the stall limit: restart ComfyUI."""
-        since = self._wrapper_detail.get("seconds_since_progress")
-        limit = self.settings.supervisor.stall_timeout
-        if isinstance(since, (int, float)) and since > limit and \
-                self.comfyui.state is ChildState.READY:
-            reason = (f"prompt {self._wrapper_detail.get('prompt_id')} made no progress "
-                      f"for {since:.0f} s (stall limit {limit:g} s)")
+        """A prompt that makes no progress for longer than the stall limit: restart ComfyUI.
+
+        Judged from ComfyUI itself (supervisor/comfy_watch.py), so it works with any wrapper."""
+        if self.comfyui.state is not ChildState.READY:
+            return
+        reason = self.watch.stalled(self.settings.supervisor.stall_timeout)
+        if reason is not None:
             self._event("comfyui", reason)
-            self._wrapper_detail = {}
+            self.watch.reset()
+            self._wrapper_progress_at = None
             self.comfyui.report_hang(reason)
 
     # --- metrics --------------------------------------------------------------------------------
@@ -315,6 +332,7 @@ class Daemon:
             "queue": {"in_flight": dispatcher.in_flight if dispatcher else 0,
                       "waiting": dispatcher.waiting if dispatcher else 0,
                       "max_waiting": self.settings.worker.queue_size,
+                      "comfyui": self.watch.activity().to_dict(),
                       "wrapper": self._wrapper_detail, "served": self._served()},
             "gpu": self.gpu.snapshot() if self.gpu else {"status": "not monitored"},
             "benchmark": self.benchmark.snapshot() if self.benchmark else {"status": "disabled"},
@@ -426,6 +444,7 @@ class Daemon:
         self.wrapper.add_listener(self._on_wrapper_change)
         await self.comfyui.start()
         await self.wrapper.start()
+        self.watch.start()
         hooks = self.autoscaler.hooks() if self.autoscaler else RequestHooks()
         gate = self._gate()
         self.public = PublicServer(
@@ -445,8 +464,13 @@ class Daemon:
 
             ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             ssl_context.load_cert_chain(str(s.worker.ssl_cert), str(s.worker.ssl_key))
-        await web.TCPSite(self._public_runner, s.worker.host, s.worker.port,
-                          ssl_context=ssl_context).start()
+        try:
+            await web.TCPSite(self._public_runner, s.worker.host, s.worker.port,
+                              ssl_context=ssl_context).start()
+        except OSError as exc:
+            reason = await asyncio.to_thread(describe_bind_error, s.worker.port, exc)
+            logger.error("public port (worker.port): %s", reason)
+            raise DaemonStartError(f"public port (worker.port): {reason}") from None
         logger.info("public server on %s://%s:%d", "https" if ssl_context else "http",
                     s.worker.host, s.worker.port)
         self.admin = AdminServer(Path(s.worker.admin_socket), snapshot=self.snapshot, actions={
@@ -505,6 +529,7 @@ class Daemon:
                 await asyncio.wait_for(self.admin.close(), ADMIN_CLOSE_TIMEOUT)
             except asyncio.TimeoutError:
                 logger.warning("admin socket did not close in %g s", ADMIN_CLOSE_TIMEOUT)
+        await self.watch.stop()
         await self.wrapper.stop()
         await self.comfyui.stop()
         if self.autoscaler:

@@ -135,11 +135,13 @@ def simulator_command(port: int, base: Path, *extra: str) -> str:
 @contextlib.contextmanager
 def start_daemon(tmp_path: Path, *sim_args: str, wait_ready: bool = True, token: str = "t0ken",
                  extra_env: dict | None = None, stop: bool = True,
-                 port: int | None = None) -> Iterator[Daemon]:
+                 port: int | None = None, comfy_port: int | None = None,
+                 wrapper_port: int | None = None) -> Iterator[Daemon]:
     """The whole worker as a subprocess (`comfy-worker run`) with the simulator as ComfyUI.
 
     `extra_env` overrides the test defaults; a value of None removes the variable."""
-    comfy_port, wrapper_port, metrics_port = free_port(), free_port(), free_port()
+    comfy_port, wrapper_port = comfy_port or free_port(), wrapper_port or free_port()
+    metrics_port = free_port()
     public_port = port or free_port()
     base = tmp_path / "comfy"
     state = tmp_path / "state"

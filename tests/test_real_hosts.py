@@ -1,0 +1,185 @@
+"""Untidy real hosts: someone else's wrapper, a stranger on a port (issue 11, defects 1 and 3).
+
+Real processes and sockets throughout: the daemon, the simulator as ComfyUI, and as `[wrapper]` a
+stand-in that speaks only the ai-dock wrapper's formats (tests/aidock_standin.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from benchmark.graph import build_graph
+from tests.procs import ROOT, base_env, free_port, get_json, start_daemon, wait_until
+from tests.test_benchmark_e2e import bench_env, settled
+
+TINY = {"1": {"class_type": "EmptyImage",
+              "inputs": {"width": 32, "height": 32, "batch_size": 1, "color": 0}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "t"}}}
+
+
+def sampler_graph(steps: int) -> dict:
+    return build_graph(width=64, height=64, steps=steps, checkpoint="v1-5-pruned-emaonly.safetensors",
+                       prompt="a lighthouse", seed=7)
+
+
+def set_knobs(comfy_url: str, **knobs) -> None:
+    request = urllib.request.Request(comfy_url + "/__sim__/knobs", data=json.dumps(knobs).encode(),
+                                     method="POST", headers={"Content-Type": "application/json"})
+    urllib.request.urlopen(request, timeout=10).read()
+
+
+def child_reason(worker, name: str, needle: str) -> str | None:
+    """The child's state reason once it contains ``needle`` (None before, or while the admin
+    socket is not up yet)."""
+    try:
+        reason = worker.status()["children"][name]["reason"]
+    except Exception:
+        return None
+    return reason if needle in reason else None
+
+
+def aidock_env(tmp_path, wrapper_port: int, **extra) -> dict:
+    command = [sys.executable, "-m", "tests.aidock_standin", "--port", str(wrapper_port)]
+    return {"WRAPPER_COMMAND": json.dumps(command), "WRAPPER_CWD": str(ROOT),
+            "COMFYUI_INSTALL_PATH": str(tmp_path / "comfy"), **extra}
+
+
+def test_aidock_wrapper_reaches_ready_benchmarks_serves_and_a_stall_is_caught(tmp_path):
+    wrapper_port = free_port()
+    env = aidock_env(tmp_path, wrapper_port, **bench_env(
+        BENCHMARK_TEST_STEPS="6", BENCHMARK_EXPECTED_SECONDS="0.3"),
+        SUPERVISOR_STALL_TIMEOUT="3")
+    with start_daemon(tmp_path, "--step-seconds", "0.05", wait_ready=False, extra_env=env,
+                      wrapper_port=wrapper_port) as worker:
+        status, body = settled(worker)
+        assert status == 200 and body["state"] == "ready", (body, worker.log()[-3000:])
+        bench = worker.status()["benchmark"]
+        assert bench["status"] in ("pass", "no_reference") and bench["seconds"] > 0, bench
+
+        status, result = worker.generate({"input": {"workflow_json": TINY}})
+        assert status == 200 and result["status"] == "completed", result
+        assert open(result["output"][0]["local_path"], "rb").read(4) == b"\x89PNG"
+
+        # Steps 0.8 s apart over ~5 s, longer than the 3 s stall limit: progress is seen in
+        # ComfyUI's own output, so this is not a stall (the stand-in reports no progress).
+        set_knobs(worker.comfy_url, step_seconds=0.8)
+        status, result = worker.generate({"input": {"workflow_json": sampler_graph(6)}})
+        assert status == 200, result
+        assert worker.status()["children"]["comfyui"]["restarts"] == 0
+
+        # A step that never ends: the daemon, not the wrapper, notices and restarts ComfyUI.
+        set_knobs(worker.comfy_url, step_seconds=600)
+        started = time.monotonic()
+        status, result = worker.generate({"input": {"workflow_json": sampler_graph(4)}},
+                                         timeout=60)
+        assert status == 502, result
+        assert time.monotonic() - started < 30
+        assert "made no progress" in worker.log()
+        wait_until(lambda: worker.status()["children"]["comfyui"]["restarts"] >= 1, 30,
+                   "ComfyUI to be restarted")
+
+
+def test_stranger_on_comfyuis_port_is_never_adopted(tmp_path):
+    comfy_port = free_port()
+    # A leftover ComfyUI (here the simulator, which answers every probe) on our ComfyUI's port.
+    stranger = subprocess.Popen(
+        [sys.executable, "-m", "simulator", "--listen", "127.0.0.1", "--port", str(comfy_port),
+         "--base-directory", str(tmp_path / "stranger-base")],
+        cwd=ROOT, env=base_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: get_json(f"http://127.0.0.1:{comfy_port}/system_stats")[0] == 200,
+                   30, "the stranger to listen")
+        with start_daemon(tmp_path, wait_ready=False, comfy_port=comfy_port) as worker:
+            text = wait_until(lambda: child_reason(worker, "comfyui", f"held by pid {stranger.pid}"),
+                              30, "the comfyui child to name the stranger")
+            assert f"port {comfy_port} is held by pid {stranger.pid} (" in text
+            assert "simulator" in text and "not by our ComfyUI (pid " in text
+            status, health = get_json(worker.url + "/health")
+            assert status == 503
+            assert f"held by pid {stranger.pid}" in json.dumps(health)
+            assert worker.status()["children"]["comfyui"]["state"] != "ready"
+            assert f"held by pid {stranger.pid}" in worker.log()
+            from click.testing import CliRunner
+
+            from supervisor.cli import main
+
+            shown = CliRunner().invoke(main, ["health"], env={
+                "WORKER_ADMIN_SOCKET": str(worker.admin_socket), "NO_COLOR": "1"})
+            assert f"held by pid {stranger.pid}" in shown.output, shown.output
+    finally:
+        stranger.kill()
+        stranger.wait(10)
+
+
+def test_stranger_on_the_wrapper_port_and_the_public_port_is_named(tmp_path):
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    (tmp_path / "w").mkdir()
+    (tmp_path / "p").mkdir()
+    try:
+        with start_daemon(tmp_path / "w", wait_ready=False, wrapper_port=port) as worker:
+            text = wait_until(lambda: child_reason(worker, "wrapper", f"held by pid {os.getpid()}"),
+                              30, "the wrapper child to name the holder")
+            assert f"port {port} is held by pid {os.getpid()} (" in text
+            assert "not by our wrapper" in text
+        with start_daemon(tmp_path / "p", wait_ready=False, port=port, stop=False) as worker:
+            worker.process.wait(60)
+            assert worker.process.returncode == 1
+            assert f"port {port} is already held by pid {os.getpid()} (" in worker.log()
+    finally:
+        holder.close()
+
+
+@pytest.mark.parametrize("order", ["before", "after"])
+def test_config_option_before_or_after_the_subcommand(tmp_path, order):
+    path = tmp_path / "worker.toml"
+    path.write_text("[worker]\nport = 4321\n")
+    args = ["--config", str(path), "config", "show", "--json"] if order == "before" else \
+        ["config", "show", "--json", "--config", str(path)]
+    done = subprocess.run([sys.executable, "-m", "supervisor.cli", *args], cwd=ROOT,
+                          env=base_env(), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    rows = {row["name"]: row for row in json.loads(done.stdout)["settings"]}
+    assert rows["worker.port"]["value"] == 4321
+
+
+def test_health_finds_a_running_demo_and_a_second_demo_names_the_port_holder(tmp_path):
+    public, comfy, wrapper = free_port(), free_port(), free_port()
+    env = base_env(
+        XDG_RUNTIME_DIR=str(tmp_path / "run"), BENCHMARK_ENABLED="false",
+        COMFYUI_URL=f"http://127.0.0.1:{comfy}", WRAPPER_URL=f"http://127.0.0.1:{wrapper}",
+        COMFYUI_COMMAND=json.dumps([sys.executable, "-m", "simulator", "--listen", "127.0.0.1",
+                                    "--port", str(comfy), "--base-directory",
+                                    str(tmp_path / "comfy")]))
+    (tmp_path / "run").mkdir()
+    log = open(tmp_path / "demo.log", "wb")
+    demo = subprocess.Popen([sys.executable, "-m", "supervisor.cli", "demo", "--port", str(public),
+                             "--state", str(tmp_path / "demo")], cwd=ROOT, env=env, stdout=log,
+                            stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: get_json(f"http://127.0.0.1:{public}/health")[0] == 200, 60,
+                   "the demo to be ready")
+        # No WORKER_ADMIN_SOCKET, no --socket: the demo's own note leads there.
+        shown = subprocess.run([sys.executable, "-m", "supervisor.cli", "health", "--json"],
+                               cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+        assert shown.returncode == 0, shown.stdout + shown.stderr
+        assert json.loads(shown.stdout)["worker"]["pid"] == demo.pid
+        again = subprocess.run([sys.executable, "-m", "supervisor.cli", "demo", "--port",
+                                str(public), "--state", str(tmp_path / "demo2")], cwd=ROOT,
+                               env=env, capture_output=True, text=True, timeout=60)
+        assert again.returncode == 1
+        assert f"the public port (--port) {public} is held by pid {demo.pid} (" in again.stderr
+    finally:
+        demo.terminate()
+        demo.wait(30)
+        log.close()
