@@ -264,10 +264,12 @@ def _register_subcommands() -> None:
     from supervisor.client_cli import client
     from supervisor.gpu_check import gpu
     from supervisor.health_cli import health
+    from supervisor.models_cli import models
 
     main.add_command(health)
     main.add_command(gpu)
     main.add_command(client)
+    main.add_command(models)
 
 
 _register_subcommands()
