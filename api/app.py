@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
@@ -20,6 +21,9 @@ from api.service import GenerationService
 from api.store import ResultStore
 from api.webhooks import WebhookDispatcher, WebhookSettings
 from config import Settings
+
+if TYPE_CHECKING:
+    from api.model_urls import ModelUrlResolver
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +52,7 @@ class WrapperRuntime:
         self.uploader: S3Uploader | None = None
         self.webhooks: WebhookDispatcher | None = None
         self.service: GenerationService | None = None
+        self.model_session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
         s = self.settings
@@ -78,7 +83,7 @@ class WrapperRuntime:
             queue_size=s.api.queue_size, request_timeout=s.api.request_timeout,
             base64_max_bytes=s.api.base64_max_bytes,
             allow_private_webhooks=s.webhook.allow_private_targets, output_dir_why=output.why,
-            metrics=self.metrics)
+            metrics=self.metrics, model_urls=self._model_urls())
         webhooks, service = self.webhooks, self.service
         self.metrics.bind(spool=lambda: webhooks.pending, queue=service.queue_depth)
         await self.service.start()
@@ -92,11 +97,42 @@ class WrapperRuntime:
         logger.info("API wrapper listening on http://%s:%d (ComfyUI at %s)", self.host, self.port,
                     s.comfyui.url)
 
+    def _model_urls(self) -> "ModelUrlResolver | None":
+        """Model URLs in requests, when the operator turned them on (models.allow_request_urls)."""
+        m = self.settings.models
+        if not m.allow_request_urls:
+            return None
+        from api.model_urls import DEFAULT_MODEL_INPUTS, ModelUrlPolicy, ModelUrlResolver
+        from api.netcheck import GuardedResolver, check_url
+        from modelstore.cache import UrlCache
+        from modelstore.download import READ_BUFSIZE, Downloader
+        from modelstore.store import models_state_dir
+
+        policy = ModelUrlPolicy(allow=True, allowed_hosts=list(m.allowed_hosts),
+                                allow_private=m.allow_private_hosts)
+        connector = None if m.allow_private_hosts else \
+            aiohttp.TCPConnector(resolver=GuardedResolver())
+        self.model_session = aiohttp.ClientSession(connector=connector, read_bufsize=READ_BUFSIZE,
+                                                   auto_decompress=False)
+
+        async def check_target(url: str) -> None:  # every redirect hop, too
+            await check_url(url, m.allow_private_hosts)
+
+        downloader = Downloader(retries=m.retries, backoff_initial=m.backoff_initial,
+                                backoff_max=min(m.backoff_max, 30.0), read_timeout=m.read_timeout,
+                                session=self.model_session, check_target=check_target)
+        cache = UrlCache(models_state_dir(Path(self.settings.worker.state_dir)) / "cache",
+                         self.settings.comfyui_models_dir, downloader,
+                         int(m.cache_max_gb * 1e9))
+        return ModelUrlResolver(cache, policy, DEFAULT_MODEL_INPUTS)
+
     async def close(self) -> None:
         if self.runner:
             await self.runner.cleanup()
         if self.service:
             await self.service.stop()
+        if self.model_session:
+            await self.model_session.close()
         if self.webhooks:
             await self.webhooks.drain(timeout=5)
             await self.webhooks.close()

@@ -67,6 +67,9 @@ class Job:
     generated_at_ms: int | None = None
     completed_at_ms: int | None = None
     preprocess_ms: int = 0
+    model_download_ms: int = 0               # waiting for model URLs (0: none, or cached)
+    awaiting_models: bool = False            # the runner passes it by until its models are in
+    model_leases: list[Any] = field(default_factory=list)  # cache pins, released at the end
     steps: int = 0
     sampling_its: float | None = None
     last_progress: dict[str, Any] | None = None
@@ -102,6 +105,7 @@ class Job:
             "started_at_ms": self.started_at_ms,
             "queue_ms": (self.started_at_ms - self.queued_at_ms) if self.started_at_ms else 0,
             "preprocess_ms": self.preprocess_ms,
+            "model_download_ms": self.model_download_ms,
             "generation_ms": generation,
             "postprocess_ms": postprocess,
             "completed_at_ms": self.completed_at_ms,

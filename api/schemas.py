@@ -36,6 +36,8 @@ TIMINGS: dict[str, tuple[list[str] | str, str]] = {
     "started_at_ms": (["integer", "null"], "When ComfyUI was handed the prompt (Unix ms)."),
     "queue_ms": ("integer", "Time spent waiting in the queue."),
     "preprocess_ms": ("integer", "Time spent fetching and uploading input images."),
+    "model_download_ms": ("integer", "Time spent waiting for model URLs of the request "
+                                     "(models.allow_request_urls); 0 without any."),
     "generation_ms": ("integer", "Time ComfyUI spent on the prompt."),
     "postprocess_ms": ("integer", "Time spent collecting, inlining and uploading outputs."),
     "completed_at_ms": (["integer", "null"], "When the request ended (Unix ms)."),

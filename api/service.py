@@ -32,6 +32,13 @@ from api.comfy import (
 from api.comfy import Progress as ProgressEvent
 from api.inputs import InputError, InputFetcher, looks_like_image_reference
 from api.metrics import WrapperMetrics
+from api.model_urls import (
+    DEFAULT_MODEL_INPUTS,
+    MODEL_URLS_OFF,
+    ModelRef,
+    ModelUrlResolver,
+    find_model_urls,
+)
 from api.jobs import FailureKind, Job, JobStatus, now_ms
 from api.modifiers import ModifierRegistry, replace_random_ints
 from api.outputs import collect, inline_base64, missing
@@ -67,8 +74,10 @@ class GenerationService:
                  request_timeout: float, base64_max_bytes: int,
                  allow_private_webhooks: bool = False,
                  output_dir_why: str = "comfyui.output_dir",
-                 metrics: WrapperMetrics | None = None):
+                 metrics: WrapperMetrics | None = None,
+                 model_urls: ModelUrlResolver | None = None):
         self.client = client
+        self.model_urls = model_urls
         self.output_dir_why = output_dir_why
         self.metrics = metrics
         self.registry = registry
@@ -140,11 +149,13 @@ class GenerationService:
         if len(self._pending) >= self.queue_size:
             raise QueueFull()
         graph = self._build_graph(request)
+        refs = self._model_refs(request, graph)
         job = Job(request)
+        job.awaiting_models = bool(refs)
         job.prepared = asyncio.get_running_loop().create_future()
         self.active[job.id] = job
         self._pending.append(job)
-        self._spawn(self._prepare(job, graph), f"prepare-{job.id}")
+        self._spawn(self._prepare(job, graph, refs), f"prepare-{job.id}")
         if record_queued:
             job.persisting = self._spawn(self.store.save(job.to_record()), f"persist-{job.id}")
         self._wakeup.set()
@@ -153,6 +164,17 @@ class GenerationService:
 
     def _build_graph(self, request: GenerateRequest) -> dict[str, Any]:
         return build_graph(self.registry, request)
+
+    def _model_refs(self, request: GenerateRequest, graph: dict[str, Any]) -> list[ModelRef]:
+        """Model URLs in the graph; a URL that may not be fetched is a 400 now."""
+        inputs = self.model_urls.inputs if self.model_urls else DEFAULT_MODEL_INPUTS
+        refs = find_model_urls(graph, inputs)
+        if refs:
+            policy = self.model_urls.policy if self.model_urls else MODEL_URLS_OFF
+            problems = policy.problems(refs)
+            if problems:
+                raise RequestInvalid(problems, request.request_id)
+        return refs
 
     async def get(self, request_id: str) -> Job | dict[str, Any] | None:
         return self.active.get(request_id) or await self.store.get(request_id)
@@ -185,9 +207,11 @@ class GenerationService:
             logger.warning("stopping the prompt of %s failed: %s", job.id, exc)
 
     # --- stage 1: inputs ------------------------------------------------------------------------
-    async def _prepare(self, job: Job, graph: dict[str, Any]) -> None:
+    async def _prepare(self, job: Job, graph: dict[str, Any], refs: list[ModelRef]) -> None:
         started = time.monotonic()
         try:
+            if refs:
+                await self._fetch_models(job, graph, refs)
             graph = await self._upload_inputs(job, graph)
         except InputError as exc:
             job.prepared.set_exception(exc)
@@ -200,7 +224,24 @@ class GenerationService:
             job.prepared.set_result(graph)
             if self.current is not None:  # something runs: queue this one behind it in ComfyUI
                 self._prefetch_next()
-        job.preprocess_ms = int((time.monotonic() - started) * 1000)
+        job.preprocess_ms = int((time.monotonic() - started) * 1000) - job.model_download_ms
+
+    async def _fetch_models(self, job: Job, graph: dict[str, Any], refs: list[ModelRef]) -> None:
+        """Download (or find cached) the job's model URLs; the runner serves others meanwhile."""
+        assert self.model_urls is not None
+        started = time.monotonic()
+        try:
+            leases = await self.model_urls.resolve(graph, refs)
+            if job.status.terminal:  # cancelled while it waited: nothing holds the files now
+                self.model_urls.release(leases)
+            else:
+                job.model_leases = leases
+        finally:
+            job.model_download_ms = int((time.monotonic() - started) * 1000)
+            job.awaiting_models = False
+            self._wakeup.set()
+            if self.current is not None:
+                self._prefetch_next()
 
     async def _upload_inputs(self, job: Job, graph: dict[str, Any]) -> dict[str, Any]:
         count = 0
@@ -224,10 +265,12 @@ class GenerationService:
     # --- stage 2: ComfyUI -----------------------------------------------------------------------
     async def _run(self) -> None:
         while True:
-            while not self._pending:
+            job = self._next_job()
+            while job is None:
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            job = self._pending.popleft()
+                job = self._next_job()
+            self._pending.remove(job)
             for waiting in self._pending:
                 self._announce(waiting)
             self.current = job
@@ -359,12 +402,25 @@ class GenerationService:
         if self._prefetcher is None or self._prefetcher.done():
             self._prefetcher = asyncio.create_task(self._prefetch_waiting(), name="prefetch")
 
+    def _next_job(self) -> Job | None:
+        """The job to run next: ComfyUI's own queue order first (the prompts handed to it ahead,
+        in the order they were handed), else the first waiting job that is not waiting for a
+        model download — a download never holds ComfyUI while others could run."""
+        for job_id in self._prefetched:
+            job = self.active.get(job_id)
+            if job is not None and job in self._pending:
+                return job
+        for job in self._pending:
+            if not job.awaiting_models:
+                return job
+        return None
+
     async def _prefetch_waiting(self) -> None:
         index = 0
         while index < len(self._pending) and index < PREFETCH_DEPTH:
             job = self._pending[index]
             index += 1
-            if job.id in self._prefetched or job.cancel_requested:
+            if job.id in self._prefetched or job.cancel_requested or job.awaiting_models:
                 continue
             ready = job.prepared is not None and job.prepared.done() and \
                 job.prepared.exception() is None
@@ -465,6 +521,9 @@ class GenerationService:
         job.failure = failure if status is JobStatus.FAILED else None
         job.detail = detail or {}
         job.completed_at_ms = now_ms()
+        if job.model_leases and self.model_urls:  # the cache may evict its models from now on
+            self.model_urls.release(job.model_leases)
+            job.model_leases = []
         if job.generated_at_ms is None and job.started_at_ms:
             job.generated_at_ms = job.completed_at_ms
         self.served[status.value] += 1

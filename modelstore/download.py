@@ -77,6 +77,7 @@ class _Transfer:
         self.offset = 0
         self.total: int | None = None
         self.announced_sha256: str | None = None
+        self.before_write: BeforeWrite | None = None
 
     # These run in a worker thread.
     def hash_existing(self) -> int:
@@ -137,6 +138,9 @@ def check_space(folder: Path, needed: int | None, shown: str) -> None:
 
 
 TargetCheck = Callable[[str], Awaitable[None]]
+#: Called with the bytes still to write once the size is known, before any is written; it may
+#: make room (evict) or refuse by raising DownloadError.
+BeforeWrite = Callable[[int | None], Awaitable[None]]
 
 
 class Downloader:
@@ -167,13 +171,15 @@ class Downloader:
         return self._session
 
     async def fetch(self, source: Source, dest: Path, *, sha256: str | None = None,
-                    progress: FileProgress | None = None) -> Fetched:
+                    progress: FileProgress | None = None,
+                    before_write: BeforeWrite | None = None) -> Fetched:
         """Download `source` to `dest`; raises DownloadError (a subclass says which kind)."""
         progress = progress or FileProgress(dest.stem)
         part = part_path(dest)
         started = time.monotonic()
         handle = await asyncio.to_thread(_open_part, part, source.shown)
         transfer = _Transfer(handle, source.shown)
+        transfer.before_write = before_write
         try:
             if isinstance(source, S3Source):
                 await self._fetch_s3(source, transfer, part, progress)
@@ -316,6 +322,8 @@ class Downloader:
             raise error
         progress.total = transfer.total
         needed = transfer.total - transfer.offset if transfer.total is not None else None
+        if transfer.before_write is not None:
+            await transfer.before_write(needed)
         check_space(dest.parent, needed, shown)
         return True
 
