@@ -24,6 +24,10 @@ from api.comfy import (
     ComfyConnectionError,
     ComfyError,
     ComfyUnreachable,
+    Cached,
+    Executed,
+    Executing,
+    ExecutionStarted,
     Finished,
     PromptRejected,
     PromptStatus,
@@ -54,6 +58,9 @@ logger = logging.getLogger(__name__)
 
 #: Prompts handed to ComfyUI's queue ahead of the one running (ComfyUI runs them in order).
 PREFETCH_DEPTH = 8
+#: ComfyUI events that mean it is running the prompt, not merely holding it in its queue.
+_EXECUTING_EVENTS = (ExecutionStarted, Cached, Executing, ProgressEvent, Executed)
+
 #: Seconds a stopping wrapper waits for outputs, uploads and result files under way.
 STOP_GRACE = 10.0
 
@@ -96,6 +103,7 @@ class GenerationService:
         self.current: Job | None = None
         self.last_event_at: float | None = None  # monotonic, while a prompt runs
         self.served = collections.Counter()
+        self.requeued = 0  # prompts submitted again after ComfyUI lost them before they ran
         self._pending: collections.deque[Job] = collections.deque()
         # The next job's prompt, handed to ComfyUI's own queue while the current one runs, so
         # ComfyUI starts it the moment the current one ends: job id -> the submit task.
@@ -310,8 +318,12 @@ class GenerationService:
         self.last_event_at = time.monotonic()
         self._announce(job)
 
+        executing = [False]  # ComfyUI began running this prompt (not merely queued it)
+
         def on_event(event: Any) -> None:
             self.last_event_at = time.monotonic()
+            if isinstance(event, _EXECUTING_EVENTS):
+                executing[0] = True
             if isinstance(event, ProgressEvent):
                 job.last_progress = {"step": int(event.value), "max": int(event.max),
                                      "its": round(event.its_per_second, 3)
@@ -326,13 +338,26 @@ class GenerationService:
                 if first:  # ComfyUI has it: the next one may queue behind it now
                     self._prefetch_next()
 
+        deadline = time.monotonic() + self.request_timeout
         submitted = self._prefetched.pop(job.id, None)
-        if submitted is not None:
-            run = asyncio.create_task(self._wait_prefetched(submitted, graph, on_event))
-        else:
-            run = asyncio.create_task(self.client.run_prompt(graph, on_event=on_event))
         try:
-            result = await asyncio.wait_for(asyncio.shield(run), self.request_timeout)
+            while True:
+                if submitted is not None:
+                    run = asyncio.create_task(self._wait_prefetched(submitted, graph, on_event))
+                else:
+                    run = asyncio.create_task(self.client.run_prompt(graph, on_event=on_event))
+                submitted = None
+                try:
+                    result = await asyncio.wait_for(asyncio.shield(run),
+                                                    max(0.0, deadline - time.monotonic()))
+                    break
+                except (ComfyConnectionError, PromptVanished) as exc:
+                    # ComfyUI went away (or came back empty) before this prompt ever ran: not
+                    # this request's fault, so it goes again, in its turn, on the new ComfyUI.
+                    # Only a prompt that was running fails.
+                    if executing[0] or job.cancel_requested or \
+                            not await self._requeue_after_restart(job, exc, deadline):
+                        raise
         except asyncio.TimeoutError:
             await self._interrupt_and_wait(job, run)
             await self._finish(job, JobStatus.TIMEOUT,
@@ -389,6 +414,37 @@ class GenerationService:
         self._announce(job)
         # The runner moves on now: outputs, uploads and webhooks never hold ComfyUI.
         self._spawn(self._postprocess(job, result), f"postprocess-{job.id}")
+
+    async def _requeue_after_restart(self, job: Job, exc: Exception, deadline: float) -> bool:
+        """Wait for a ComfyUI that answers again, to submit `job` anew; False when time is up.
+
+        The prompts handed ahead to the old ComfyUI's queue died with it: forget them, so each
+        goes again in its turn (the next in line is handed ahead again once this one runs)."""
+        logger.warning("request %s: ComfyUI lost its prompt before it ran (%s); submitting it "
+                       "again on the restarted ComfyUI", job.id, exc)
+        self._forget_prefetched()
+        job.prompt_id = None
+        delay = 0.2
+        while time.monotonic() + delay < deadline:
+            await asyncio.sleep(delay)
+            if job.cancel_requested:
+                return False
+            try:
+                await self.client.queue(timeout=2.0)
+            except ComfyError:
+                delay = min(delay * 2, 2.0)
+                continue
+            self.requeued += 1
+            return True
+        return False
+
+    def _forget_prefetched(self) -> None:
+        if self._prefetcher is not None:
+            self._prefetcher.cancel()
+            self._prefetcher = None
+        for waiting in self._pending:
+            if self._prefetched.pop(waiting.id, None) is not None:
+                waiting.prompt_id = None
 
     def _prefetch_next(self) -> None:
         """Hand the waiting jobs' prompts to ComfyUI's own queue, in order, while one runs.

@@ -198,15 +198,40 @@ class Daemon:
                            reason: str) -> None:
         if new in (ChildState.RESTARTING, ChildState.FAILED, ChildState.STOPPED) and \
                 old in (ChildState.READY, ChildState.UNHEALTHY):
-            if self.public and self.public.dispatcher.abort_all(
-                    f"ComfyUI died during the request: {reason}"):
-                logger.warning("request in flight failed: ComfyUI %s", reason)
+            if self.public and self.public.dispatcher.busy:
+                self._tasks.append(asyncio.get_running_loop().create_task(
+                    self._abort_running(f"ComfyUI died during the request: {reason}"),
+                    name="abort-running"))
         if new in (ChildState.RESTARTING, ChildState.FAILED):
             self._event("comfyui", f"{old.value} -> {new.value}: {reason}")
         if new is ChildState.READY and not self.stopping:
             self._tasks.append(asyncio.get_running_loop().create_task(
                 self._learn_comfyui_version(), name="comfyui-version"))
         self._recompute()
+
+    def _restarting(self) -> bool:
+        """A child is on its way back (not failed, not stopping): worth waiting for."""
+        coming_back = (ChildState.RESTARTING, ChildState.STARTING)
+        return not (self.stopping or self.draining) and (
+            self.comfyui.state in coming_back or self.wrapper.state in coming_back)
+
+    async def _abort_running(self, message: str) -> None:
+        """Answer the request ComfyUI was running with a 502 now; the ones queued behind it stay
+        with the wrapper, which runs them on the new ComfyUI. The wrapper is asked which one
+        runs (this project's says so in /health); for another wrapper, the oldest is taken."""
+        running: str | None = None
+        known = False
+        assert self._session is not None
+        try:
+            async with self._session.get(f"{self.settings.wrapper.url}/health",
+                                         timeout=aiohttp.ClientTimeout(total=0.5)) as response:
+                detail = await response.json(content_type=None)
+            if isinstance(detail, dict) and "running" in detail:
+                running, known = detail["running"], True
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+            pass
+        if self.public and self.public.dispatcher.abort_running(message, running, known):
+            logger.warning("request in flight failed: %s", message)
 
     async def _learn_comfyui_version(self) -> None:
         try:
@@ -452,6 +477,7 @@ class Daemon:
             metrics=self.metrics, max_waiting=s.worker.queue_size,
             max_json_depth=s.worker.max_json_depth, request_timeout=s.api.request_timeout,
             liveness=self.liveness, snapshot=self.public_snapshot, hooks=hooks,
+            restarting=self._restarting,
             document=partial(public_api_document, s, gate.name),
             docs_public=s.worker.docs_public)
         app = self.public.build_app(s.worker.max_body_bytes)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -46,6 +47,10 @@ class RequestHooks:
     rejected: Callable[[Admitted | None], None] | None = None
 
 
+#: Longest an admitted request waits for a restarting child before it gets 503.
+RESTART_HOLD_TIMEOUT = 60.0
+
+
 class Dispatcher:
     """FIFO hand-off to the wrapper: `depth` requests in flight, `max_waiting` waiting here.
 
@@ -60,6 +65,7 @@ class Dispatcher:
         self._slots = asyncio.Semaphore(depth)   # FIFO: waiters are woken in arrival order
         self.waiting = 0
         self._in_flight: dict[asyncio.Future, str | None] = {}  # work -> abort reason
+        self._ids: dict[asyncio.Future, str | None] = {}        # work -> its request id
 
     @property
     def in_flight(self) -> int:
@@ -83,7 +89,21 @@ class Dispatcher:
                 aborted = True
         return aborted
 
-    async def run(self, work: Callable[[], Any], on_start: Callable[[], None]) -> Any:
+    def abort_running(self, reason: str, request_id: str | None, known: bool) -> bool:
+        """Fail only the request ComfyUI was running when it died: the others in flight wait
+        in the wrapper, which gives them to the new ComfyUI. With `known`, `request_id` is the
+        one the wrapper says runs (None: none runs); else the oldest in flight is taken, as
+        ComfyUI runs them in order."""
+        for work, rid in self._ids.items():
+            if work.done() or (known and rid != request_id):
+                continue
+            self._in_flight[work] = reason
+            work.cancel()
+            return True
+        return False
+
+    async def run(self, work: Callable[[], Any], on_start: Callable[[], None],
+                  request_id: str | None = None) -> Any:
         self.waiting += 1
         try:
             await self._slots.acquire()
@@ -91,6 +111,7 @@ class Dispatcher:
             self.waiting -= 1
         future = asyncio.ensure_future(work())
         self._in_flight[future] = None
+        self._ids[future] = request_id
         try:
             on_start()
             try:
@@ -103,6 +124,7 @@ class Dispatcher:
                 raise
         finally:
             del self._in_flight[future]
+            del self._ids[future]
             self._slots.release()
 
 
@@ -111,6 +133,7 @@ class PublicServer:
                  metrics: WorkerMetrics, max_waiting: int, max_json_depth: int,
                  request_timeout: float, liveness: Callable[[], tuple[bool, str]],
                  snapshot: Callable[[], dict[str, Any]], hooks: RequestHooks | None = None,
+                 restarting: Callable[[], bool] = lambda: False,
                  retry_after: int = 10, document: DocumentFactory | None = None,
                  docs_public: bool = False):
         self.tracker = tracker
@@ -123,6 +146,7 @@ class PublicServer:
         self.liveness = liveness
         self.snapshot = snapshot
         self.hooks = hooks or RequestHooks()
+        self.restarting = restarting
         self.retry_after = retry_after
         self.document = document
         self.docs_public = docs_public
@@ -219,11 +243,17 @@ class PublicServer:
         try:
             # Recheck after waiting: the worker may have turned unhealthy meanwhile.
             async def work() -> web.Response:
+                # A child restarting (ComfyUI after a crash) is a pause, not a refusal: a
+                # request already admitted waits it out, for a while, rather than fail.
+                hold_until = time.monotonic() + RESTART_HOLD_TIMEOUT
+                while not self.tracker.state.serving and self.restarting() and \
+                        time.monotonic() < hold_until:
+                    await asyncio.sleep(0.2)
                 if not self.tracker.state.serving:
                     return self._unavailable()
                 return await self._forward(admitted.payload, headers)
 
-            response = await self.dispatcher.run(work, on_start)
+            response = await self.dispatcher.run(work, on_start, _request_id(admitted.payload))
             status = response.status
             return response
         except Aborted as exc:
@@ -263,6 +293,18 @@ class PublicServer:
     async def live(self, request: web.Request) -> web.Response:
         alive, reason = self.liveness()
         return _json({"alive": alive, "reason": reason}, 200 if alive else 503)
+
+
+def _request_id(payload: dict[str, Any]) -> str:
+    """The request's id, made here (a UUID4, as the wrapper would) when the client sent none, so
+    the daemon can tell the wrapper's requests apart."""
+    body = payload.get("input")
+    if not isinstance(body, dict):
+        return ""
+    rid = body.get("request_id")
+    if rid in (None, ""):
+        rid = body["request_id"] = str(uuid.uuid4())
+    return str(rid)
 
 
 def _retry_after(upstream: aiohttp.ClientResponse) -> dict[str, str]:

@@ -157,6 +157,7 @@ def test_health_finds_a_running_demo_and_a_second_demo_names_the_port_holder(tmp
     public, comfy, wrapper = free_port(), free_port(), free_port()
     env = base_env(
         XDG_RUNTIME_DIR=str(tmp_path / "run"), BENCHMARK_ENABLED="false",
+        METRICS_PORT=str(free_port()),
         COMFYUI_URL=f"http://127.0.0.1:{comfy}", WRAPPER_URL=f"http://127.0.0.1:{wrapper}",
         COMFYUI_COMMAND=json.dumps([sys.executable, "-m", "simulator", "--listen", "127.0.0.1",
                                     "--port", str(comfy), "--base-directory",
