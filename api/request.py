@@ -35,22 +35,33 @@ INPUT_FIELDS: dict[str, str] = {
     "handler": "Accepted and ignored (sent by some clients of the ai-dock wrapper).",
 }
 #: Kinds a field of the ``s3`` and ``webhook`` blocks can have.
-STRING, OBJECT, SECONDS = "string", "object", "seconds"
+STRING, OBJECT, SECONDS, URL = "string", "object", "seconds", "url"
+#: Most seconds a webhook attempt may be given.
+MAX_SECONDS = 300.0
+_PORT = r"(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[0-9]{1,4})"
+#: An absolute http(s) URL (a blank value means "not given"). Checked with re.search, as JSON
+#: Schema's "pattern" is.
+URL_PATTERN = (r"^\s*$|^\s*[Hh][Tt][Tt][Pp][Ss]?://([A-Za-z0-9._~%!$&'()*+,;=:-]*@)?"
+               r"[A-Za-z0-9._~%!$&'()*+,;=-]+(:" + _PORT + r")?([/?#][\x21-\x7e]*)?\s*$")
 S3_FIELDS: dict[str, tuple[str, str]] = {
     "access_key_id": (STRING, "Access key id."),
     "secret_access_key": (STRING, "Secret access key; never logged or returned."),
-    "endpoint_url": (STRING, "S3-compatible endpoint; a request that sets its own must also "
+    "endpoint_url": (URL, "S3-compatible endpoint; a request that sets its own must also "
                              "bring its own keys."),
     "bucket_name": (STRING, "Bucket the outputs go to, as {request_id}/{filename}."),
     "region": (STRING, "Region of the bucket."),
 }
 WEBHOOK_FIELDS: dict[str, tuple[str, str]] = {
-    "url": (STRING, "Where the result is POSTed; must resolve to a public address unless the "
+    "url": (URL, "Where the result is POSTed; must resolve to a public address unless the "
                     "operator allows private targets."),
     "extra_params": (OBJECT, "Sent back as 'extra' in the webhook's body."),
     "secret": (STRING, "HMAC-SHA256 key: the body's signature is sent as X-Webhook-Signature."),
     "timeout": (SECONDS, "Seconds each delivery attempt may take."),
 }
+#: A request that picks its own S3 endpoint must bring its own keys: the operator's keys never
+#: sign uploads to an endpoint a client chose.
+S3_OWN_ENDPOINT = "endpoint_url"
+S3_OWN_KEYS = ("access_key_id", "secret_access_key")
 _INPUT_KEYS = set(INPUT_FIELDS)
 
 UI_FORMAT_HINT = (
@@ -165,8 +176,15 @@ def _kind_problem(kind: str, value: Any) -> str | None:
     if kind == OBJECT:
         return None if isinstance(value, dict) else "expected an object"
     if kind == SECONDS:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            return "expected a positive number of seconds"
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                not 0 < value <= MAX_SECONDS:
+            return f"expected a number of seconds, more than 0 and at most {MAX_SECONDS:g}"
+        return None
+    if kind == URL:
+        if not isinstance(value, str):
+            return "expected a string"
+        if not re.search(URL_PATTERN, value):
+            return "expected an absolute http(s) URL, like https://host:port/path"
         return None
     return None if isinstance(value, str) else "expected a string"
 
@@ -236,6 +254,13 @@ def parse_request(data: Any, *, headers: dict[str, str] | None = None) -> Genera
         check_api_graph(workflow, problems)
 
     _check_block(body.get("s3"), "s3", S3_FIELDS, problems)
+    s3 = body.get("s3")
+    if isinstance(s3, dict) and isinstance(s3.get(S3_OWN_ENDPOINT), str) and \
+            s3[S3_OWN_ENDPOINT] and not all(isinstance(s3.get(k), str) and s3[k]
+                                            for k in S3_OWN_KEYS):
+        problems[f"input.s3.{S3_OWN_ENDPOINT}"] = (
+            "a request that chooses its own S3 endpoint must also bring its own "
+            + " and ".join(S3_OWN_KEYS))
     _check_block(body.get("webhook"), "webhook", WEBHOOK_FIELDS, problems)
 
     flag = body.get("return_outputs_as_base64", False)

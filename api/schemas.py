@@ -22,8 +22,13 @@ from api.request import (
     OBJECT,
     REQUEST_ID_PATTERN,
     S3_FIELDS,
+    S3_OWN_ENDPOINT,
+    S3_OWN_KEYS,
+    MAX_SECONDS,
     SECONDS,
     STRING,
+    URL,
+    URL_PATTERN,
     WEBHOOK_FIELDS,
 )
 
@@ -59,7 +64,8 @@ def _nullable(schema: Schema) -> Schema:
 _KIND_SCHEMAS: dict[str, Schema] = {
     STRING: {"type": "string"},
     OBJECT: {"type": "object"},
-    SECONDS: {"type": "number", "exclusiveMinimum": 0},
+    SECONDS: {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_SECONDS},
+    URL: {"type": "string", "pattern": URL_PATTERN},
 }
 
 
@@ -216,7 +222,11 @@ def request_schemas(modifiers: list[Modifier], bound: Bound) -> dict[str, Schema
             "properties": {"class_type": {"type": "string", "minLength": 1},
                            "inputs": {"type": "object"}},
         },
-        "S3": _block(S3_FIELDS, INPUT_FIELDS["s3"]),
+        "S3": {**_block(S3_FIELDS, INPUT_FIELDS["s3"]),
+               "if": {"required": [S3_OWN_ENDPOINT],
+                      "properties": {S3_OWN_ENDPOINT: {"minLength": 1}}},
+               "then": {"required": list(S3_OWN_KEYS),
+                        "properties": {k: {"minLength": 1} for k in S3_OWN_KEYS}}},
         "Webhook": _block(WEBHOOK_FIELDS, INPUT_FIELDS["webhook"]),
     }
     for modifier in modifiers:

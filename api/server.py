@@ -20,11 +20,11 @@ from api.http import json_response as _json
 from api.jobs import Job
 from api.metrics import WrapperMetrics
 from api.openapi import wrapper_document
-from api.request import RequestInvalid, parse_json_body, parse_request
-from api.s3 import RequestFieldError
+from api.request import GenerateRequest, RequestInvalid, parse_json_body, parse_request
+from api.s3 import RequestFieldError, S3Settings
 from api.s3 import merge as merge_s3
 from api.service import DuplicateRequest, GenerationService, QueueFull
-from api.webhooks import check_webhook_url
+from api.webhooks import WebhookSettings, check_webhook_url
 from api.webhooks import merge as merge_webhook
 
 logger = logging.getLogger(__name__)
@@ -43,28 +43,30 @@ def _result_response(found: Job | dict[str, Any]) -> web.Response:
     return _json(body, found.get("_http_status", 200))
 
 
+def merge_blocks(parsed: GenerateRequest, s3_defaults: S3Settings,
+                 webhook_defaults: WebhookSettings
+                 ) -> tuple[dict[str, str], WebhookSettings | None]:
+    """The request's s3 and webhook blocks over the operator's: the problems, and the webhook
+    settings (None when its block has a problem)."""
+    problems: dict[str, str] = {}
+    hook = None
+    try:
+        merge_s3(s3_defaults, parsed.s3)
+    except RequestFieldError as exc:
+        problems[f"input.{exc.field}"] = exc.message
+    try:
+        hook = merge_webhook(webhook_defaults, parsed.webhook)
+    except RequestFieldError as exc:
+        problems[f"input.{exc.field}"] = exc.message
+    return problems, hook
+
+
 async def _read_request(request: web.Request, service: GenerationService, max_depth: int):
     raw = await request.read()  # over client_max_size: 413, answered by the middleware
     data = parse_json_body(raw, max_depth)
     parsed = parse_request(data, headers=dict(request.headers))
-    problems: dict[str, str] = {}
-    try:
-        merged = merge_s3(service.s3_defaults, parsed.s3)
-    except RequestFieldError as exc:
-        problems[f"input.{exc.field}"] = exc.message
-    else:
-        block = parsed.s3 or {}
-        # The operator's keys must not sign uploads to an endpoint the client picked.
-        if block.get("endpoint_url") and merged.endpoint_url != service.s3_defaults.endpoint_url \
-                and not (block.get("access_key_id") and block.get("secret_access_key")):
-            problems["input.s3.endpoint_url"] = (
-                "a request that chooses its own S3 endpoint must also bring its own "
-                "access_key_id and secret_access_key")
-    try:
-        hook = merge_webhook(service.webhook_defaults, parsed.webhook)
-    except RequestFieldError as exc:
-        problems[f"input.{exc.field}"] = exc.message
-    else:
+    problems, hook = merge_blocks(parsed, service.s3_defaults, service.webhook_defaults)
+    if hook is not None:
         if parsed.webhook and parsed.webhook.get("url"):
             trusted = {service.webhook_defaults.url} if service.webhook_defaults.url else set()
             reason = await check_webhook_url(hook.url, service.allow_private_webhooks, trusted)
@@ -135,15 +137,24 @@ async def generate_stream(request: web.Request) -> web.StreamResponse:
             await _send_event(response, event)
             if event.get("event") == "final_result":
                 break
-    except (asyncio.CancelledError, ConnectionResetError):
-        if not job.done.is_set():
-            asyncio.get_running_loop().create_task(service.cancel(job.id))
+    except asyncio.CancelledError:
+        _cancel_unfinished(service, job)
         raise
+    except ConnectionResetError:
+        # The client hung up between two events: like a cancelled handler, not a bug.
+        logger.info("client of %s stream disconnected; cancelling it", job.id)
+        _cancel_unfinished(service, job)
+        return response
     finally:
         if queue in job.listeners:
             job.listeners.remove(queue)
     await response.write_eof()
     return response
+
+
+def _cancel_unfinished(service: GenerationService, job: Job) -> None:
+    if not job.done.is_set():
+        asyncio.get_running_loop().create_task(service.cancel(job.id))
 
 
 async def _send_event(response: web.StreamResponse, event: dict[str, Any]) -> None:

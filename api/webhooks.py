@@ -41,6 +41,7 @@ from api.netcheck import (
     parse_http_url,
     redact_url,
 )
+from api.request import MAX_SECONDS
 from api.s3 import RequestFieldError
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ SIGNATURE_HEADER = "X-Webhook-Signature"
 DELIVERY_HEADER = "X-Webhook-Delivery"
 DEFAULT_TIMEOUT = 30.0
 # A client may not hold a delivery slot open for longer than this per try.
-MAX_TIMEOUT = 300.0
+MAX_TIMEOUT = MAX_SECONDS  # the request contract's bound (api.request)
 BODY_FIELDS = ("id", "status", "message", "output", "timings")
 _SPOOL_VERSION = 1
 

@@ -23,8 +23,10 @@ from api.modifiers import BUILTIN_DIR, ModifierRegistry
 from api.openapi import public_document, wrapper_document
 from api.request import RequestInvalid, parse_json_body, parse_request
 from api.schemas import standalone
-from api.server import build_app
+from api.s3 import S3Settings
+from api.server import build_app, merge_blocks
 from api.service import build_graph
+from api.webhooks import WebhookSettings
 from supervisor.autoscaler import REQUIRED_AUTH_FIELDS
 from supervisor.gates import TokenGate
 from supervisor.public import PublicServer
@@ -166,12 +168,20 @@ def test_an_operators_modifier_appears_with_its_keys(tmp_path):
 
 
 # --- the validator and the schema agree ------------------------------------------------------------
-def wrapper_accepts(document) -> bool:
+def wrapper_problems(document) -> dict[str, str]:
+    """What the wrapper finds wrong with a body, as /generate does before queueing it (all but
+    the DNS lookup of a webhook's host)."""
     try:
-        build_graph(REGISTRY, parse_request(document))
-    except RequestInvalid:
-        return False
-    return True
+        parsed = parse_request(document)
+        problems, _ = merge_blocks(parsed, S3Settings(), WebhookSettings())
+        build_graph(REGISTRY, parsed)
+    except RequestInvalid as exc:
+        return exc.problems
+    return problems
+
+
+def wrapper_accepts(document) -> bool:
+    return not wrapper_problems(document)
 
 
 def check_agreement(document) -> None:
@@ -183,10 +193,7 @@ def check_agreement(document) -> None:
     by_wrapper = wrapper_accepts(document)
     if by_schema != by_wrapper:
         why = [e.message for e in SCHEMA.iter_errors(document)][:3]
-        try:
-            build_graph(REGISTRY, parse_request(document))
-        except RequestInvalid as exc:
-            why.append(f"wrapper: {exc.problems}")
+        why.append(f"wrapper: {wrapper_problems(document)}")
         raise AssertionError(f"schema {'accepts' if by_schema else 'refuses'}, wrapper "
                              f"{'accepts' if by_wrapper else 'refuses'}: {document!r} ({why})")
 
@@ -222,13 +229,22 @@ def modifications_near(name: str) -> st.SearchStrategy:
 request_ids = (st.text(alphabet=string.ascii_letters + string.digits + "._-/\n ", max_size=6)
                | st.integers(120, 132).map(lambda n: "a" * n)
                | st.sampled_from(["", None, "ok\n", "-x", "x.y", 7]))
+urls = st.builds(lambda scheme, user, host, port, rest: f"{scheme}{user}{host}{port}{rest}",
+                 st.sampled_from(["http://", "https://", "HTTP://", "ftp://", "http:/", " http://"]),
+                 st.sampled_from(["", "u:p@", "@", "u@"]),
+                 st.sampled_from(["h", "127.0.0.1", "a.b-c", "", "[::1]", "h h", "\u00e9"]),
+                 st.sampled_from(["", ":", ":80", ":65535", ":65536", ":99999", ":0", ":x"]),
+                 st.sampled_from(["", "/", "/p?q=1#f", " ", "\n", "/a b"]))
 blocks = st.fixed_dictionaries({}, optional={
-    "s3": st.none() | st.dictionaries(st.sampled_from(["bucket_name", "region", "nope"]),
-                                      st.text(max_size=3) | st.sampled_from([1, None]),
-                                      max_size=2),
+    "s3": st.none() | st.dictionaries(
+        st.sampled_from(["bucket_name", "endpoint_url", "access_key_id", "secret_access_key",
+                         "nope"]),
+        st.sampled_from(["", " ", "k", "http://127.0.0.1:9", "HTTPS://h:65535/p?q", 1, None]),
+        max_size=4),
     "webhook": st.none() | st.dictionaries(
         st.sampled_from(["url", "timeout", "extra_params", "secret"]),
-        st.sampled_from([0, -1, 0.5, 30, True, "5", {}, {"a": 1}, "https://x.invalid/"]),
+        st.sampled_from([0, -1, 0.5, 30, 300, 300.5, True, "5", {}, {"a": 1}, "", "x"])
+        | urls,
         max_size=2),
     "return_outputs_as_base64": st.sampled_from([True, False, None, 1]),
     "request_id": request_ids,
@@ -259,6 +275,8 @@ near_valid = st.one_of(*[modifier_body(name) for name in REGISTRY.names()], work
 @example({"input": {"modifier": "Text2Image", "modifications": {"cfg": 1, "cfg_scale": 2}}})
 @example({"input": {"modifier": "Image2Image", "modifications": {"image": "x"}}})
 @example({"input": {"modifier": "Image2Image"}})
+@example({"input": {"modifier": "Text2Image", "s3": {"endpoint_url": "http://127.0.0.1:9",
+                                                     "access_key_id": "k"}}})
 @example({"input": {"workflow_json": {"nodes": [], "links": []}}})
 def test_validator_and_schema_agree_near_the_modifiers_bounds(document):
     check_agreement(document)
@@ -279,3 +297,37 @@ def test_agreement_is_not_vacuous():
     assert not SCHEMA.is_valid({"input": {"modifier": "Text2Image",
                                           "modifications": {"width": 60}}})
     assert not SCHEMA.is_valid({"input": {"modifier": "Nope"}})
+
+
+# --- who may read the public port's docs ------------------------------------------------------------
+class _FakeAutoscalerGate:
+    name = "autoscaler"
+
+
+@pytest.mark.parametrize(("gate", "docs_public", "headers", "status"), [
+    (TokenGate("t"), False, {}, 401),                                   # the default
+    (TokenGate("t"), False, {"Authorization": "Bearer nope"}, 401),
+    (TokenGate("t"), False, {"Authorization": "Bearer t"}, 200),
+    (TokenGate("t"), True, {}, 200),                                    # worker.docs_public
+    (_FakeAutoscalerGate(), False, {}, 401),
+    (_FakeAutoscalerGate(), True, {}, 200),
+], ids=["token-missing", "token-wrong", "token-given", "docs-public", "autoscaler",
+        "autoscaler-docs-public"])
+async def test_public_docs_need_the_token_unless_docs_public(gate, docs_public, headers, status):
+    from aiohttp import ClientSession
+    from aiohttp.test_utils import TestServer
+
+    document = public_document(REGISTRY, gate.name, docs_public=docs_public)
+    server = PublicServer(tracker=None, gate=gate, wrapper_url="http://127.0.0.1:1", metrics=None,
+                          max_waiting=1, max_json_depth=8, request_timeout=1,
+                          liveness=lambda: (True, "ticking"), snapshot=dict,
+                          document=lambda: document, docs_public=docs_public)
+    async with TestServer(server.build_app(1024)) as test_server, ClientSession() as session:
+        for path in ("/openapi.json", "/docs", "/docs/swagger-ui.css"):
+            async with session.get(test_server.make_url(path), headers=headers) as answer:
+                assert answer.status == status, (path, await answer.text())
+                if status == 401:
+                    error = (await answer.json())["error"]
+                    assert "docs_public" in error       # names the setting that opens them
+        async with session.get(test_server.make_url("/health/live")) as answer:
+            assert answer.status == 200                 # the probes never need the token
