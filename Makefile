@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test demo bench system-tools clean
+.PHONY: venv test demo bench contract system-tools clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ system-tools:
 
 test: $(STAMP) system-tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The contract tests at length: every Schemathesis phase (coverage included), more cases.
+contract: $(STAMP)
+	CONTRACT_EXAMPLES=$${CONTRACT_EXAMPLES:-200} CONTRACT_PHASES=examples,coverage,fuzzing,stateful \
+	  CONTRACT_TIMEOUT=1500 $(BIN)/python -m pytest tests/test_contract.py --timeout=3600 $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmark.perf.wrapper_latency

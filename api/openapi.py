@@ -118,6 +118,13 @@ def _info(title: str, description: str) -> dict[str, Any]:
             "license": {"name": "MIT", "identifier": "MIT"}}
 
 
+def _event(names: list[str], data: str) -> dict[str, Any]:
+    return {"type": "object", "required": ["event", "data"],
+            "properties": {"event": {"enum": names},
+                           "data": {"type": "string", "contentMediaType": _JSON,
+                                    "contentSchema": ref(data)}}}
+
+
 # --- the wrapper ----------------------------------------------------------------------------------
 def wrapper_document(registry: ModifierRegistry) -> Document:
     """The API wrapper (`comfy-worker api`, on loopback): no authentication of its own."""
@@ -127,10 +134,10 @@ def wrapper_document(registry: ModifierRegistry) -> Document:
                        "`progress` per sampler step (step, max, its), and last `final_result` "
                        "with the whole result. Each event's data is JSON: StreamStatus, or "
                        "StreamFinal for final_result.",
-        "content": {"text/event-stream": {
-            "schema": {"type": "string"},
-            "x-events": {"queued": ref("StreamStatus"), "status": ref("StreamStatus"),
-                         "progress": ref("StreamStatus"), "final_result": ref("StreamFinal")}}},
+        # As OpenAPI 3.2 reads an event stream: the schema is one event's (event, data).
+        "content": {"text/event-stream": {"schema": {"oneOf": [
+            _event(["queued", "status", "progress"], "StreamStatus"),
+            _event(["final_result"], "StreamFinal")]}}},
     }
     paths: dict[str, Any] = {
         "/generate/sync": {"post": {
@@ -145,7 +152,8 @@ def wrapper_document(registry: ModifierRegistry) -> Document:
             "tags": ["generate"], "operationId": "generateAsync",
             "summary": "Queue a request; read its result later at /result/{request_id}.",
             **generate,
-            "responses": {"202": _answer("Accepted: the request and its id.", "Result"),
+            "responses": {"202": {**_answer("Accepted: the request and its id.", "Result"),
+                                  "links": _FOLLOW},
                           "400": _answer("Invalid request.", "Error"),
                           "409": _DUPLICATE,
                           "413": _RAN["413"], "500": _RAN["500"], "503": _QUEUE_FULL}}},
@@ -208,6 +216,14 @@ def wrapper_document(registry: ModifierRegistry) -> Document:
         "components": {"schemas": _components(registry)},
     }
 
+
+#: What a client does next with an accepted request's id.
+_FOLLOW = {
+    "result": {"operationId": "getResult", "parameters": {"request_id": "$response.body#/id"},
+               "description": "Poll the request's result."},
+    "cancel": {"operationId": "cancel", "parameters": {"request_id": "$response.body#/id"},
+               "description": "Cancel the request."},
+}
 
 _ID_PARAMETER = {"name": "request_id", "in": "path", "required": True,
                  "description": "The request's id (input.request_id, or the one made for it).",
