@@ -186,7 +186,10 @@ def demo_command(ctx: click.Context, port: int, state_dir: str) -> None:
         f"{{\"prompt\": \"a lighthouse at dusk\", \"width\": 256, \"height\": 256, "
         f"\"steps\": 10}}}}}}' http://127.0.0.1:{settings.worker.port}/generate/sync\n"
         f"  health: .venv/bin/comfy-worker health   (it finds this demo's admin socket, "
-        f"{socket})\n  files in {state_dir}/ ; Ctrl-C stops it.\n", err=True)
+        f"{socket})\n"
+        + (f"  metrics: curl -s http://{settings.metrics.host}:{settings.metrics.port}/metrics\n"
+           if settings.metrics.port else "")
+        + f"  files in {state_dir}/ ; Ctrl-C stops it.\n", err=True)
     try:
         _run_daemon(settings)
     finally:
