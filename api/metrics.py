@@ -45,7 +45,8 @@ class WrapperMetrics:
             "comfy_worker_stage_duration_seconds",
             "Seconds each stage of a finished request took: queue (waiting for ComfyUI), inputs "
             "(fetching and uploading input images), generation (ComfyUI running the prompt), "
-            "outputs (collecting files and the S3 upload).", ["stage"],
+            "outputs (collecting files and the S3 upload); upload is the S3 part of outputs "
+            "alone, for requests that upload.", ["stage"],
             buckets=STAGE_BUCKETS, registry=r)
         self.sampling = Gauge("comfy_worker_last_sampling_iterations_per_second",
                               "Sampler it/s of the last request that reported progress.",
@@ -69,7 +70,7 @@ class WrapperMetrics:
                 self.jobs.labels(status.value)
         for kind in FailureKind:
             self.jobs.labels(kind.value)
-        for stage in STAGES:
+        for stage in (*STAGES, "upload"):
             self.stage.labels(stage)
         for result in ("uploaded", "failed"):
             self.uploads.labels(result)

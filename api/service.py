@@ -559,7 +559,10 @@ class GenerationService:
         files = [e for e in entries if e.get("local_path") and not e.get("error")
                  and e.get("type") != "text"]
         items = [UploadItem(Path(e["local_path"]), e["filename"], e["mimetype"]) for e in files]
+        started = time.monotonic()
         outcomes = await self.uploader.upload(settings, job.id, items)
+        if self.metrics and items:
+            self.metrics.stage.labels("upload").observe(time.monotonic() - started)
         for entry, outcome in zip(files, outcomes):
             if outcome.url:
                 entry["url"] = outcome.url

@@ -169,6 +169,43 @@ def test_failed_requests_are_sent_too(stack):
         hooks.close()
 
 
+def wrapper_figures(url: str) -> dict[tuple[str, tuple], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(url + "/metrics", timeout=5).read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_wrapper_metrics_count_uploads_webhooks_and_stages(stack):
+    _, wrapper, _ = stack
+    hooks = Hooks()
+    uploaded = ("comfy_worker_uploads_total", (("result", "uploaded"),))
+    failed = ("comfy_worker_uploads_total", (("result", "failed"),))
+    delivered = ("comfy_worker_webhook_deliveries_total", (("result", "delivered"),))
+    upload_stage = ("comfy_worker_stage_duration_seconds_count", (("stage", "upload"),))
+    generation = ("comfy_worker_stage_duration_seconds_count", (("stage", "generation"),))
+    completed = ("comfy_worker_jobs_total", (("outcome", "completed"),))
+    try:
+        before = wrapper_figures(wrapper.url)
+        assert post_json(wrapper.url + "/generate/sync", {"input": {
+            "workflow_json": tiny("metrics-ok"), "webhook": {"url": hooks.url}}})[0] == 200
+        assert post_json(wrapper.url + "/generate/sync", {"input": {
+            "workflow_json": tiny("metrics-nobucket"),
+            "s3": {"bucket_name": "no-such-bucket"}}})[0] == 200
+        wait_until(lambda: wrapper_figures(wrapper.url)[delivered] > before[delivered], 15,
+                   "the delivered webhook counted")
+        after = wrapper_figures(wrapper.url)
+    finally:
+        hooks.close()
+    assert after[uploaded] == before[uploaded] + 1
+    assert after[failed] == before[failed] + 1
+    assert after[upload_stage] == before[upload_stage] + 2
+    assert after[generation] == before[generation] + 2
+    assert after[completed] == before[completed] + 2
+    assert after[("comfy_worker_webhook_spool_deliveries", ())] == 0
+
+
 def test_undelivered_webhook_survives_a_wrapper_restart(tmp_path):
     port = free_port()
     state = tmp_path / "state"
