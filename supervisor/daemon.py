@@ -30,7 +30,6 @@ from supervisor.admin import AdminServer
 from supervisor.child import ChildProcess, ChildSpec, ChildState, ProbeFailed
 from supervisor.comfy_watch import ComfyWatch
 from supervisor.gates import AutoscalerGate, Gate, OpenGate, TokenGate
-from supervisor.child import ChildState as _ChildState
 from supervisor.metric_families import (
     benchmark_families,
     child_families,
@@ -313,7 +312,7 @@ class Daemon:
         """What /metrics reads at each scrape; each part is asked, nothing is copied ahead."""
         from benchmark import BenchmarkStatus
 
-        states = [state.value for state in _ChildState]
+        states = [state.value for state in ChildState]
         verdicts = [status.value for status in BenchmarkStatus]
         self.metrics.add_source(self._info_families)
         self.metrics.add_source(lambda: child_families((self.comfyui, self.wrapper), states))
