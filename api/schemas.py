@@ -70,7 +70,7 @@ _KIND_SCHEMAS: dict[str, Schema] = {
 
 
 def _block(fields: dict[str, tuple[str, str]], description: str) -> Schema:
-    return {"type": ["object", "null"], "description": description, "additionalProperties": False,
+    return {"type": "object", "description": description, "additionalProperties": False,
             "properties": {key: {**_KIND_SCHEMAS[kind], "description": doc}
                            for key, (kind, doc) in fields.items()}}
 
@@ -141,6 +141,10 @@ def _needs_modifications(modifier: Modifier) -> bool:
     return any(b.required and b.default is None for b in modifier.bindings.values())
 
 
+# (not `"const": {}`: client generators take only scalar constants)
+_EMPTY_OBJECT: Schema = {"type": "object", "maxProperties": 0}
+
+
 def _common_input() -> Schema:
     return {
         "request_id": {"type": ["string", "null"], "description": INPUT_FIELDS["request_id"],
@@ -149,8 +153,8 @@ def _common_input() -> Schema:
                        "anyOf": [{"const": ""}, {"pattern": REQUEST_ID_PATTERN,
                                                  "not": {"pattern": "\n"}},
                                  {"type": "null"}]},
-        "s3": ref("S3"),
-        "webhook": ref("Webhook"),
+        "s3": _nullable(ref("S3")),
+        "webhook": _nullable(ref("Webhook")),
         "return_outputs_as_base64": {"type": "boolean", "default": False,
                                      "description": INPUT_FIELDS["return_outputs_as_base64"]},
         "handler": {"description": INPUT_FIELDS["handler"]},
@@ -176,7 +180,8 @@ def modifier_input(modifier: Modifier) -> Schema:
         "properties": {
             "modifier": {"const": modifier.name, "description": INPUT_FIELDS["modifier"]},
             "modifications": {**modifications, "description": INPUT_FIELDS["modifications"]},
-            "workflow_json": {"enum": [None, {}, ""], "description": "Absent with a modifier."},
+            "workflow_json": {"anyOf": [{"type": "null"}, _EMPTY_OBJECT, {"const": ""}],
+                              "description": "Absent with a modifier."},
             **_common_input(),
         },
     }
@@ -188,8 +193,9 @@ def workflow_input() -> Schema:
         "required": ["workflow_json"],
         "properties": {
             "workflow_json": ref("WorkflowGraph"),
-            "modifier": {"enum": [None, ""], "description": "Absent with workflow_json."},
-            "modifications": {"anyOf": [{"type": "null"}, {"const": {}}],
+            "modifier": {"anyOf": [{"type": "null"}, {"const": ""}],
+                         "description": "Absent with workflow_json."},
+            "modifications": {"anyOf": [{"type": "null"}, _EMPTY_OBJECT],
                               "description": "Absent with workflow_json."},
             **_common_input(),
         },

@@ -331,3 +331,21 @@ async def test_public_docs_need_the_token_unless_docs_public(gate, docs_public, 
                     assert "docs_public" in error       # names the setting that opens them
         async with session.get(test_server.make_url("/health/live")) as answer:
             assert answer.status == 200                 # the probes never need the token
+
+
+def test_constants_are_scalars_so_client_generators_take_the_document():
+    """openapi-python-client refuses an object or array as a const or enum value."""
+    def walk(node, where):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "const":
+                    assert not isinstance(value, (dict, list)), where
+                elif key == "enum":
+                    assert all(not isinstance(v, (dict, list)) for v in value), where
+                walk(value, f"{where}/{key}")
+        elif isinstance(node, list):
+            for i, value in enumerate(node):
+                walk(value, f"{where}/{i}")
+
+    for document in [WRAPPER, *public_documents().values()]:
+        walk(document, "#")
