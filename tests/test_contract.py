@@ -58,6 +58,8 @@ def assert_passed(run: subprocess.CompletedProcess) -> None:
     assert run.returncode == 0, report[-15000:]
     counts = re.search(r"(\d+) generated, (\d+) passed", report)
     assert counts and counts[1] == counts[2] and int(counts[1]) > 0, report[-5000:]
+    print(f"schemathesis: {counts[0]} ({PHASES}, at most {EXAMPLES} per operation, "
+          f"seed {SEED})")
 
 
 def assert_no_bug_logged(*logs: str) -> None:
