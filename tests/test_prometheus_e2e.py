@@ -184,3 +184,32 @@ def test_a_real_prometheus_scrapes_the_worker_and_every_query_works(tmp_path):
                 server.kill()
                 server.wait(5)
             log.close()
+
+
+def test_the_dashboard_is_importable_as_is():
+    """No data source UID of ours baked in (the importer picks one), ids unique, panels on the
+    grid without overlapping, a fleet row and a per-node row driven by the variables."""
+    board = json.loads(DASHBOARD.read_text())
+    variables = {v["name"]: v for v in board["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == "prometheus"
+    assert {"instance", "gpu"} <= set(variables)
+    panels = board["panels"]
+    assert len({p["id"] for p in panels}) == len(panels)
+    rows = [p["title"] for p in panels if p["type"] == "row"]
+    assert rows == ["Fleet", "Node $instance"]
+    cells = set()
+    for panel in panels:
+        grid = panel["gridPos"]
+        assert grid["x"] + grid["w"] <= 24, panel["title"]
+        for x in range(grid["x"], grid["x"] + grid["w"]):
+            for y in range(grid["y"], grid["y"] + grid["h"]):
+                assert (x, y) not in cells, f"{panel['title']} overlaps another panel"
+                cells.add((x, y))
+        if panel["type"] != "row":
+            assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+            assert panel["targets"], panel["title"]
+            assert all(t["datasource"]["uid"] == "${datasource}" for t in panel["targets"])
+    node = panels[[p["title"] for p in panels].index("Node $instance"):]
+    assert all('instance="$instance"' in t["expr"] for p in node if p["type"] != "row"
+               for t in p["targets"]), "every per-node panel follows the node variable"
