@@ -15,6 +15,7 @@ with more.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -25,6 +26,7 @@ import pytest
 
 from tests.procs import ROOT, base_env, get_json, post_json, start_daemon, start_wrapper
 from tests.test_api_wrapper import TINY
+from tests.test_openapi_e2e import OPERATOR_MODIFIER
 from simulator.testing import start_simulator
 
 TOKEN = "contract-t0ken"
@@ -93,7 +95,11 @@ def test_wrapper_keeps_its_documented_contract(wrapper):
 @pytest.fixture(scope="module")
 def worker(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("contract-worker")
-    env = {**LIMITS, **LOOPBACK_ALLOWED, "WORKER_DOCS_PUBLIC": "true"}
+    modifiers = tmp / "modifiers"        # an operator's own modifier is generated for too
+    modifiers.mkdir()
+    (modifiers / "Blank.json").write_text(json.dumps(OPERATOR_MODIFIER))
+    env = {**LIMITS, **LOOPBACK_ALLOWED, "WORKER_DOCS_PUBLIC": "true",
+           "API_MODIFIERS_DIR": str(modifiers)}
     with start_daemon(tmp, "--step-seconds", "0.001", token=TOKEN, extra_env=env) as running:
         running.pids = pids(running)
         yield running
@@ -109,6 +115,9 @@ def test_public_port_documents_only_its_own_routes(worker):
     assert set(document["paths"]) == {"/generate/sync", "/health", "/health/live",
                                       "/openapi.json", "/docs", "/docs/{asset}"}
     assert document["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    # the daemon reads the modifiers as the wrapper does: the operator's is documented here too
+    width = document["components"]["schemas"]["Modifications_Blank"]["properties"]["width"]
+    assert width["maximum"] == 64                                   # API_MAX_DIMENSION
 
 
 def test_public_port_keeps_its_documented_contract(worker):

@@ -349,3 +349,21 @@ def test_constants_are_scalars_so_client_generators_take_the_document():
 
     for document in [WRAPPER, *public_documents().values()]:
         walk(document, "#")
+
+
+def test_result_schema_has_every_field_a_result_carries():
+    """The answer schemas are strict (no other fields): a field added to results must be
+    documented, or this fails (and so do the contract tests, on the wire)."""
+    from api.jobs import FailureKind, Job, JobStatus
+    from api.request import GenerateRequest
+    from api.schemas import TIMINGS
+
+    components = WRAPPER["components"]["schemas"]
+    job = Job(GenerateRequest(request_id="r1"))
+    assert list(job.timings()) == list(TIMINGS)
+    job.status, job.failure, job.prompt_id = JobStatus.FAILED, FailureKind.EXECUTION, "p"
+    job.detail = {"error": {"type": "execution_error"}, "node_errors": {}, "errors": {}}
+    validator = Draft202012Validator(standalone("Result", components))
+    assert not [e.message for e in validator.iter_errors(job.result())]
+    assert set(job.result()) == set(components["Result"]["properties"])
+    assert not validator.is_valid({**job.result(), "surprise": 1})
