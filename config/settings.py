@@ -17,6 +17,7 @@ from typing import Any
 from config.types import (
     Bool,
     Float,
+    GpuSelection,
     Int,
     PathType,
     SettingType,
@@ -146,9 +147,14 @@ SETTINGS: tuple[Setting, ...] = (
             "Rotated log files kept per child.", ("SUPERVISOR_LOG_BACKUPS",)),
     # --- comfyui --------------------------------------------------------------------------------
     Setting("comfyui", "command", StrList(),
-            ["/opt/ComfyUI/venv/bin/python", "main.py", "--listen", "127.0.0.1", "--port", "18188",
-             "--disable-auto-launch"],
-            "Command that starts ComfyUI.", ("COMFYUI_COMMAND",)),
+            ["/opt/ComfyUI/venv/bin/python", "main.py", "--listen", "127.0.0.1", "--port", "{port}",
+             "--disable-auto-launch", "{instance_folders}"],
+            "Command that starts ComfyUI; a template with placeholders such as {port} and "
+            "{instance_folders} (README: multi-GPU hosts).", ("COMFYUI_COMMAND",)),
+    Setting("comfyui", "gpus", GpuSelection(), "all",
+            "GPUs that each get an instance (ComfyUI + wrapper): \"all\" (every GPU NVML "
+            "reports), or a list of indexes, or of UUIDs. Instance i listens on the ports of "
+            "comfyui.url and wrapper.url + i.", ("COMFYUI_GPUS",)),
     Setting("comfyui", "cwd", PathType(), "/opt/ComfyUI", "Working folder of ComfyUI.",
             ("COMFYUI_CWD",)),
     Setting("comfyui", "env", StrMap(), {}, "Extra environment for ComfyUI.", ("COMFYUI_ENV",)),
@@ -304,6 +310,10 @@ SETTINGS: tuple[Setting, ...] = (
             ("BENCHMARK_CACHE_MAX_AGE",)),
     Setting("benchmark", "run_timeout", Float(1, 86400), 1200.0,
             "Seconds one benchmark run may take.", ("BENCHMARK_RUN_TIMEOUT",)),
+    Setting("benchmark", "sequential", Bool(), False,
+            "Benchmark the instances of a multi-GPU host one after another instead of all at "
+            "once (when they share a power or cooling budget that skews a concurrent run).",
+            ("BENCHMARK_SEQUENTIAL",)),
     Setting("benchmark", "prompts_file", PathType(), "",
             "Prompt list (default: the packaged misc/test_prompts.txt).", ("BENCHMARK_PROMPTS_FILE",)),
     # --- autoscaler -----------------------------------------------------------------------------

@@ -256,3 +256,45 @@ class TableList(SettingType):
 
     def to_toml(self, value: Any) -> str:
         return json.dumps(value)
+
+
+class GpuSelection(SettingType):
+    """Which GPUs get an instance: "all", or a list of NVML indexes, or a list of GPU UUIDs.
+
+    In the environment: ``all``, ``0,1,2`` or ``GPU-…,GPU-…`` (a JSON array works too). The value
+    is kept as "all" or a list of strings (indexes as their digits), so one rule reads it."""
+
+    expected = ('"all", a list of GPU indexes (0,1,...) or a list of GPU UUIDs (GPU-...), '
+                'without repeats')
+
+    def from_env(self, text: str) -> Any:
+        text = text.strip()
+        if text.startswith("["):
+            try:
+                return self.check(json.loads(text))
+            except json.JSONDecodeError:
+                raise self.fail() from None
+        if text.lower() == "all":
+            return "all"
+        return self.check([part.strip() for part in text.split(",") if part.strip()])
+
+    def check(self, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().lower() == "all":
+            return "all"
+        if not isinstance(value, list) or not value:
+            raise self.fail()
+        items = []
+        for item in value:
+            if isinstance(item, bool) or not isinstance(item, (int, str)):
+                raise self.fail()
+            items.append(str(item).strip())
+        indexes = all(i.isdigit() for i in items)
+        uuids = all(i.upper().startswith(("GPU-", "MIG-")) for i in items)
+        if not (indexes or uuids) or len(set(items)) != len(items):
+            raise self.fail()
+        return items
+
+    def to_toml(self, value: Any) -> str:
+        if value == "all":
+            return '"all"'
+        return "[" + ", ".join(v if v.isdigit() else json.dumps(v) for v in value) + "]"

@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     comfy.add_argument("--temp-directory", type=str, default=None,
                        help="Temp files go in a 'temp' folder inside this one (overrides base).")
     comfy.add_argument("--user-directory", type=str, default=None, help="User folder (overrides base).")
+    comfy.add_argument("--database-url", type=str, default=None, metavar="URL",
+                       help="ComfyUI's SQLite database (accepted; the simulator keeps none).")
     comfy.add_argument("--strict-base-directory", action="store_true",
                        help="Fail at start, as ComfyUI 0.3.64 does, when --base-directory has no custom_nodes/ "
                             "folder (off by default so tests need not create it).")

@@ -1,7 +1,7 @@
 """The admin interface: HTTP over a Unix socket (mode 0660) for `comfy-worker health` and friends.
 
 Routes: GET /status (the full snapshot), POST /restart/comfyui, POST /benchmark, POST /drain,
-POST /resume. Only local users in the socket's group reach it; nothing of it is on the public port.
+POST /resume; each action takes `?instance=N` for one instance of a multi-GPU host (all by default). Only local users in the socket's group reach it; nothing of it is on the public port.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ SOCKET_MODE = 0o660
 
 class AdminServer:
     def __init__(self, path: Path, *, snapshot: Callable[[], dict[str, Any]],
-                 actions: dict[str, Callable[[], Awaitable[dict[str, Any]]]]):
+                 actions: dict[str, Callable[[dict[str, str]], Awaitable[dict[str, Any]]]]):
         self.path = path
         self.snapshot = snapshot
         self.actions = actions
@@ -59,7 +59,7 @@ class AdminServer:
         if action is None:
             return web.json_response({"error": f"unknown action {name}",
                                       "actions": sorted(self.actions)}, status=404)
-        return web.json_response(await action(), dumps=_dumps)
+        return web.json_response(await action(dict(request.query)), dumps=_dumps)
 
 
 def _dumps(value: Any) -> str:

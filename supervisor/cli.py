@@ -83,11 +83,16 @@ def config_show(ctx: click.Context, as_json: bool) -> None:
 @click.argument("file", type=click.Path(dir_okay=False))
 def config_check(file: str) -> None:
     """Validate a settings file on its own (the environment is ignored)."""
+    from supervisor.instance_plan import collisions
+
     try:
-        check_file(file)
+        settings = check_file(file)
     except SettingsError as exc:
         click.echo(f"{file}: {exc}", err=True)
         sys.exit(2)
+    # Warnings, not errors: a one-GPU host runs one instance and never collides.
+    for warning in collisions(settings):
+        click.echo(f"{file}: warning: on a host with several GPUs, {warning}", err=True)
     click.echo(f"{file}: OK")
 
 
@@ -217,7 +222,8 @@ def benchmark_command(ctx: click.Context, comfyui_url: str | None, output_dir: s
 
 
 # --- admin actions --------------------------------------------------------------------------------
-def _admin_action(ctx: click.Context, route: str, socket_path: str | None) -> None:
+def _admin_action(ctx: click.Context, route: str, socket_path: str | None,
+                  instance: int | None = None) -> None:
     import aiohttp
 
     from supervisor.admin import admin_request
@@ -226,6 +232,8 @@ def _admin_action(ctx: click.Context, route: str, socket_path: str | None) -> No
 
     settings = _load(ctx.obj["config_path"])
     socket = locate(settings, socket_path)
+    if instance is not None:
+        route += f"?instance={instance}"
     try:
         answer = asyncio.run(admin_request(socket, "POST", route, timeout=30))
     except (OSError, aiohttp.ClientError) as exc:
@@ -237,30 +245,35 @@ def _admin_action(ctx: click.Context, route: str, socket_path: str | None) -> No
 
 _SOCKET_OPTION = click.option("--socket", "socket_path", default=None,
                               help="Admin socket of the daemon (default: worker.admin_socket).")
+_INSTANCE_OPTION = click.option("--instance", type=click.IntRange(min=0), default=None,
+                                help="Only this instance of a multi-GPU host (default: all).")
 
 
 @main.command("restart-comfyui")
 @_SOCKET_OPTION
+@_INSTANCE_OPTION
 @click.pass_context
-def restart_comfyui_command(ctx: click.Context, socket_path: str | None) -> None:
+def restart_comfyui_command(ctx: click.Context, socket_path: str | None, instance: int | None) -> None:
     """Restart ComfyUI now (also ends a failed cool-down)."""
-    _admin_action(ctx, "/restart/comfyui", socket_path)
+    _admin_action(ctx, "/restart/comfyui", socket_path, instance)
 
 
 @main.command("drain")
 @_SOCKET_OPTION
+@_INSTANCE_OPTION
 @click.pass_context
-def drain_command(ctx: click.Context, socket_path: str | None) -> None:
+def drain_command(ctx: click.Context, socket_path: str | None, instance: int | None) -> None:
     """Take no new work; requests already queued finish."""
-    _admin_action(ctx, "/drain", socket_path)
+    _admin_action(ctx, "/drain", socket_path, instance)
 
 
 @main.command("resume")
 @_SOCKET_OPTION
+@_INSTANCE_OPTION
 @click.pass_context
-def resume_command(ctx: click.Context, socket_path: str | None) -> None:
+def resume_command(ctx: click.Context, socket_path: str | None, instance: int | None) -> None:
     """Take work again after `drain`."""
-    _admin_action(ctx, "/resume", socket_path)
+    _admin_action(ctx, "/resume", socket_path, instance)
 
 
 def _register_subcommands() -> None:

@@ -1,9 +1,10 @@
 """`comfy-worker run`: the daemon that a systemd unit starts on a GPU host.
 
-It owns, in start order (and stops in reverse): the GPU monitor, model provisioning, ComfyUI, the
-API wrapper, the public server, the admin socket and the autoscaler reporter. One loop — the *watch loop* — ticks
-every second: it derives the worker state, pets the systemd watchdog (so a stuck loop is caught),
-and checks that a running prompt is making progress. Signal handlers only set flags; the main
+It owns, in start order (and stops in reverse): the GPU monitor, model provisioning, the instances
+(a ComfyUI and an API wrapper per GPU, `supervisor.instance`), the public server with its router,
+the admin socket and the autoscaler reporter. One loop — the *watch loop* — ticks every second: it
+derives the worker state from the instances', pets the systemd watchdog (so a stuck loop is
+caught), and has each instance check that its running prompt is making progress. Signal handlers only set flags; the main
 coroutine does the work.
 """
 
@@ -13,35 +14,35 @@ import asyncio
 import logging
 import os
 import signal
-import sys
 import time
-from dataclasses import replace
-from pathlib import Path
 from functools import partial
+from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
 
-from api.comfy import ComfyClient
 from config import Settings
 from supervisor.admin import AdminServer
-from supervisor.child import ChildProcess, ChildSpec, ChildState, ProbeFailed
-from supervisor.comfy_watch import ComfyWatch
+from supervisor.child import ChildProcess, ChildSpec, ChildState
 from supervisor.gates import AutoscalerGate, Gate, OpenGate, TokenGate
+from supervisor.instance import Instance
+from supervisor.instance_plan import InstancePlan, PlanError, plan_instances, select_gpus, \
+    uses_placeholders
 from supervisor.metric_families import (
     benchmark_families,
     child_families,
     info_family,
+    instance_families,
     model_families,
 )
 from supervisor.metrics import WorkerMetrics
 from supervisor.metrics_server import MetricsServer
-from supervisor.ports import describe_bind_error, local_port
+from supervisor.ports import describe_bind_error
 from supervisor.public import PublicServer, RequestHooks
+from supervisor.routing import Router
 from supervisor.sdnotify import SystemdNotifier
-from supervisor.state import OK, ChildView, Inputs, Verdict, WorkerStateTracker, derive
+from supervisor.state import OK, WorkerState, WorkerStateTracker, combine
 
 logger = logging.getLogger(__name__)
 
@@ -110,25 +111,19 @@ class Daemon:
         self._stop_event = asyncio.Event()
         self._stop_now = asyncio.Event()   # a second SIGTERM/SIGINT: skip the drain
         self._last_tick = time.monotonic()
-        self._wrapper_detail: dict[str, Any] = {}
         self._events: list[dict[str, Any]] = []
         self._announced_ready = False
-        self.comfy_client = ComfyClient(settings.comfyui.url)
-        self.comfyui = ChildProcess(self._comfyui_spec())
-        self.wrapper = ChildProcess(self._wrapper_spec())
-        self._wrapper_progress_at: float | None = None
-        self.watch = ComfyWatch(self.comfy_client, output_at=lambda: self.comfyui.last_output_at,
-                                wrapper_progress_at=lambda: self._wrapper_progress_at)
+        self.instances: list[Instance] = []
+        self.router = Router(settings.worker.queue_size, restarting=self._restarting)
         self.public: PublicServer | None = None
         self.admin: AdminServer | None = None
         self.metrics_server: MetricsServer | None = None
-        self.comfyui_version = ""
         self._register_metric_sources()
         self._public_runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task] = []
 
-    # --- children -------------------------------------------------------------------------------
+    # --- instances ------------------------------------------------------------------------------
     def _common(self) -> dict[str, Any]:
         s = self.settings.supervisor
         return dict(probe_interval=s.probe_interval, probe_timeout=s.probe_timeout,
@@ -138,139 +133,110 @@ class Daemon:
                     stop_timeout=s.child_stop_timeout, log_max_bytes=s.log_max_bytes,
                     log_backups=s.log_backups)
 
-    def _comfyui_spec(self) -> ChildSpec:
-        c = self.settings.comfyui
-        log_dir = Path(self.settings.worker.log_dir)
-        return ChildSpec(name="comfyui", command=list(c.command), cwd=c.cwd, env=dict(c.env),
-                         probe=self._probe_comfyui, startup_timeout=c.startup_timeout,
-                         log_path=log_dir / "comfyui.log", port=local_port(c.url),
-                         label="our ComfyUI", **self._common())
-
-    def _wrapper_spec(self) -> ChildSpec:
-        w = self.settings.wrapper
-        log_dir = Path(self.settings.worker.log_dir)
-        command = list(w.command)
-        env = dict(w.env)
-        if not command:
-            port = urlsplit(w.url).port or 18288
-            command = [sys.executable, "-m", "supervisor.cli", "api", "--port", str(port),
-                       "--host", urlsplit(w.url).hostname or "127.0.0.1"]
-            if self.settings.config_path:
-                env.setdefault("COMFY_WORKER_CONFIG", str(self.settings.config_path))
-            # The wrapper reads the same settings; make sure it talks to the same ComfyUI.
-            env.setdefault("COMFYUI_URL", self.settings.comfyui.url)
-            # Its output folder it finds as the daemon does: from the same settings, or from
-            # ComfyUI's command line (config/comfy_folders.py).
-        return ChildSpec(name="wrapper", command=command, cwd=w.cwd, env=env,
-                         probe=self._probe_wrapper, startup_timeout=w.startup_timeout,
-                         log_path=log_dir / "wrapper.log", port=local_port(w.url),
-                         label="our wrapper", **self._common())
-
-    async def _probe_comfyui(self) -> None:
+    def _plan(self) -> list[InstancePlan]:
+        """One instance per chosen GPU (supervisor/instance_plan.py), from the first GPU read."""
+        latest = self.gpu.latest() if self.gpu else None
+        gpus = latest.gpus if latest is not None else ()
+        templated = uses_placeholders(self.settings)
         try:
-            await self.comfy_client.probe(timeout=self.settings.supervisor.probe_timeout)
-        except Exception as exc:
-            raise ProbeFailed(str(exc) or exc.__class__.__name__) from None
+            slots = select_gpus(self.settings.comfyui.gpus, gpus, templated=templated)
+        except PlanError as exc:
+            raise DaemonStartError(str(exc)) from None
+        usable = [g for g in gpus if g.available]
+        if not templated and len(usable) > 1:
+            logger.warning("comfyui.command has no placeholders, so one instance serves this "
+                           "host's %d GPUs; write --port {port} and {instance_folders} in it to "
+                           "run one per GPU (README: multi-GPU hosts)", len(usable))
+        return plan_instances(self.settings, slots)
 
-    async def _probe_wrapper(self) -> None:
-        """Any answer of /health means the wrapper is alive (503 only says ComfyUI is down)."""
-        assert self._session is not None
-        url = f"{self.settings.wrapper.url}/health"
-        try:
-            async with self._session.get(url, timeout=aiohttp.ClientTimeout(
-                    total=self.settings.supervisor.probe_timeout)) as response:
-                if response.status not in (200, 503):
-                    raise ProbeFailed(f"GET /health answered {response.status}")
-                try:
-                    detail = await response.json()
-                except (aiohttp.ContentTypeError, ValueError):
-                    detail = None
-                self._wrapper_detail = detail if isinstance(detail, dict) else {}
-                # An optional extra of this project's wrapper; any other wrapper goes without.
-                since = self._wrapper_detail.get("seconds_since_progress")
-                self._wrapper_progress_at = time.monotonic() - since \
-                    if isinstance(since, (int, float)) and since >= 0 else None
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            raise ProbeFailed(f"GET /health: {exc.__class__.__name__} {exc}".strip()) from None
+    def _build_instances(self) -> None:
+        for plan in self._plan():
+            instance = Instance(plan, self.settings, self, self._common(), lambda: self._session)
+            if self.benchmark is not None:
+                instance.benchmark = self.benchmark.for_instance(
+                    plan.number, plan.state_dir, plan.gpu.name or "")
+            self.instances.append(instance)
+            self.router.add(instance)
+            if plan.count > 1:
+                logger.info("%s: ComfyUI %s, wrapper %s%s", instance.label, plan.comfyui_url,
+                            plan.wrapper_url, f", CUDA_VISIBLE_DEVICES={plan.gpu.uuid}"
+                            if plan.pinned else "")
 
-    def _on_comfyui_change(self, child: ChildProcess, old: ChildState, new: ChildState,
-                           reason: str) -> None:
-        if new in (ChildState.RESTARTING, ChildState.FAILED, ChildState.STOPPED) and \
-                old in (ChildState.READY, ChildState.UNHEALTHY):
-            if self.public and self.public.dispatcher.busy:
-                self._tasks.append(asyncio.get_running_loop().create_task(
-                    self._abort_running(f"ComfyUI died during the request: {reason}"),
-                    name="abort-running"))
-        if new in (ChildState.RESTARTING, ChildState.FAILED):
-            self._event("comfyui", f"{old.value} -> {new.value}: {reason}")
-        if new is ChildState.READY and not self.stopping:
+    @property
+    def comfyui(self) -> ChildProcess:
+        """The first instance's ComfyUI (the only one on a one-GPU host)."""
+        return self.instances[0].comfyui
+
+    @property
+    def wrapper(self) -> ChildProcess:
+        return self.instances[0].wrapper
+
+    def instance(self, number: int) -> Instance | None:
+        return self.instances[number] if 0 <= number < len(self.instances) else None
+
+    # What an instance asks of its host (supervisor.instance.InstanceHost).
+    def comfyui_lost(self, instance: Instance, reason: str) -> None:
+        if self.router.running_on(instance.number):
+            what = "ComfyUI" if len(self.instances) == 1 else f"ComfyUI of {instance.label}"
             self._tasks.append(asyncio.get_running_loop().create_task(
-                self._learn_comfyui_version(), name="comfyui-version"))
+                self._abort_running(instance, f"{what} died during the request: {reason}"),
+                name="abort-running"))
+
+    def instance_changed(self, instance: Instance) -> None:
         self._recompute()
+
+    def benchmark_finished(self, instance: Instance) -> None:
+        self._recompute()   # a sibling's verdict may have changed too
+        if self.autoscaler:
+            self.autoscaler.state_changed(self)
+
+    def event(self, source: str, text: str) -> None:
+        self._event(source, text)
 
     def _restarting(self) -> bool:
         """A child is on its way back (not failed, not stopping): worth waiting for."""
         coming_back = (ChildState.RESTARTING, ChildState.STARTING)
-        return not (self.stopping or self.draining) and (
-            self.comfyui.state in coming_back or self.wrapper.state in coming_back)
+        return not (self.stopping or self.draining) and any(
+            i.comfyui.state in coming_back or i.wrapper.state in coming_back
+            for i in self.instances if not i.draining)
 
-    async def _abort_running(self, message: str) -> None:
+    async def _abort_running(self, instance: Instance, message: str) -> None:
         """Answer the request ComfyUI was running with a 502 now; the ones queued behind it stay
-        with the wrapper, which runs them on the new ComfyUI. The wrapper is asked which one
-        runs (this project's says so in /health); for another wrapper, the oldest is taken."""
+        with the wrapper, which runs them on the new ComfyUI (or, on a multi-GPU host, move to
+        another instance). The wrapper is asked which one runs (this project's says so in
+        /health); for another wrapper, the oldest is taken."""
         running: str | None = None
         known = False
         assert self._session is not None
         try:
-            async with self._session.get(f"{self.settings.wrapper.url}/health",
+            async with self._session.get(f"{instance.wrapper_url}/health",
                                          timeout=aiohttp.ClientTimeout(total=0.5)) as response:
                 detail = await response.json(content_type=None)
             if isinstance(detail, dict) and "running" in detail:
                 running, known = detail["running"], True
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
             pass
-        if self.public and self.public.dispatcher.abort_running(message, running, known):
+        if self.router.abort_running(instance, message, running, known):
             logger.warning("request in flight failed: %s", message)
-
-    async def _learn_comfyui_version(self) -> None:
-        try:
-            stats = await self.comfy_client.system_stats(
-                timeout=self.settings.supervisor.probe_timeout)
-        except Exception as exc:  # only a label on comfy_worker_info; try at the next ready
-            logger.debug("ComfyUI version not read: %s", exc)
-            return
-        self.comfyui_version = stats.comfyui_version or ""
-
-    def _on_wrapper_change(self, child: ChildProcess, old: ChildState, new: ChildState,
-                           reason: str) -> None:
-        if new in (ChildState.RESTARTING, ChildState.FAILED):
-            self._event("wrapper", f"{old.value} -> {new.value}: {reason}")
-        self._recompute()
 
     def _event(self, source: str, text: str) -> None:
         self._events.append({"at": time.time(), "source": source, "event": text})
         del self._events[:-100]
 
     # --- state ----------------------------------------------------------------------------------
-    def _child_view(self, child: ChildProcess, ever_ready: bool) -> ChildView:
-        return ChildView(name="ComfyUI" if child.name == "comfyui" else "the wrapper",
-                         state=child.state, reason=child.reason, ever_ready=ever_ready)
-
     def _recompute(self) -> None:
-        gpu = self.gpu.verdict() if self.gpu else OK
-        bench: Verdict = self.benchmark.verdict() if self.benchmark else OK
-        ever = self.tracker.first_ready_at is not None or (
-            self.benchmark is not None and self.benchmark.started)
-        inputs = Inputs(
-            children=(self._child_view(self.comfyui, ever), self._child_view(self.wrapper, ever)),
-            gpu=gpu, benchmark=bench,
-            benchmarking=bool(self.benchmark and self.benchmark.running),
-            benchmark_pending=bool(self.benchmark and self.benchmark.pending),
-            draining=self.draining, stopping=self.stopping)
-        if self.provisioner:
-            inputs = replace(inputs, models=self.provisioner.verdict(),
-                             provisioning=self.provisioner.reason())
-        state, reason = derive(inputs)
+        if not self.instances:
+            return
+        models = self.provisioner.verdict() if self.provisioner else OK
+        provisioning = self.provisioner.reason() if self.provisioner else ""
+        for instance in self.instances:
+            gpu = OK
+            if self.gpu:
+                gpu = self.gpu.verdict(instance.plan.gpu.index if instance.plan.pinned else None)
+            instance.derive(gpu=gpu, models=models, provisioning=provisioning,
+                            draining=self.draining, stopping=self.stopping)
+        state, reason = combine([(i.label, i.state, i.reason) for i in self.instances])
+        self.router.changed()
         if self.tracker.update(state, reason):
             self.metrics.set_state(state)
             self.notifier.status(f"{state.value}: {reason}")
@@ -280,32 +246,29 @@ class Daemon:
             if self.autoscaler:
                 self.autoscaler.state_changed(self)
 
+    def max_perf(self) -> float | None:
+        """Requests per second the host can serve: the sum over the instances that serve."""
+        figures = [i.benchmark.max_perf() for i in self.instances
+                   if i.benchmark is not None and i.state.serving]
+        known = [f for f in figures if f is not None]
+        return sum(known) if known else None
+
     # --- watch loop -----------------------------------------------------------------------------
     async def _watch(self) -> None:
         interval = self.notifier.watchdog_interval()
         while not self.stopping:
             self._last_tick = time.monotonic()
             self._recompute()
-            self._check_stall()
+            for instance in self.instances:
+                instance.check_stall()
             if interval is not None:
                 self.notifier.watchdog()
-            if self.benchmark and self.benchmark.should_start(self):
-                self._tasks.append(asyncio.create_task(self.benchmark.run(self),
-                                                       name="benchmark"))
+            for instance in self.instances:
+                bench = instance.benchmark
+                if bench is not None and bench.should_start(instance, self.models_ready):
+                    self._tasks.append(asyncio.create_task(
+                        bench.run(instance, self), name=f"benchmark{instance.plan.suffix}"))
             await asyncio.sleep(WATCH_INTERVAL)
-
-    def _check_stall(self) -> None:
-        """A prompt that makes no progress for longer than the stall limit: restart ComfyUI.
-
-        Judged from ComfyUI itself (supervisor/comfy_watch.py), so it works with any wrapper."""
-        if self.comfyui.state is not ChildState.READY:
-            return
-        reason = self.watch.stalled(self.settings.supervisor.stall_timeout)
-        if reason is not None:
-            self._event("comfyui", reason)
-            self.watch.reset()
-            self._wrapper_progress_at = None
-            self.comfyui.report_hang(reason)
 
     # --- metrics --------------------------------------------------------------------------------
     def _register_metric_sources(self) -> None:
@@ -315,10 +278,11 @@ class Daemon:
         states = [state.value for state in ChildState]
         verdicts = [status.value for status in BenchmarkStatus]
         self.metrics.add_source(self._info_families)
-        self.metrics.add_source(lambda: child_families((self.comfyui, self.wrapper), states))
+        self.metrics.add_source(lambda: child_families(self.instances, states))
+        self.metrics.add_source(lambda: instance_families(
+            self.instances, [state.value for state in WorkerState], self.router.load))
         if self.benchmark is not None:
-            self.metrics.add_source(lambda: benchmark_families(
-                self.benchmark.report, verdicts, self.benchmark.pending))
+            self.metrics.add_source(lambda: benchmark_families(self.instances, verdicts))
         if self.gpu is not None:
             self.metrics.add_source(self.gpu.metric_families)
         if self.provisioner is not None:
@@ -333,7 +297,7 @@ class Daemon:
 
     def _info_families(self):
         latest = self.gpu.latest() if self.gpu else None
-        return info_family(_version(), self.comfyui_version,
+        return info_family(_version(), self.instances[0].comfyui_version if self.instances else "",
                            (latest.driver_version if latest else None) or "",
                            (latest.cuda_version if latest else None) or "")
 
@@ -344,22 +308,32 @@ class Daemon:
         return True, f"the watch loop ticked {age:.1f} s ago"
 
     # --- snapshot -------------------------------------------------------------------------------
+    def _first(self) -> Instance | None:
+        return self.instances[0] if self.instances else None
+
     def snapshot(self) -> dict[str, Any]:
-        dispatcher = self.public.dispatcher if self.public else None
+        first = self._first()
+        latest = self.gpu.latest() if self.gpu else None
         return {
             "worker": {"state": self.tracker.state.value, "reason": self.tracker.reason,
                        "since": self.tracker.since, "pid": os.getpid(),
                        "uptime_s": round(time.time() - self.started_at, 1),
                        "draining": self.draining,
                        "history": list(self.tracker.history)[-20:]},
-            "children": {"comfyui": self.comfyui.snapshot(), "wrapper": self.wrapper.snapshot()},
-            "queue": {"in_flight": dispatcher.in_flight if dispatcher else 0,
-                      "waiting": dispatcher.waiting if dispatcher else 0,
+            # The first instance's, as on a one-GPU host; every instance is under "instances".
+            "children": {"comfyui": first.comfyui.snapshot(),
+                         "wrapper": first.wrapper.snapshot()} if first else {},
+            "instances": [i.snapshot(latest, self.router.load(i.number))
+                          for i in self.instances],
+            "queue": {"in_flight": self.router.in_flight, "waiting": self.router.waiting,
                       "max_waiting": self.settings.worker.queue_size,
-                      "comfyui": self.watch.activity().to_dict(),
-                      "wrapper": self._wrapper_detail, "served": self._served()},
+                      "comfyui": first.watch.activity().to_dict() if first else {},
+                      "wrapper": first.wrapper_detail if first else {},
+                      "served": self._served()},
             "gpu": self.gpu.snapshot() if self.gpu else {"status": "not monitored"},
-            "benchmark": self.benchmark.snapshot() if self.benchmark else {"status": "disabled"},
+            "benchmark": first.benchmark.snapshot() if first and first.benchmark
+            else {"status": "disabled"},
+            "max_perf": self.max_perf(),
             "models": self.provisioner.snapshot() if self.provisioner else {"status": "none"},
             "events": self._events[-30:],
             "auth": self.public.gate.name if self.public else None,
@@ -377,17 +351,20 @@ class Daemon:
         """What /health shows the world: states and reasons, no logs, no paths, no pids.
 
         Built from the parts directly: /health is probed often, the full snapshot is not."""
-        dispatcher = self.public.dispatcher if self.public else None
-        bench = self.benchmark.snapshot() if self.benchmark else {"status": "disabled"}
+        first = self._first()
+        bench = first.benchmark.snapshot() if first and first.benchmark else \
+            {"status": "disabled"}
         return {
-            "children": {child.name: {"state": child.state.value, "reason": child.reason,
-                                      "restarts": child.restarts}
-                         for child in (self.comfyui, self.wrapper)},
+            "children": {kind: {"state": child.state.value, "reason": child.reason,
+                                "restarts": child.restarts}
+                         for kind, child in (("comfyui", first.comfyui),
+                                             ("wrapper", first.wrapper))} if first else {},
+            "instances": [i.public_view(self.router.load(i.number)) for i in self.instances],
             "gpu": {"verdict": self.gpu.verdict_summary() if self.gpu else None},
             "benchmark": {k: bench.get(k) for k in ("status", "reason", "seconds", "its",
                                                     "expected_seconds", "max_perf", "causes")},
-            "queue": {"in_flight": dispatcher.in_flight if dispatcher else 0,
-                      "waiting": dispatcher.waiting if dispatcher else 0},
+            "max_perf": self.max_perf(),
+            "queue": {"in_flight": self.router.in_flight, "waiting": self.router.waiting},
             "models": self._models_summary(),
         }
 
@@ -398,24 +375,65 @@ class Daemon:
         return {k: snap[k] for k in ("status", "reason", "done_bytes", "total_bytes", "failures")}
 
     # --- admin actions --------------------------------------------------------------------------
-    async def _restart_comfyui(self) -> dict[str, Any]:
-        await self.comfyui.restart("operator asked (comfy-worker restart-comfyui)")
-        return {"ok": True, "message": "ComfyUI is restarting"}
+    def _chosen(self, params: dict[str, str]) -> list[Instance] | dict[str, Any]:
+        """The instances an admin action is for: `instance=N`, else all of them."""
+        raw = params.get("instance")
+        if raw in (None, ""):
+            return list(self.instances)
+        if not raw.isdigit() or self.instance(int(raw)) is None:
+            return {"ok": False,
+                    "message": f"no instance {raw}: this host runs instances 0 to "
+                               f"{len(self.instances) - 1}"}
+        return [self.instances[int(raw)]]
 
-    async def _drain(self) -> dict[str, Any]:
-        self.draining = True
+    def _which(self, chosen: list[Instance]) -> str:
+        if len(self.instances) == 1:
+            return ""
+        if len(chosen) == len(self.instances):
+            return " (all instances)"
+        return " (" + ", ".join(i.label for i in chosen) + ")"
+
+    async def _restart_comfyui(self, params: dict[str, str]) -> dict[str, Any]:
+        chosen = self._chosen(params)
+        if isinstance(chosen, dict):
+            return chosen
+        await asyncio.gather(*(i.comfyui.restart("operator asked (comfy-worker restart-comfyui)")
+                               for i in chosen))
+        return {"ok": True, "message": "ComfyUI is restarting" + self._which(chosen)}
+
+    async def _drain(self, params: dict[str, str]) -> dict[str, Any]:
+        chosen = self._chosen(params)
+        if isinstance(chosen, dict):
+            return chosen
+        if len(chosen) == len(self.instances):
+            self.draining = True
+        for instance in chosen:
+            instance.draining = True
         self._recompute()
-        return {"ok": True, "message": "draining: no new work; the queue finishes"}
+        return {"ok": True, "message": "draining: no new work; the queue finishes"
+                + self._which(chosen)}
 
-    async def _resume(self) -> dict[str, Any]:
+    async def _resume(self, params: dict[str, str]) -> dict[str, Any]:
+        chosen = self._chosen(params)
+        if isinstance(chosen, dict):
+            return chosen
         self.draining = False
+        for instance in chosen:
+            instance.draining = False
         self._recompute()
-        return {"ok": True, "message": "taking work again"}
+        return {"ok": True, "message": "taking work again" + self._which(chosen)}
 
-    async def _rerun_benchmark(self) -> dict[str, Any]:
+    async def _rerun_benchmark(self, params: dict[str, str]) -> dict[str, Any]:
         if not self.benchmark:
             return {"ok": False, "message": "the benchmark is disabled"}
-        return await self.benchmark.request_rerun(self)
+        chosen = self._chosen(params)
+        if isinstance(chosen, dict):
+            return chosen
+        answers = [i.benchmark.rerun() for i in chosen if i.benchmark is not None]
+        self._recompute()
+        refused = [a for a in answers if not a["ok"]]
+        return refused[0] if refused else {"ok": True, "message": answers[0]["message"]
+                                           + self._which(chosen)}
 
     # --- run ------------------------------------------------------------------------------------
     def _gate(self) -> Gate:
@@ -459,24 +477,18 @@ class Daemon:
             self.provisioner.on_change = self._recompute
             self._tasks.append(asyncio.create_task(self.provisioner.run(), name="provisioning"))
         if self.gpu:
-            from supervisor.gpu_monitor import process_tree
-
-            self.gpu.our_pids = lambda: process_tree(self.comfyui.pid)
+            self.gpu.our_pids = lambda: set().union(*(i.pids() for i in self.instances))
             self.gpu.on_change = self._recompute
             await self.gpu.start()
-        self.comfyui.add_listener(self._on_comfyui_change)
-        self.wrapper.add_listener(self._on_wrapper_change)
-        await self.comfyui.start()
-        await self.wrapper.start()
-        self.watch.start()
+        self._build_instances()
+        for instance in self.instances:
+            await instance.start()
         hooks = self.autoscaler.hooks() if self.autoscaler else RequestHooks()
         gate = self._gate()
         self.public = PublicServer(
-            tracker=self.tracker, gate=gate, wrapper_url=s.wrapper.url,
-            metrics=self.metrics, max_waiting=s.worker.queue_size,
+            tracker=self.tracker, gate=gate, router=self.router, metrics=self.metrics, max_waiting=s.worker.queue_size,
             max_json_depth=s.worker.max_json_depth, request_timeout=s.api.request_timeout,
             liveness=self.liveness, snapshot=self.public_snapshot, hooks=hooks,
-            restarting=self._restarting,
             document=partial(public_api_document, s, gate.name),
             docs_public=s.worker.docs_public)
         app = self.public.build_app(s.worker.max_body_bytes)
@@ -508,7 +520,7 @@ class Daemon:
                          "only what it can see directly", s.worker.admin_socket, exc)
             self.admin = None
         if s.metrics.port:
-            self.metrics_server = MetricsServer(self.metrics, wrapper_url=s.wrapper.url,
+            self.metrics_server = MetricsServer(self.metrics, wrapper_url=self.instances[0].wrapper_url,
                                                 token=s.metrics.token,
                                                 close_timeout=METRICS_CLOSE_TIMEOUT)
             try:
@@ -526,7 +538,7 @@ class Daemon:
         if not self.public:
             return
         deadline = time.monotonic() + self.settings.worker.drain_timeout
-        while self.public.dispatcher.busy and time.monotonic() < deadline:
+        while self.router.busy and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
 
     async def _shutdown(self) -> None:
@@ -540,8 +552,8 @@ class Daemon:
             waiter.cancel()
             second.cancel()
         if self.public:
-            self.public.dispatcher.abort_all("the worker is stopping; the request did not "
-                                                 "finish within the drain time")
+            self.router.abort_all("the worker is stopping; the request did not finish within "
+                                  "the drain time")
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -554,14 +566,12 @@ class Daemon:
                 await asyncio.wait_for(self.admin.close(), ADMIN_CLOSE_TIMEOUT)
             except asyncio.TimeoutError:
                 logger.warning("admin socket did not close in %g s", ADMIN_CLOSE_TIMEOUT)
-        await self.watch.stop()
-        await self.wrapper.stop()
-        await self.comfyui.stop()
+        # All at once: the stop budget (stop_budget) counts one instance's children.
+        await asyncio.gather(*(i.stop() for i in self.instances))
         if self.autoscaler:
             await self.autoscaler.stop()
         if self.gpu:
             await self.gpu.stop()
-        await self.comfy_client.close()
         if self.provisioner:
             await self.provisioner.store.downloader.close()
         if self._session:

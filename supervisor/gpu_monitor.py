@@ -7,6 +7,7 @@ event loop (the sampler uses threads; the watcher is a thread of its own).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -69,6 +70,7 @@ class GpuMonitor:
         self._verdict = Verdict(Level.OK, ("GPU not read yet",)) if not self.required else \
             Verdict(Level.UNHEALTHY, ("GPU not read yet",))
         self._detail: Any = None
+        self._per_gpu: dict[int, Verdict] = {}
         self.on_change: Callable[[], None] | None = None
 
     @classmethod
@@ -91,14 +93,38 @@ class GpuMonitor:
         verdict = Verdict(_LEVELS[detail.level], tuple(detail.reasons))
         changed = verdict != self._verdict
         self._verdict, self._detail = verdict, detail
+        per_gpu = self._judge_each(snapshot)
+        if per_gpu != self._per_gpu:
+            changed = True
+            for index, one in per_gpu.items():
+                if one != self._per_gpu.get(index):
+                    logger.debug("GPU %d verdict: %s %s", index, one.level.value, one.reason)
+            self._per_gpu = per_gpu
         if changed:
             logger.info("GPU verdict: %s%s", verdict.level.value,
                         f" ({verdict.reason})" if verdict.reasons else "")
             if self.on_change:
                 self.on_change()
 
-    def verdict(self) -> Verdict:
-        return self._verdict
+    def _judge_each(self, snapshot: GpuSnapshot) -> dict[int, Verdict]:
+        """Each GPU on its own, with the events of that GPU (and those no GPU claims): what
+        one instance pinned to it is judged by."""
+        if not snapshot.status.available:
+            return {}
+        events = self.watcher.events()
+        out = {}
+        for record in snapshot.gpus:
+            mine = [e for e in events if e.gpu_index in (None, record.index)]
+            detail = evaluate(dataclasses.replace(snapshot, gpus=(record,)), mine,
+                              required=self.required, thresholds=self.thresholds)
+            out[record.index] = Verdict(_LEVELS[detail.level], tuple(detail.reasons))
+        return out
+
+    def verdict(self, index: int | None = None) -> Verdict:
+        """The host's verdict, or with `index` that GPU's alone (unread: the host's)."""
+        if index is None:
+            return self._verdict
+        return self._per_gpu.get(index, self._verdict)
 
     def verdict_summary(self) -> dict[str, Any]:
         return {"level": self._verdict.level.value, "reasons": list(self._verdict.reasons),

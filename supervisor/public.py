@@ -3,14 +3,16 @@
 `/metrics` is not here: it has a listener of its own (`supervisor.metrics_server`), so that a
 request client cannot read the fleet's internals.
 
-Work is forwarded to the wrapper one request at a time, in arrival order (ComfyUI runs one prompt
-at a time, so a second in-flight request would only wait inside the wrapper, out of our sight).
-While the worker is not serving, requests get 503 with the state, the reason and Retry-After.
+Work is forwarded, in arrival order, to the wrapper of an instance with room
+(`supervisor.routing`); the answer says which instance and GPU served it (`served_by`, and the
+X-Worker-Instance / X-Worker-GPU headers). While the worker is not serving, requests get 503 with
+the state, the reason and Retry-After.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import uuid
@@ -26,15 +28,12 @@ from api.http import json_response as _json
 from api.request import RequestInvalid, parse_json_body
 from supervisor.gates import Admitted, Gate, Rejected, TokenGate
 from supervisor.metrics import WorkerMetrics
+from supervisor.routing import Aborted, NotServing, Router
 from supervisor.state import WorkerStateTracker
 
 logger = logging.getLogger(__name__)
 
 _PASS_HEADERS = ("X-Return-Outputs-As-Base64", "X-Include-ComfyUI-Response")
-
-
-class Aborted(Exception):
-    """The request in flight was failed from outside: ComfyUI died, or the worker is stopping."""
 
 
 @dataclass
@@ -47,106 +46,23 @@ class RequestHooks:
     rejected: Callable[[Admitted | None], None] | None = None
 
 
-#: Longest an admitted request waits for a restarting child before it gets 503.
-RESTART_HOLD_TIMEOUT = 60.0
-
-
-class Dispatcher:
-    """FIFO hand-off to the wrapper: `depth` requests in flight, `max_waiting` waiting here.
-
-    ComfyUI runs one prompt at a time whatever we do; a depth of 2 lets the next request wait
-    inside the wrapper (and ComfyUI's own queue) rather than here, so ComfyUI starts it the
-    moment the current one ends instead of a round trip later.
-    """
-
-    def __init__(self, max_waiting: int, depth: int = 2):
-        self.max_waiting = max_waiting
-        self.depth = depth
-        self._slots = asyncio.Semaphore(depth)   # FIFO: waiters are woken in arrival order
-        self.waiting = 0
-        self._in_flight: dict[asyncio.Future, str | None] = {}  # work -> abort reason
-        self._ids: dict[asyncio.Future, str | None] = {}        # work -> its request id
-
-    @property
-    def in_flight(self) -> int:
-        return len(self._in_flight)
-
-    @property
-    def busy(self) -> bool:
-        return bool(self._in_flight)
-
-    def full(self) -> bool:
-        return self.in_flight >= self.depth and self.waiting >= self.max_waiting
-
-    def abort_all(self, reason: str) -> bool:
-        """Fail every request in flight now (ComfyUI died, the worker stops): each client gets
-        a 502 at once. `reason` is the whole message the client reads."""
-        aborted = False
-        for work in list(self._in_flight):
-            if not work.done():
-                self._in_flight[work] = reason
-                work.cancel()
-                aborted = True
-        return aborted
-
-    def abort_running(self, reason: str, request_id: str | None, known: bool) -> bool:
-        """Fail only the request ComfyUI was running when it died: the others in flight wait
-        in the wrapper, which gives them to the new ComfyUI. With `known`, `request_id` is the
-        one the wrapper says runs (None: none runs); else the oldest in flight is taken, as
-        ComfyUI runs them in order."""
-        for work, rid in self._ids.items():
-            if work.done() or (known and rid != request_id):
-                continue
-            self._in_flight[work] = reason
-            work.cancel()
-            return True
-        return False
-
-    async def run(self, work: Callable[[], Any], on_start: Callable[[], None],
-                  request_id: str | None = None) -> Any:
-        self.waiting += 1
-        try:
-            await self._slots.acquire()
-        finally:
-            self.waiting -= 1
-        future = asyncio.ensure_future(work())
-        self._in_flight[future] = None
-        self._ids[future] = request_id
-        try:
-            on_start()
-            try:
-                return await asyncio.shield(future)
-            except asyncio.CancelledError:
-                reason = self._in_flight.get(future)
-                if reason is not None and future.cancelled():
-                    raise Aborted(reason) from None
-                future.cancel()  # our own client went away
-                raise
-        finally:
-            del self._in_flight[future]
-            del self._ids[future]
-            self._slots.release()
-
-
 class PublicServer:
-    def __init__(self, *, tracker: WorkerStateTracker, gate: Gate, wrapper_url: str,
-                 metrics: WorkerMetrics, max_waiting: int, max_json_depth: int,
+    def __init__(self, *, tracker: WorkerStateTracker, gate: Gate, metrics: WorkerMetrics,
+                 max_waiting: int, max_json_depth: int,
                  request_timeout: float, liveness: Callable[[], tuple[bool, str]],
                  snapshot: Callable[[], dict[str, Any]], hooks: RequestHooks | None = None,
-                 restarting: Callable[[], bool] = lambda: False,
+                 router: Router | None = None,
                  retry_after: int = 10, document: DocumentFactory | None = None,
                  docs_public: bool = False):
         self.tracker = tracker
         self.gate = gate
-        self.wrapper_url = wrapper_url.rstrip("/")
         self.metrics = metrics
-        self.dispatcher = Dispatcher(max_waiting)
+        self.router = router or Router(max_waiting)
         self.max_json_depth = max_json_depth
         self.request_timeout = request_timeout
         self.liveness = liveness
         self.snapshot = snapshot
         self.hooks = hooks or RequestHooks()
-        self.restarting = restarting
         self.retry_after = retry_after
         self.document = document
         self.docs_public = docs_public
@@ -220,10 +136,10 @@ class PublicServer:
             if self.hooks.rejected:
                 self.hooks.rejected(admitted)
             return self._unavailable()
-        if self.dispatcher.full():
+        if self.router.full():
             if self.hooks.rejected:
                 self.hooks.rejected(admitted)
-            return _json({"error": f"queue full ({self.dispatcher.max_waiting} waiting); "
+            return _json({"error": f"queue full ({self.router.max_waiting} waiting); "
                                    "retry later", "state": self.tracker.state.value,
                           "reason": "busy"}, 503, {"Retry-After": str(self.retry_after)})
 
@@ -232,50 +148,54 @@ class PublicServer:
 
         def on_start() -> None:
             started_at[0] = time.time()
-            self.metrics.in_flight.set(self.dispatcher.in_flight)
-            self.metrics.queue_depth.set(self.dispatcher.waiting)
+            self.metrics.in_flight.set(self.router.in_flight)
+            self.metrics.queue_depth.set(self.router.waiting)
             if self.hooks.started:
                 self.hooks.started(admitted)
 
-        self.metrics.queue_depth.set(self.dispatcher.waiting + 1)
+        self.metrics.queue_depth.set(self.router.waiting + 1)
         entered = time.time()
         status = 502
         try:
-            # Recheck after waiting: the worker may have turned unhealthy meanwhile.
-            async def work() -> web.Response:
-                # A child restarting (ComfyUI after a crash) is a pause, not a refusal: a
-                # request already admitted waits it out, for a while, rather than fail.
-                hold_until = time.monotonic() + RESTART_HOLD_TIMEOUT
-                while not self.tracker.state.serving and self.restarting() and \
-                        time.monotonic() < hold_until:
-                    await asyncio.sleep(0.2)
-                if not self.tracker.state.serving:
-                    return self._unavailable()
-                return await self._forward(admitted.payload, headers)
+            async def work(instance: Any) -> web.Response:
+                return await self._forward(instance, admitted.payload, headers)
 
-            response = await self.dispatcher.run(work, on_start, _request_id(admitted.payload))
+            # The router waits out a restart, and turns the request away when nothing serves.
+            response = await self.router.run(work, on_start, _request_id(admitted.payload))
             status = response.status
             return response
+        except NotServing:
+            status = 503
+            return self._unavailable()
         except Aborted as exc:
             return _json({"error": str(exc), "status": "failed"}, 502)
         finally:
-            self.metrics.in_flight.set(self.dispatcher.in_flight)
-            self.metrics.queue_depth.set(self.dispatcher.waiting)
+            self.metrics.in_flight.set(self.router.in_flight)
+            self.metrics.queue_depth.set(self.router.waiting)
             if self.hooks.finished:
                 self.hooks.finished(admitted, status, entered, started_at[0] or entered,
                                     time.time())
 
-    async def _forward(self, payload: dict[str, Any], headers: dict[str, str]) -> web.Response:
+    async def _forward(self, instance: Any, payload: dict[str, Any], headers: dict[str, str]
+                       ) -> web.Response:
         assert self.session is not None
         try:
             async with self.session.post(
-                    f"{self.wrapper_url}/generate/sync", json=payload, headers=headers,
+                    f"{instance.wrapper_url}/generate/sync", json=payload, headers=headers,
                     timeout=aiohttp.ClientTimeout(total=self.request_timeout + 120,
                                                   sock_connect=5)) as upstream:
                 data = await upstream.read()
-                return web.Response(body=data, status=upstream.status,
-                                    content_type=upstream.content_type or "application/json",
-                                    headers=_retry_after(upstream))
+                if upstream.status == 200:
+                    instance.served += 1
+                gpu = instance.plan.gpu
+                served = {"X-Worker-Instance": str(instance.number)}
+                if gpu.index is not None:
+                    served["X-Worker-GPU"] = f"{gpu.index} {gpu.uuid}"
+                return web.Response(
+                    body=_with_served_by(data, upstream.content_type, instance),
+                    status=upstream.status,
+                    content_type=upstream.content_type or "application/json",
+                    headers={**_retry_after(upstream), **served})
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             return _json({"error": f"the API wrapper did not answer: {exc.__class__.__name__} "
                                    f"{exc}".strip(), "status": "failed"}, 502)
@@ -305,6 +225,21 @@ def _request_id(payload: dict[str, Any]) -> str:
     if rid in (None, ""):
         rid = body["request_id"] = str(uuid.uuid4())
     return str(rid)
+
+
+def _with_served_by(data: bytes, content_type: str, instance: Any) -> bytes:
+    """The wrapper's JSON answer with `served_by` (instance and GPU) as its first field.
+
+    Spliced in as bytes: an answer can carry megabytes of base64 that need not be parsed again."""
+    head = data.lstrip()
+    if content_type != "application/json" or not head.startswith(b"{"):
+        return data
+    gpu = instance.plan.gpu
+    served = json.dumps({"instance": instance.number, "gpu_index": gpu.index,
+                         "gpu_uuid": gpu.uuid, "gpu_name": gpu.name}).encode()
+    rest = head[1:]
+    joiner = b"" if rest.lstrip().startswith(b"}") else b", "
+    return b'{"served_by": ' + served + joiner + rest
 
 
 def _retry_after(upstream: aiohttp.ClientResponse) -> dict[str, str]:

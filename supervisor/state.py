@@ -112,8 +112,36 @@ def derive(inputs: Inputs) -> tuple[WorkerState, str]:
 Listener = Callable[[WorkerState, WorkerState, str], None]
 
 
+def combine(instances: list[tuple[str, WorkerState, str]]) -> tuple[WorkerState, str]:
+    """The worker's state from its instances' (label, state, reason).
+
+    One instance: its state, word for word (a one-GPU host reads as it always did). Several:
+    ready when all are ready; degraded, with the reasons of the others, while some serve;
+    unhealthy when none serves and none is on its way (starting, provisioning, benchmarking)."""
+    if len(instances) == 1:
+        return instances[0][1], instances[0][2]
+    if any(state is WorkerState.STOPPING for _, state, _ in instances):
+        return WorkerState.STOPPING, "stopping"
+    serving = [i for i in instances if i[1].serving]
+    out = [i for i in instances if i[1] is not WorkerState.READY]
+    why = "; ".join(f"{label} {state.value}: {reason}" for label, state, reason in out)
+    if len(serving) == len(instances):
+        if not out:
+            return WorkerState.READY, f"all {len(instances)} instances are ready"
+        return WorkerState.DEGRADED, why
+    if serving:
+        return WorkerState.DEGRADED, (f"{len(serving)} of {len(instances)} instances serve; "
+                                      + why)
+    for state in (WorkerState.BENCHMARKING, WorkerState.PROVISIONING, WorkerState.STARTING):
+        if any(s is state for _, s, _ in instances):
+            return state, why
+    return WorkerState.UNHEALTHY, f"no instance serves; {why}"
+
+
 class WorkerStateTracker:
-    def __init__(self) -> None:
+    def __init__(self, name: str = "worker", level: int = logging.INFO) -> None:
+        self.name = name
+        self.level = level
         self.state = WorkerState.STARTING
         self.reason = "starting"
         self.since = time.time()
@@ -130,8 +158,8 @@ class WorkerStateTracker:
             return False
         old = self.state
         # A new state is news; a new reason for the same state is detail.
-        logger.log(logging.INFO if state is not old else logging.DEBUG,
-                   "worker: %s -> %s (%s)", old.value, state.value, reason)
+        logger.log(self.level if state is not old else logging.DEBUG,
+                   "%s: %s -> %s (%s)", self.name, old.value, state.value, reason)
         self.state, self.reason, self.since = state, reason, time.time()
         self.history.append({"at": self.since, "state": state.value, "reason": reason})
         if state.serving and self.first_ready_at is None:

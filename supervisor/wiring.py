@@ -68,9 +68,8 @@ class AutoscalerLink:
             return
         tracker = daemon.tracker
         serving = tracker.state.serving
-        max_perf = None
-        if daemon.benchmark:
-            max_perf = daemon.benchmark.max_perf()
+        # The sum over the instances that serve: one worker, N GPUs' worth of work.
+        max_perf = daemon.max_perf()
         loadtime = (tracker.first_ready_at - daemon.started_at) if tracker.first_ready_at else None
         # Loading (starting, benchmarking) is normal and carries no error; only a worker that
         # cannot serve says why, so the autoscaler does not write off a node that is warming up.
@@ -139,7 +138,7 @@ def build_components(settings: Settings, environ: dict[str, str] | None = None
             backoff_initial=settings.models.backoff_initial,
             backoff_max=settings.models.backoff_max)
     if settings.benchmark.enabled:
-        from supervisor.bench import BenchmarkController
+        from supervisor.bench import BenchmarkSuite
 
-        components["benchmark"] = BenchmarkController(settings)
+        components["benchmark"] = BenchmarkSuite(settings)
     return components

@@ -182,3 +182,34 @@ def start_daemon(tmp_path: Path, *sim_args: str, wait_ready: bool = True, token:
     finally:
         if stop:
             daemon.stop(30)
+
+
+def fake_gpus(path: Path, count: int, name: str | None = None, **overrides: dict) -> Path:
+    """A GPU_FAKE_SOURCE file with `count` identical H100s (named `name` if given); `overrides`
+    maps "2" to the fields that GPU 2 reports instead (hot, throttled, ...)."""
+    named = {"name": name} if name else {}
+    gpus = [{"preset": "h100_sxm", **named, **overrides.get(str(i), {})} for i in range(count)]
+    scratch = path.with_suffix(".tmp")
+    scratch.write_text(json.dumps({"gpus": gpus}))
+    os.replace(scratch, path)
+    return path
+
+
+@contextlib.contextmanager
+def start_multi(tmp_path: Path, gpus: int, *sim_args: str, extra_env: dict | None = None,
+                gpu_name: str | None = None, **kwargs) -> Iterator[Daemon]:
+    """The whole worker on `gpus` fake GPUs: one simulator and one wrapper per GPU, from a
+    templated comfyui.command (ports from comfyui.url/wrapper.url + instance, own folders)."""
+    from benchmark.perf.common import free_port_run
+
+    comfy_port, wrapper_port = free_port_run(gpus), free_port_run(gpus)
+    base = tmp_path / "comfy"
+    command = [sys.executable, str(ROOT / "tests" / "sim_instance.py"), "{instance}", "--listen",
+               "127.0.0.1", "--port", "{port}", "--base-directory", str(base),
+               "{instance_folders}", "--device-type", "cuda", *sim_args]
+    env = {"COMFYUI_COMMAND": json.dumps(command), "COMFYUI_OUTPUT_DIR": None,
+           "GPU_FAKE_SOURCE": str(fake_gpus(tmp_path / "gpus.json", gpus, gpu_name)),
+           "GPU_REQUIRED": "true", "GPU_SAMPLE_INTERVAL": "0.2", **(extra_env or {})}
+    with start_daemon(tmp_path, comfy_port=comfy_port, wrapper_port=wrapper_port,
+                      extra_env=env, **kwargs) as daemon:
+        yield daemon

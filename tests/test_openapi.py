@@ -83,8 +83,7 @@ def test_wrapper_document_lists_exactly_the_routes_the_wrapper_registers():
 
 
 def test_public_document_lists_exactly_the_routes_the_public_port_registers():
-    server = PublicServer(tracker=None, gate=TokenGate("t"), wrapper_url="http://127.0.0.1:1",
-                          metrics=None, max_waiting=1, max_json_depth=8, request_timeout=1,
+    server = PublicServer(tracker=None, gate=TokenGate("t"), metrics=None, max_waiting=1, max_json_depth=8, request_timeout=1,
                           liveness=lambda: (True, ""), snapshot=dict, document=dict)
     app = server.build_app(1024)
     for document in public_documents().values():
@@ -318,7 +317,7 @@ async def test_public_docs_need_the_token_unless_docs_public(gate, docs_public, 
     from aiohttp.test_utils import TestServer
 
     document = public_document(REGISTRY, gate.name, docs_public=docs_public)
-    server = PublicServer(tracker=None, gate=gate, wrapper_url="http://127.0.0.1:1", metrics=None,
+    server = PublicServer(tracker=None, gate=gate, metrics=None,
                           max_waiting=1, max_json_depth=8, request_timeout=1,
                           liveness=lambda: (True, "ticking"), snapshot=dict,
                           document=lambda: document, docs_public=docs_public)

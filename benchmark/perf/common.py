@@ -47,6 +47,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_port_run(count: int) -> int:
+    """The first of `count` consecutive free ports (instance i of a multi-GPU worker listens on
+    the base port + i)."""
+    import random
+
+    for _ in range(200):
+        base = random.randint(20000, 60000 - count)
+        try:
+            with contextlib.ExitStack() as stack:
+                for port in range(base, base + count):
+                    s = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+                    s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+    raise RuntimeError(f"no run of {count} free ports found")
+
+
 def http_status(url: str, timeout: float = 2.0) -> int | None:
     """The status of a GET, or None when nothing answers."""
     try:

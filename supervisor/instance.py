@@ -1,0 +1,287 @@
+"""One instance: a ComfyUI and its wrapper on one GPU, judged on their own.
+
+An instance owns its two children, the watch on its ComfyUI's progress, its benchmark and its
+state. Its state is derived by the same rule as a one-GPU worker's (`supervisor.state.derive`),
+from its own children, its own GPU's verdict and its own benchmark, so a crash, a hang, a hot GPU
+or a slow benchmark takes out only this instance. The daemon composes the instances and derives
+the worker's state from theirs (`supervisor.state.combine`).
+
+The instance knows nothing of the public port: when its ComfyUI dies it tells its host
+(`InstanceHost.comfyui_lost`), which fails the request it ran.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Protocol
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from api.comfy import ComfyClient
+from supervisor.child import ChildProcess, ChildSpec, ChildState, ProbeFailed
+from supervisor.comfy_watch import ComfyWatch
+from supervisor.instance_plan import InstancePlan
+from supervisor.ports import local_port
+from supervisor.state import OK, ChildView, Inputs, Verdict, WorkerState, WorkerStateTracker, \
+    derive
+
+logger = logging.getLogger(__name__)
+
+
+class InstanceHost(Protocol):
+    """What an instance asks of the daemon that composes it."""
+
+    stopping: bool
+
+    def comfyui_lost(self, instance: "Instance", reason: str) -> None: ...
+
+    def instance_changed(self, instance: "Instance") -> None: ...
+
+    def event(self, source: str, text: str) -> None: ...
+
+
+class Instance:
+    def __init__(self, plan: InstancePlan, settings: Any, host: InstanceHost,
+                 common: dict[str, Any], session: Callable[[], aiohttp.ClientSession | None]):
+        self.plan = plan
+        self.number = plan.number
+        self.settings = settings
+        self.host = host
+        self._session = session
+        self.comfy_client = ComfyClient(plan.comfyui_url)
+        self.comfyui = ChildProcess(self._comfyui_spec(common))
+        self.wrapper = ChildProcess(self._wrapper_spec(common))
+        self.wrapper_detail: dict[str, Any] = {}
+        self._wrapper_progress_at: float | None = None
+        self.watch = ComfyWatch(self.comfy_client, output_at=lambda: self.comfyui.last_output_at,
+                                wrapper_progress_at=lambda: self._wrapper_progress_at)
+        # With one instance the worker's own log line says it all.
+        self.tracker = WorkerStateTracker(
+            name=self.label, level=logging.INFO if plan.count > 1 else logging.DEBUG)
+        self.benchmark: Any = None        # a supervisor.bench.BenchmarkController, when enabled
+        self.draining = False
+        self.comfyui_version = ""
+        self.served = 0
+        self.gpu_verdict: Verdict = OK
+        self._tasks: list[asyncio.Task] = []
+
+    # --- identity -------------------------------------------------------------------------------
+    @property
+    def label(self) -> str:
+        return self.plan.label()
+
+    @property
+    def wrapper_url(self) -> str:
+        return self.plan.wrapper_url
+
+    @property
+    def state(self) -> WorkerState:
+        return self.tracker.state
+
+    @property
+    def reason(self) -> str:
+        return self.tracker.reason
+
+    @property
+    def accepting(self) -> bool:
+        """Takes new work: serving, and the worker is not stopping."""
+        return self.tracker.state.serving and not self.host.stopping
+
+    # --- children -------------------------------------------------------------------------------
+    def _comfyui_spec(self, common: dict[str, Any]) -> ChildSpec:
+        c, plan = self.settings.comfyui, self.plan
+        log_dir = Path(self.settings.worker.log_dir)
+        return ChildSpec(name=f"comfyui{plan.suffix}", command=plan.comfyui.command,
+                         cwd=plan.comfyui.cwd, env=plan.comfyui.env, probe=self._probe_comfyui,
+                         startup_timeout=c.startup_timeout,
+                         log_path=log_dir / f"comfyui{plan.suffix}.log",
+                         port=local_port(plan.comfyui_url),
+                         label="our ComfyUI" + (f" of {self.label}" if plan.count > 1 else ""),
+                         **common)
+
+    def _wrapper_spec(self, common: dict[str, Any]) -> ChildSpec:
+        w, plan = self.settings.wrapper, self.plan
+        log_dir = Path(self.settings.worker.log_dir)
+        command = list(plan.wrapper.command)
+        env = dict(plan.wrapper.env)
+        if not command:
+            url = urlsplit(plan.wrapper_url)
+            command = [sys.executable, "-m", "supervisor.cli", "api", "--port", str(url.port),
+                       "--host", url.hostname or "127.0.0.1"]
+            if self.settings.config_path:
+                env.setdefault("COMFY_WORKER_CONFIG", str(self.settings.config_path))
+            # The wrapper reads the same settings; make sure it talks to its own ComfyUI.
+            env.setdefault("COMFYUI_URL", plan.comfyui_url)
+            if plan.count > 1:
+                # ... and finds that ComfyUI's own folders, and keeps its results apart.
+                folders = plan.folders
+                env.setdefault("COMFYUI_OUTPUT_DIR", str(folders.output.path))
+                env.setdefault("COMFYUI_INPUT_DIR", str(folders.input.path))
+                env.setdefault("COMFYUI_TEMP_DIR", str(folders.temp.path))
+                env.setdefault("WORKER_STATE_DIR", str(plan.state_dir))
+        return ChildSpec(name=f"wrapper{plan.suffix}", command=command, cwd=plan.wrapper.cwd,
+                         env=env, probe=self._probe_wrapper, startup_timeout=w.startup_timeout,
+                         log_path=log_dir / f"wrapper{plan.suffix}.log",
+                         port=local_port(plan.wrapper_url),
+                         label="our wrapper" + (f" of {self.label}" if plan.count > 1 else ""),
+                         **common)
+
+    async def _probe_comfyui(self) -> None:
+        try:
+            await self.comfy_client.probe(timeout=self.settings.supervisor.probe_timeout)
+        except Exception as exc:
+            raise ProbeFailed(str(exc) or exc.__class__.__name__) from None
+
+    async def _probe_wrapper(self) -> None:
+        """Any answer of /health means the wrapper is alive (503 only says ComfyUI is down)."""
+        session = self._session()
+        assert session is not None
+        url = f"{self.plan.wrapper_url}/health"
+        try:
+            async with session.get(url, timeout=aiohttp.ClientTimeout(
+                    total=self.settings.supervisor.probe_timeout)) as response:
+                if response.status not in (200, 503):
+                    raise ProbeFailed(f"GET /health answered {response.status}")
+                try:
+                    detail = await response.json()
+                except (aiohttp.ContentTypeError, ValueError):
+                    detail = None
+                self.wrapper_detail = detail if isinstance(detail, dict) else {}
+                # An optional extra of this project's wrapper; any other wrapper goes without.
+                since = self.wrapper_detail.get("seconds_since_progress")
+                self._wrapper_progress_at = time.monotonic() - since \
+                    if isinstance(since, (int, float)) and since >= 0 else None
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise ProbeFailed(f"GET /health: {exc.__class__.__name__} {exc}".strip()) from None
+
+    def _on_comfyui_change(self, child: ChildProcess, old: ChildState, new: ChildState,
+                           reason: str) -> None:
+        if new in (ChildState.RESTARTING, ChildState.FAILED, ChildState.STOPPED) and \
+                old in (ChildState.READY, ChildState.UNHEALTHY):
+            self.host.comfyui_lost(self, reason)
+        if new in (ChildState.RESTARTING, ChildState.FAILED):
+            self.host.event(child.name, f"{old.value} -> {new.value}: {reason}")
+        if new is ChildState.READY and not self.host.stopping:
+            self._tasks.append(asyncio.get_running_loop().create_task(
+                self._learn_comfyui_version(), name=f"{child.name}-version"))
+        self.host.instance_changed(self)
+
+    def _on_wrapper_change(self, child: ChildProcess, old: ChildState, new: ChildState,
+                           reason: str) -> None:
+        if new in (ChildState.RESTARTING, ChildState.FAILED):
+            self.host.event(child.name, f"{old.value} -> {new.value}: {reason}")
+        self.host.instance_changed(self)
+
+    async def _learn_comfyui_version(self) -> None:
+        try:
+            stats = await self.comfy_client.system_stats(
+                timeout=self.settings.supervisor.probe_timeout)
+        except Exception as exc:  # only a label on comfy_worker_info; try at the next ready
+            logger.debug("ComfyUI version not read: %s", exc)
+            return
+        self.comfyui_version = stats.comfyui_version or ""
+
+    def pids(self) -> set[int]:
+        from supervisor.gpu_monitor import process_tree
+
+        return process_tree(self.comfyui.pid)
+
+    # --- lifecycle ------------------------------------------------------------------------------
+    async def start(self) -> None:
+        self.comfyui.add_listener(self._on_comfyui_change)
+        self.wrapper.add_listener(self._on_wrapper_change)
+        await self.comfyui.start()
+        await self.wrapper.start()
+        self.watch.start()
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.watch.stop()
+        await self.wrapper.stop()
+        await self.comfyui.stop()
+        await self.comfy_client.close()
+
+    # --- state ----------------------------------------------------------------------------------
+    def _child_view(self, child: ChildProcess, ever_ready: bool) -> ChildView:
+        return ChildView(name="ComfyUI" if child is self.comfyui else "the wrapper",
+                         state=child.state, reason=child.reason, ever_ready=ever_ready)
+
+    def derive(self, *, gpu: Verdict, models: Verdict, provisioning: str, draining: bool,
+               stopping: bool) -> bool:
+        """Judge this instance; True when its state or reason changed."""
+        self.gpu_verdict = gpu
+        bench = self.benchmark
+        ever = self.tracker.first_ready_at is not None or (bench is not None and bench.started)
+        inputs = Inputs(
+            children=(self._child_view(self.comfyui, ever), self._child_view(self.wrapper, ever)),
+            gpu=gpu, benchmark=bench.verdict() if bench else OK,
+            benchmarking=bool(bench and bench.running),
+            benchmark_pending=bool(bench and bench.pending),
+            models=models, provisioning=provisioning,
+            draining=draining or self.draining, stopping=stopping)
+        state, reason = derive(inputs)
+        return self.tracker.update(state, reason)
+
+    def check_stall(self) -> None:
+        """A prompt that makes no progress for longer than the stall limit: restart ComfyUI.
+
+        Judged from ComfyUI itself (supervisor/comfy_watch.py), so it works with any wrapper."""
+        if self.comfyui.state is not ChildState.READY:
+            return
+        reason = self.watch.stalled(self.settings.supervisor.stall_timeout)
+        if reason is not None:
+            self.host.event(self.comfyui.name, reason)
+            self.watch.reset()
+            self._wrapper_progress_at = None
+            self.comfyui.report_hang(reason)
+
+    # --- views ----------------------------------------------------------------------------------
+    def gpu_view(self, latest: Any) -> dict[str, Any]:
+        gpu = self.plan.gpu
+        body: dict[str, Any] = {"index": gpu.index, "uuid": gpu.uuid, "name": gpu.name,
+                                "pinned": self.plan.pinned,
+                                "verdict": self.gpu_verdict.level.value,
+                                "reasons": list(self.gpu_verdict.reasons)}
+        record = latest.gpu(gpu.index) if latest is not None and gpu.index is not None else None
+        if record is not None:
+            body["temperature_c"] = record.temperature.current_c
+            body["utilization_pct"] = record.utilization.gpu_pct
+        return body
+
+    def snapshot(self, latest: Any = None, in_flight: int = 0) -> dict[str, Any]:
+        """The admin view: everything an operator reads in `comfy-worker health`."""
+        return {
+            "instance": self.number, "label": self.label,
+            "state": self.state.value, "reason": self.reason, "since": self.tracker.since,
+            "draining": self.draining,
+            "gpu": self.gpu_view(latest),
+            "comfyui_url": self.plan.comfyui_url, "wrapper_url": self.plan.wrapper_url,
+            "children": {"comfyui": self.comfyui.snapshot(), "wrapper": self.wrapper.snapshot()},
+            "benchmark": self.benchmark.snapshot() if self.benchmark else {"status": "disabled"},
+            "comfyui": self.watch.activity().to_dict(),
+            "in_flight": in_flight, "served": self.served,
+        }
+
+    def public_view(self, in_flight: int = 0) -> dict[str, Any]:
+        """What /health shows: states and reasons, no pids, paths or logs."""
+        bench = self.benchmark.snapshot() if self.benchmark else {"status": "disabled"}
+        gpu = self.plan.gpu
+        return {
+            "instance": self.number, "state": self.state.value, "reason": self.reason,
+            "gpu": {"index": gpu.index, "uuid": gpu.uuid, "name": gpu.name,
+                    "verdict": self.gpu_verdict.level.value},
+            "children": {kind: {"state": child.state.value, "reason": child.reason,
+                                "restarts": child.restarts}
+                         for kind, child in (("comfyui", self.comfyui),
+                                             ("wrapper", self.wrapper))},
+            "benchmark": {k: bench.get(k) for k in ("status", "reason", "seconds", "its",
+                                                    "max_perf", "causes")},
+            "in_flight": in_flight, "served": self.served,
+        }

@@ -1,0 +1,171 @@
+"""End to end: one worker, four fake GPUs, four instances (a simulator and a wrapper each).
+
+The daemon reads four identical H100s from a fake NVML file and runs one instance per GPU from a
+templated comfyui.command (`{port}`, `{instance_folders}`). What a user would notice is checked at
+the public port: N requests run at once on N instances, a hot GPU or a killed ComfyUI takes out
+only its own instance, and a GPU slower than its identical siblings is refused.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+from tests.procs import fake_gpus, get_json, start_multi, wait_until
+
+GPUS = 4
+STEP_SECONDS = 0.1
+
+
+def text2image(steps: int, name: str = "") -> dict:
+    body = {"modifier": "Text2Image",
+            "modifications": {"steps": steps, "width": 64, "height": 64}}
+    if name:
+        body["request_id"] = name
+    return {"input": body}
+
+
+def bench_env(**extra: str) -> dict[str, str]:
+    return {"BENCHMARK_ENABLED": "true", "BENCHMARK_TEST_WIDTH": "64",
+            "BENCHMARK_TEST_HEIGHT": "64", "BENCHMARK_TEST_STEPS": "10", "BENCHMARK_RUNS": "1",
+            **extra}
+
+
+def ready_instances(worker, want: int = GPUS):
+    status, body = get_json(worker.url + "/health")
+    instances = body.get("instances") or []
+    if status == 200 and sum(i["state"] == "ready" for i in instances) == want:
+        return body
+    return None
+
+
+def concurrently(worker, bodies: list[dict], timeout: float = 120) -> list[tuple]:
+    answers: list = [None] * len(bodies)
+
+    def call(index: int) -> None:
+        started = time.monotonic()
+        status, body = worker.generate(bodies[index], timeout=timeout)
+        answers[index] = (status, body, time.monotonic() - started, time.monotonic())
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(bodies))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout)
+    return answers
+
+
+def test_four_gpus_four_instances_run_requests_side_by_side_and_a_crash_stays_local(tmp_path):
+    # 10 steps of 0.1 s: what the simulator takes, so every instance passes.
+    with start_multi(tmp_path, GPUS, "--step-seconds", str(STEP_SECONDS), wait_ready=False,
+                     extra_env=bench_env(BENCHMARK_EXPECTED_SECONDS="1.0")) as worker:
+        body = wait_until(lambda: ready_instances(worker), 180, "four ready instances")
+        assert body["state"] == "ready", body
+        status = worker.status()
+        instances = status["instances"]
+        assert [i["gpu"]["index"] for i in instances] == [0, 1, 2, 3]
+        # Each instance: its own ports, its GPU pinned by UUID, its own benchmark verdict.
+        ports = {i["comfyui_url"] for i in instances} | {i["wrapper_url"] for i in instances}
+        assert len(ports) == 2 * GPUS
+        for i in instances:
+            assert i["gpu"]["pinned"] and i["gpu"]["uuid"].startswith("GPU-")
+            assert i["benchmark"]["status"] not in ("pending", "error", "slow"), i["benchmark"]
+            assert i["benchmark"]["its"] > 0
+        # ... and its own output folder, models shared.
+        outputs = {str(tmp_path / "comfy" / "instances" / str(n) / "output") for n in range(GPUS)}
+        assert all(os.path.isdir(path) for path in outputs)
+        assert status["max_perf"] > 3 * instances[0]["benchmark"]["max_perf"]
+
+        # 8 requests of ~1 s each: two rounds of four, not eight one after another.
+        began = time.monotonic()
+        answers = concurrently(worker, [text2image(10) for _ in range(8)])
+        elapsed = time.monotonic() - began
+        assert all(a[0] == 200 for a in answers), [a[:2] for a in answers]
+        served = [a[1]["served_by"]["instance"] for a in answers]
+        assert sorted(served) == [0, 0, 1, 1, 2, 2, 3, 3], served
+        assert all(a[1]["served_by"]["gpu_uuid"].startswith("GPU-") for a in answers)
+        assert elapsed < 4.5, f"8 x 1 s requests on 4 instances took {elapsed:.1f} s"
+
+        # kill -9 one instance's ComfyUI mid-request: that request fails at once, the others
+        # complete, and the instance comes back.
+        victim = 1
+        pid = worker.status()["instances"][victim]["children"]["comfyui"]["pid"]
+        results: list = [None] * GPUS
+        killed_at: list[float] = []
+
+        def call(index: int) -> None:
+            status, body = worker.generate(text2image(30, f"r{index}"), timeout=120)
+            results[index] = (status, body, time.monotonic())
+
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(GPUS)]
+        for thread in threads:
+            thread.start()
+        comfy_url = worker.status()["instances"][victim]["comfyui_url"]
+        wait_until(lambda: (get_json(comfy_url + "/queue")[1].get("queue_running") or None),
+                   20, "a prompt running on instance 1")
+        time.sleep(0.5)
+        os.kill(pid, signal.SIGKILL)
+        killed_at.append(time.monotonic())
+        for thread in threads:
+            thread.join(120)
+        failed = [r for r in results if r[0] == 502]
+        assert len(failed) == 1, [(r[0], r[1].get("error")) for r in results]
+        assert "instance 1" in failed[0][1]["error"] and "SIGKILL" in failed[0][1]["error"]
+        assert failed[0][2] - killed_at[0] < 1.0, "the 502 came late"
+        ok = [r for r in results if r[0] == 200]
+        assert len(ok) == GPUS - 1 and all(r[1]["served_by"]["instance"] != victim or
+                                           r[2] > killed_at[0] for r in ok)
+        # Only instance 1 restarted; the worker is back to ready with it.
+        wait_until(lambda: ready_instances(worker), 60, "instance 1 back")
+        restarts = [i["children"]["comfyui"]["restarts"] for i in worker.status()["instances"]]
+        assert restarts == [0, 1, 0, 0], restarts
+
+
+def test_hot_gpu_takes_out_only_its_instance_and_comes_back(tmp_path):
+    with start_multi(tmp_path, GPUS, "--step-seconds", "0.02") as worker:
+        wait_until(lambda: ready_instances(worker), 120, "four ready instances")
+        fake_gpus(tmp_path / "gpus.json", GPUS, None,
+                  **{"2": {"temperature_c": 91, "clock_event_reasons": ["hw_thermal_slowdown"]}})
+        status, body = wait_until(
+            lambda: (lambda a: a if a[1].get("state") == "degraded" else None)(
+                get_json(worker.url + "/health")), 20, "the worker degraded")
+        assert status == 200
+        assert "GPU 2" in body["reason"] and "thermal" in body["reason"].lower(), body["reason"]
+        states = [i["state"] for i in body["instances"]]
+        assert states == ["ready", "ready", "unhealthy", "ready"], states
+        answers = concurrently(worker, [text2image(20) for _ in range(6)])
+        assert all(a[0] == 200 for a in answers), [a[:2] for a in answers]
+        assert 2 not in {a[1]["served_by"]["instance"] for a in answers}
+        fake_gpus(tmp_path / "gpus.json", GPUS)
+        body = wait_until(lambda: ready_instances(worker), 20, "GPU 2 back in")
+        assert body["state"] == "ready"
+        answers = concurrently(worker, [text2image(20) for _ in range(8)])
+        assert {a[1]["served_by"]["instance"] for a in answers} == {0, 1, 2, 3}
+
+
+def test_gpu_slower_than_its_identical_siblings_is_refused(tmp_path):
+    # A GPU model no reference table knows: only the siblings can tell that GPU 2 is slow.
+    with start_multi(tmp_path, GPUS, "--step-seconds", str(STEP_SECONDS), wait_ready=False,
+                     gpu_name="NVIDIA Simulated GPU",
+                     extra_env={**bench_env(), "SIM_SLOW": "2=1.3"}) as worker:
+        def settled():
+            status, body = get_json(worker.url + "/health")
+            instances = body.get("instances") or []
+            if len(instances) == GPUS and all(i["benchmark"]["status"] not in ("pending", None)
+                                              for i in instances) and \
+                    body.get("state") == "degraded":
+                return body
+            return None
+
+        body = wait_until(settled, 180, "every benchmark verdict")
+        slow = body["instances"][2]
+        assert slow["state"] == "unhealthy" and slow["benchmark"]["status"] == "slow", slow
+        assert "slower than the median of its 3 sibling GPUs" in body["reason"], body["reason"]
+        assert "instance 2" in body["reason"]
+        for i in (0, 1, 3):
+            assert body["instances"][i]["state"] == "ready", body["instances"][i]
+        answers = concurrently(worker, [text2image(5) for _ in range(6)])
+        assert all(a[0] == 200 for a in answers)
+        assert 2 not in {a[1]["served_by"]["instance"] for a in answers}
