@@ -6,7 +6,8 @@ when it did not. `render_table` and `render_json` only format it; nothing here d
 case can be rendered in a test from a plain dict.
 
 The verdict maps to the exit codes that monitoring systems expect (Nagios style):
-0 healthy, 1 degraded, 2 unhealthy, 3 unknown (the daemon could not be asked).
+0 healthy, 1 degraded, 2 unhealthy, 3 unknown (the daemon could not be asked). On a multi-GPU
+host that reads over the whole host: 0 every instance serves, 1 some are out, 2 none serves.
 """
 
 from __future__ import annotations
@@ -414,6 +415,54 @@ def _children_section(children: dict[str, Any], style: Style, now: float,
     return lines
 
 
+_STATE_COLOUR = {"ready": "green", "degraded": "yellow", "unhealthy": "red", "starting": "yellow",
+                 "provisioning": "yellow", "benchmarking": "yellow", "stopping": None}
+_BENCH_COLOUR = {"pass": "green", "slow": "red", "error": "red", "no_reference": "yellow"}
+
+
+def _instance_rows(instances: list[dict[str, Any]]) -> list[list[Any]]:
+    rows = []
+    for i in instances:
+        gpu = i.get("gpu") or {}
+        children = i.get("children") or {}
+        comfy, wrapper = children.get("comfyui") or {}, children.get("wrapper") or {}
+        bench = i.get("benchmark") or {}
+        state = str(i.get("state", "?"))
+        bstatus = str(bench.get("status", "-"))
+        its = f"{_num(bench['its'], 1)} it/s " if bench.get("its") is not None else ""
+        where = "-" if gpu.get("index") is None else f"{gpu['index']} {gpu.get('name') or ''}"
+        temp = gpu.get("temperature_c")
+        comfy_state = str(comfy.get("state", "?"))
+        restarts = comfy.get("restarts", 0)
+        rows.append([
+            str(i.get("instance", "?")), where.strip(),
+            ("-" if temp is None else f"{_num(temp)}°C",
+             _LEVEL_COLOUR.get(str(gpu.get("verdict")))),
+            (state, _STATE_COLOUR.get(state)),
+            (f"{comfy_state} pid {comfy.get('pid') or '-'} restarts {restarts}",
+             _CHILD_COLOUR.get(comfy_state) if not restarts or comfy_state != "ready"
+             else "yellow"),
+            (str(wrapper.get("state", "?")), _CHILD_COLOUR.get(str(wrapper.get("state")))),
+            (f"{its}{bstatus}", _BENCH_COLOUR.get(bstatus)),
+            f"{i.get('served', 0)} ({i.get('in_flight', 0)} now)"])
+    return rows
+
+
+def _instances_section(instances: Any, style: Style) -> list[str]:
+    """A row per instance (a multi-GPU host runs one ComfyUI and wrapper per GPU)."""
+    if not isinstance(instances, list) or len(instances) < 2:
+        return []
+    serving = sum(1 for i in instances if i.get("state") in ("ready", "degraded"))
+    lines = [_section("INSTANCES", style, f"{serving} of {len(instances)} serving")]
+    lines += _table(["#", "GPU", "TEMP", "STATE", "COMFYUI", "WRAPPER", "BENCHMARK", "SERVED"],
+                    _instance_rows(instances), style)
+    for i in instances:
+        if i.get("state") != "ready" and i.get("reason"):
+            lines.append(style(f"  {i.get('instance')}: {i['reason']}",
+                               _STATE_COLOUR.get(str(i.get("state")))))
+    return lines
+
+
 def _queue_section(queue: dict[str, Any], style: Style) -> list[str]:
     if not isinstance(queue, dict):
         return []
@@ -587,11 +636,14 @@ def render_table(report: HealthReport, *, logs: bool = False, color: bool = Fals
     gpu_block = _gpu_section(status.get("gpu") or {}, style, local=False)
     if history:
         gpu_block += _history_section(status.get("gpu") or {}, style)
+    instances = status.get("instances")
+    several = isinstance(instances, list) and len(instances) > 1
     for block in (gpu_block,
+                  _instances_section(instances, style) if several else
                   _children_section(status.get("children") or {}, style, now, logs),
                   _queue_section(status.get("queue") or {}, style),
                   _models_section(status.get("models"), style),
-                  _benchmark_section(status.get("benchmark"), style, now),
+                  [] if several else _benchmark_section(status.get("benchmark"), style, now),
                   _events_section(status, style, now)):
         lines.append("")
         lines += block

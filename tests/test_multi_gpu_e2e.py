@@ -13,6 +13,12 @@ import signal
 import threading
 import time
 
+import re
+import urllib.request
+
+from click.testing import CliRunner
+
+from supervisor.health_cli import health
 from tests.procs import fake_gpus, get_json, start_multi, wait_until
 
 GPUS = 4
@@ -135,12 +141,28 @@ def test_hot_gpu_takes_out_only_its_instance_and_comes_back(tmp_path):
         assert "GPU 2" in body["reason"] and "thermal" in body["reason"].lower(), body["reason"]
         states = [i["state"] for i in body["instances"]]
         assert states == ["ready", "ready", "unhealthy", "ready"], states
+        # The operator's view: a row per instance, exit 1 (some instances out).
+        report = CliRunner().invoke(health, ["--socket", str(worker.admin_socket)])
+        assert report.exit_code == 1, report.output
+        assert "INSTANCES  3 of 4 serving" in report.output
+        table = report.output.split("INSTANCES", 1)[1].splitlines()
+        row = next(line for line in table if line.startswith("  2 "))
+        assert "91°C" in row and "unhealthy" in row, row
+        # /metrics: per-instance series, labelled with the instance and its GPU.
+        text = urllib.request.urlopen(worker.metrics_url + "/metrics", timeout=5).read().decode()
+        assert re.search(r'^comfy_worker_instance_serving\{comfy_instance="2",gpu="2"\} 0.0$',
+                         text, re.M), text
+        assert re.search(r'^comfy_worker_instance_serving\{comfy_instance="1",gpu="1"\} 1.0$',
+                         text, re.M)
+        assert 'comfy_worker_child_ready{child="comfyui",comfy_instance="3",gpu="3"} 1.0' in text
         answers = concurrently(worker, [text2image(20) for _ in range(6)])
         assert all(a[0] == 200 for a in answers), [a[:2] for a in answers]
         assert 2 not in {a[1]["served_by"]["instance"] for a in answers}
         fake_gpus(tmp_path / "gpus.json", GPUS)
         body = wait_until(lambda: ready_instances(worker), 20, "GPU 2 back in")
         assert body["state"] == "ready"
+        report = CliRunner().invoke(health, ["--socket", str(worker.admin_socket)])
+        assert report.exit_code == 0 and "4 of 4 serving" in report.output, report.output
         answers = concurrently(worker, [text2image(20) for _ in range(8)])
         assert {a[1]["served_by"]["instance"] for a in answers} == {0, 1, 2, 3}
 
