@@ -297,6 +297,9 @@ def public_document(registry: ModifierRegistry, auth: AuthMode, *, docs_public: 
                 "Error")
     components: dict[str, Any] = {"schemas": {
         **_components(registry), **schemas.autoscaler_schemas(required_auth_fields)}}
+    result = components["schemas"]["Result"]
+    components["schemas"]["Result"] = {**result, "properties": {
+        **result["properties"], "served_by": schemas.SERVED_BY}}
     if auth == "token":
         components["securitySchemes"] = {"bearer": {
             "type": "http", "scheme": "bearer", "description": _AUTH_TEXT["token"]}}

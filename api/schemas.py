@@ -272,6 +272,16 @@ def autoscaler_schemas(required_auth_fields: tuple[str, ...] | None) -> dict[str
 
 
 # --- what comes back ------------------------------------------------------------------------------
+#: Added to a Result by the public port only: which instance (one per GPU) ran it.
+SERVED_BY: Schema = {
+    "type": "object", "additionalProperties": False,
+    "description": "The instance (one ComfyUI per GPU) and the GPU that ran the request.",
+    "properties": {"instance": {"type": "integer"},
+                   "gpu_index": {"type": ["integer", "null"]},
+                   "gpu_uuid": {"type": ["string", "null"]},
+                   "gpu_name": {"type": ["string", "null"]}}}
+
+
 def answer_schemas() -> dict[str, Schema]:
     return {
         "Result": {
@@ -379,7 +389,12 @@ def answer_schemas() -> dict[str, Schema]:
             "properties": {"state": {"type": "string"}, "reason": {"type": "string"},
                            "since": {"type": "number"}, "children": {"type": "object"},
                            "gpu": {"type": "object"}, "benchmark": {"type": "object"},
-                           "queue": {"type": "object"}},
+                           "queue": {"type": "object"},
+                           "instances": {"type": "array", "items": {"type": "object"},
+                                         "description": "One per GPU: its state, reason, GPU, "
+                                                        "children and benchmark."},
+                           "max_perf": {"type": ["number", "null"], "description":
+                                        "Requests per second of the serving instances."}},
         },
         "Liveness": {
             "type": "object", "additionalProperties": False, "required": ["alive", "reason"],
