@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test demo bench contract system-tools clean
+.PHONY: venv test demo bench bench-models contract system-tools clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,10 @@ contract: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m benchmark.perf.wrapper_latency
 	$(BIN)/python -m benchmark.perf.stack_latency
+
+# Download throughput against curl and the daemon's memory while fetching a 2 GiB model (minutes).
+bench-models: $(STAMP)
+	$(BIN)/python -m benchmark.perf.model_download
 
 demo: $(STAMP)
 	$(BIN)/comfy-worker demo

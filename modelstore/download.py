@@ -8,8 +8,8 @@ and is resumed too (its bytes are hashed again first). Free space is checked aga
 announced size before a byte is written. The part file is locked (flock), so two processes — the
 daemon and `comfy-worker models pull` — never write the same file.
 
-Memory stays flat: bytes are gathered into buffers of `BUFFER_BYTES` and written and hashed in a
-worker thread while the next buffer is read; at most two buffers exist at once. File work never
+Memory stays flat: received chunks are gathered up to `BUFFER_BYTES` and written and hashed in a
+worker thread while the next batch is read; at most two batches exist at once. File work never
 runs on the event loop. S3 objects go through boto3's managed (parallel, retrying) transfer into
 the same locked part file, and are hashed after it.
 """
@@ -96,13 +96,17 @@ class _Transfer:
         self.hasher = hashlib.sha256()
         self.offset = 0
 
-    def write(self, data: bytes | bytearray) -> int:
+    def write(self, chunks: list[bytes]) -> int:
+        """Write and hash received chunks as they are (no joining copy); returns the bytes."""
+        written = 0
         try:
-            self.handle.write(data)
+            for chunk in chunks:
+                self.handle.write(chunk)
+                self.hasher.update(chunk)
+                written += len(chunk)
         except OSError as exc:
             raise NotEnoughSpace(self.shown, f"writing failed: {exc.strerror}") from None
-        self.hasher.update(data)
-        return len(data)
+        return written
 
 
 def _open_part(part: Path, shown: str) -> BinaryIO:
@@ -331,7 +335,8 @@ class Downloader:
                       progress: FileProgress) -> None:
         """Read into buffers; write and hash each in a thread while the next one is read."""
         pending: asyncio.Future | None = None
-        buffer = bytearray()
+        buffer: list[bytes] = []
+        buffered = 0
 
         async def settle() -> None:
             nonlocal pending
@@ -342,12 +347,13 @@ class Downloader:
 
         try:
             async for chunk in response.content.iter_any():
-                buffer += chunk
+                buffer.append(chunk)
+                buffered += len(chunk)
                 progress.advance(len(chunk))
-                if len(buffer) >= BUFFER_BYTES:
+                if buffered >= BUFFER_BYTES:
                     await settle()
                     pending = asyncio.ensure_future(asyncio.to_thread(transfer.write, buffer))
-                    buffer = bytearray()
+                    buffer, buffered = [], 0
         finally:
             # Keep every byte received, even on a cut: the resume starts after them.
             await settle()

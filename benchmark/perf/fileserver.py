@@ -130,3 +130,28 @@ class FileServer:
                 await asyncio.sleep(self.chunk_delay)
         await response.write_eof()
         return response
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m benchmark.perf.fileserver --port P NAME=PATH ...`: serve files until killed."""
+    import argparse
+    import signal
+    import time
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("files", nargs="+", metavar="NAME=PATH")
+    args = parser.parse_args(argv)
+    files: dict[str, bytes | Path] = {}
+    for item in args.files:
+        name, _, path = item.partition("=")
+        files[name] = Path(path)
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(SystemExit(0)))
+    with FileServer(files=files, port=args.port):
+        print(f"serving on 127.0.0.1:{args.port}", flush=True)
+        while True:
+            time.sleep(3600)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
