@@ -131,6 +131,12 @@ def build_components(settings: Settings, environ: dict[str, str] | None = None
         raise WiringError(f"model manifest: {exc}") from None
     if entries:
         from modelstore.store import build_store
+
+        models = settings.comfyui_folders.models
+        if not models.path.parent.is_dir():
+            raise WiringError(f"model manifest: ComfyUI's models folder {models.describe()} is "
+                              f"not inside an existing folder; set comfyui.models_dir "
+                              f"(COMFYUI_MODELS_DIR) to where ComfyUI reads its models")
         from supervisor.provisioning import Provisioner
 
         components["provisioner"] = Provisioner(

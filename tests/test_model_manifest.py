@@ -89,3 +89,17 @@ def test_provisioning_comes_before_starting_and_benchmarking():
     assert state is WorkerState.UNHEALTHY and "HTTP 404" in reason
     state, _ = derive(Inputs(children=_children(), benchmark_pending=True))
     assert state is WorkerState.BENCHMARKING
+
+
+def test_daemon_refuses_a_manifest_when_the_models_folder_cannot_be_right(tmp_path):
+    from supervisor.wiring import WiringError, build_components
+
+    settings = load_settings(None, environ={
+        "MODELS": '[{"url": "https://h/a", "path": "checkpoints/a.safetensors"}]',
+        "COMFYUI_INSTALL_PATH": str(tmp_path / "nowhere" / "ComfyUI"),
+        "WORKER_STATE_DIR": str(tmp_path / "state"), "GPU_REQUIRED": "false",
+        "BENCHMARK_ENABLED": "false", "COMFY_WORKER_CONFIG": ""})
+    with pytest.raises(WiringError) as caught:
+        build_components(settings, environ={})
+    assert "comfyui.models_dir" in str(caught.value)
+    assert "comfyui.install_path" in str(caught.value)
