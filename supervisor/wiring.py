@@ -132,10 +132,14 @@ def build_components(settings: Settings, environ: dict[str, str] | None = None
     if entries:
         from modelstore.store import build_store
 
-        models = settings.comfyui_folders.models
-        if not models.path.parent.is_dir():
-            raise WiringError(f"model manifest: ComfyUI's models folder {models.describe()} is "
-                              f"not inside an existing folder; set comfyui.models_dir "
+        # ComfyUI creates a --base-directory itself, and an explicit models_dir is the
+        # operator's word; a models folder guessed from install_path must sit in a real folder.
+        folders = settings.comfyui_folders
+        if folders.models.why.startswith("comfyui.install_path") and \
+                not folders.base.path.is_dir():
+            raise WiringError(f"model manifest: ComfyUI's models folder "
+                              f"{folders.models.describe()} is in a folder that does not exist; "
+                              f"set comfyui.install_path, or comfyui.models_dir "
                               f"(COMFYUI_MODELS_DIR) to where ComfyUI reads its models")
         from supervisor.provisioning import Provisioner
 

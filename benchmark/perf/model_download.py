@@ -123,6 +123,8 @@ def measure_daemon(workdir: Path, url: str, sha256: str, size: int) -> dict[str,
     started = time.monotonic()
 
     def ready() -> bool:
+        if daemon.process.poll() is not None:
+            raise PerfError(f"the daemon exited; log tail:\n{daemon.log_tail()}")
         try:
             samples.append((time.monotonic() - started, process.memory_info().rss / MIB))
         except psutil.Error:
