@@ -460,8 +460,10 @@ class Progress:
 def _format_timings(result: dict[str, Any], round_trip: float) -> str:
     t = result.get("timings") if isinstance(result.get("timings"), dict) else {}
     parts = [f"{label} {t[key]} ms" for key, label in (
-        ("queue_ms", "queued"), ("preprocess_ms", "preprocess"), ("generation_ms", "generation"),
-        ("postprocess_ms", "postprocess"), ("total_ms", "total")) if t.get(key) is not None]
+        ("queue_ms", "queued"), ("model_download_ms", "model download"),
+        ("preprocess_ms", "preprocess"), ("generation_ms", "generation"),
+        ("postprocess_ms", "postprocess"), ("total_ms", "total"))
+        if t.get(key) is not None and not (key == "model_download_ms" and not t[key])]
     text = "timings: " + (", ".join(parts) if parts else "none reported")
     if t.get("steps"):
         text += f"; {t['steps']} steps" + (f" at {t['sampling_its']} it/s"
