@@ -97,16 +97,18 @@ class _Transfer:
         self.offset = 0
 
     def write(self, chunks: list[bytes]) -> int:
-        """Write and hash received chunks as they are (no joining copy); returns the bytes."""
-        written = 0
+        """Write and hash a batch of received chunks; returns the bytes.
+
+        The batch is joined here, in the worker thread, so that the write and the hash each
+        release the GIL once per batch: per chunk, this thread would wait for the event loop's
+        thread at every reacquisition and crawl (measured: a third of the speed)."""
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         try:
-            for chunk in chunks:
-                self.handle.write(chunk)
-                self.hasher.update(chunk)
-                written += len(chunk)
+            self.handle.write(data)
         except OSError as exc:
             raise NotEnoughSpace(self.shown, f"writing failed: {exc.strerror}") from None
-        return written
+        self.hasher.update(data)
+        return len(data)
 
 
 def _open_part(part: Path, shown: str) -> BinaryIO:
