@@ -216,7 +216,9 @@ class ModifierRegistry:
         if kind == "boolean":
             return None if isinstance(value, bool) else "expected true or false"
         if kind == "choice":
-            if value in binding.choices:
+            # as JSON compares: true is not 1, and 1.0 is 1
+            if any(value == choice and isinstance(value, bool) == isinstance(choice, bool)
+                   for choice in binding.choices):
                 return None
             return "expected one of " + ", ".join(json.dumps(c) for c in binding.choices)
         if kind == "integer":

@@ -217,7 +217,10 @@ def request_schemas(modifiers: list[Modifier], bound: Bound) -> dict[str, Schema
             "type": "object", "minProperties": 1,
             "description": "A ComfyUI workflow in API format: {node id: {class_type, inputs}}. "
                            "An input value that is an http(s) URL or a data: URI is fetched and "
-                           "uploaded to ComfyUI; \"__RANDOM_INT__\" becomes a random integer.",
+                           "uploaded to ComfyUI; a model input (ckpt_name, lora_name, …) given "
+                           "as an http(s) URL is downloaded when the operator allows it "
+                           "(models.allow_request_urls, models.allowed_hosts: else 400); "
+                           "\"__RANDOM_INT__\" becomes a random integer.",
             # The UI format (what "Save" writes) has nodes and links: refused with a hint.
             "not": {"anyOf": [{"required": ["nodes"], "properties": {"nodes": {"type": "array"}}},
                               {"required": ["links"]}, {"required": ["last_node_id"]}]},

@@ -33,7 +33,9 @@ from supervisor.public import PublicServer
 from tests.test_fuzz import documents, odd_values
 
 LIMITS = {"api.max_dimension": 256, "api.max_steps": 50}
-REGISTRY = ModifierRegistry([BUILTIN_DIR], limit=LIMITS.get)
+# The shipped modifiers, plus one with the binding kinds they lack (choice, boolean, image).
+TEST_MODIFIERS = Path(__file__).with_name("modifiers")
+REGISTRY = ModifierRegistry([BUILTIN_DIR, TEST_MODIFIERS], limit=LIMITS.get)
 WRAPPER = wrapper_document(REGISTRY)
 SCHEMA = Draft202012Validator(standalone("GenerateRequest", WRAPPER["components"]["schemas"]))
 AGREE = settings(max_examples=400, deadline=None, database=None,
@@ -213,7 +215,9 @@ def near(binding) -> st.SearchStrategy:
     if kind == "image":
         return st.sampled_from(["", "data:image/png;base64,AAAA", "https://x.invalid/a.png", 5])
     if kind == "choice":
-        return st.sampled_from([*binding.choices, "other", None])
+        return st.sampled_from([*binding.choices, "other", None, False, True, 0.0, 16777215.0])
+    if kind == "boolean":
+        return st.sampled_from([True, False, 0, 1, "true", None])
     return st.text(max_size=5) | st.sampled_from([5, None, True])
 
 
@@ -274,6 +278,7 @@ near_valid = st.one_of(*[modifier_body(name) for name in REGISTRY.names()], work
 @example({"input": {"modifier": "Text2Image", "modifications": {"cfg": 1, "cfg_scale": 2}}})
 @example({"input": {"modifier": "Image2Image", "modifications": {"image": "x"}}})
 @example({"input": {"modifier": "Image2Image"}})
+@example({"input": {"modifier": "Choices", "modifications": {"colour": False}}})
 @example({"input": {"modifier": "Text2Image", "s3": {"endpoint_url": "http://127.0.0.1:9",
                                                      "access_key_id": "k"}}})
 @example({"input": {"workflow_json": {"nodes": [], "links": []}}})
