@@ -1,0 +1,157 @@
+"""Which GPUs get an instance, and the command lines each instance gets (no processes)."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+from click.testing import CliRunner
+
+from benchmark.siblings import SiblingFigure, judge_siblings
+from config import load_settings
+from config.loader import SettingsError
+from supervisor.instance_plan import (
+    PLACEHOLDERS,
+    GpuSlot,
+    PlanError,
+    collisions,
+    plan_instances,
+    select_gpus,
+)
+from supervisor.state import WorkerState, combine
+
+
+def gpu(index: int, name: str = "NVIDIA H100 80GB HBM3", available: bool = True):
+    return SimpleNamespace(index=index, uuid=f"GPU-{index:04d}", name=name, available=available)
+
+
+GPUS = [gpu(0), gpu(1), gpu(2), gpu(3)]
+TEMPLATE = ["python", "main.py", "--listen", "127.0.0.1", "--port", "{port}",
+            "{instance_folders}"]
+
+
+def settings(**env: str):
+    return load_settings(None, environ={"COMFYUI_COMMAND": json.dumps(TEMPLATE),
+                                        "COMFYUI_CWD": "/srv/comfy",
+                                        "COMFYUI_INSTALL_PATH": "/srv/comfy",
+                                        "WORKER_STATE_DIR": "/var/lib/cw", **env})
+
+
+# --- which GPUs ---------------------------------------------------------------------------------
+def test_all_gives_every_usable_gpu_an_instance_in_index_order():
+    lost = gpu(4, available=False)
+    slots = select_gpus("all", [*GPUS, lost], templated=True)
+    assert [s.index for s in slots] == [0, 1, 2, 3]
+    assert slots[2].uuid == "GPU-0002"
+
+
+def test_indexes_and_uuids_choose_and_order_the_instances():
+    assert [s.index for s in select_gpus(["3", "1"], GPUS, templated=True)] == [3, 1]
+    assert [s.index for s in select_gpus(["gpu-0002"], GPUS, templated=True)] == [2]
+
+
+def test_a_gpu_that_is_not_there_names_the_setting_and_what_was_found():
+    with pytest.raises(PlanError) as caught:
+        select_gpus(["7"], GPUS, templated=True)
+    assert "comfyui.gpus (COMFYUI_GPUS)" in str(caught.value)
+    assert "0 GPU-0000" in str(caught.value)
+
+
+def test_no_gpu_runs_one_instance_without_a_gpu():
+    assert select_gpus("all", [], templated=True) == [GpuSlot()]
+
+
+def test_a_command_without_placeholders_runs_one_instance_as_before():
+    assert select_gpus("all", GPUS, templated=False) == [GpuSlot()]
+    with pytest.raises(PlanError, match=r"--port \{port\}"):
+        select_gpus(["0", "1"], GPUS, templated=False)
+
+
+def test_the_setting_reads_all_indexes_or_uuids_and_refuses_a_mixture():
+    assert settings(COMFYUI_GPUS="0, 2").comfyui.gpus == ["0", "2"]
+    assert settings(COMFYUI_GPUS="ALL").comfyui.gpus == "all"
+    for bad in ("0,GPU-1", "1,1", "first"):
+        with pytest.raises(SettingsError, match="COMFYUI_GPUS"):
+            settings(COMFYUI_GPUS=bad)
+
+
+# --- command lines ------------------------------------------------------------------------------
+def test_each_instance_gets_its_ports_gpu_and_own_folders_while_models_stay_shared():
+    plans = plan_instances(settings(), select_gpus("all", GPUS, templated=True))
+    assert [p.comfyui_url for p in plans] == [f"http://127.0.0.1:{18188 + i}" for i in range(4)]
+    assert [p.wrapper_url for p in plans] == [f"http://127.0.0.1:{18288 + i}" for i in range(4)]
+    two = plans[2]
+    assert two.comfyui.env["CUDA_VISIBLE_DEVICES"] == "GPU-0002"
+    command = two.comfyui.command
+    assert command[command.index("--port") + 1] == "18190"
+    assert command[command.index("--output-directory") + 1] == "/srv/comfy/instances/2/output"
+    assert command[command.index("--user-directory") + 1] == "/srv/comfy/instances/2/user"
+    assert command[command.index("--database-url") + 1] == \
+        "sqlite:////srv/comfy/instances/2/user/comfyui.db"
+    assert str(two.folders.temp.path) == "/srv/comfy/instances/2/temp"
+    assert {str(p.folders.models.path) for p in plans} == {"/srv/comfy/models"}
+    assert str(two.state_dir) == "/var/lib/cw/instances/2"
+
+
+def test_one_instance_keeps_the_folders_ports_and_state_of_a_one_gpu_host():
+    (plan,) = plan_instances(settings(), select_gpus("all", GPUS[:1], templated=True))
+    assert plan.comfyui.command == ["python", "main.py", "--listen", "127.0.0.1", "--port",
+                                    "18188"]
+    assert str(plan.folders.output.path) == "/srv/comfy/output"
+    assert str(plan.state_dir) == "/var/lib/cw" and plan.suffix == ""
+
+
+def test_placeholders_fill_env_and_wrapper_command_and_other_braces_stay():
+    s = settings(COMFYUI_ENV=json.dumps({"TAG": "gpu{gpu_index}-{gpu_name}", "RAW": "{x}"}),
+                 WRAPPER_COMMAND=json.dumps(["wrap", "--port", "{port}", "--comfy",
+                                             "{comfyui_url}", "{\"a\": 1}"]))
+    plan = plan_instances(s, select_gpus("all", GPUS, templated=True))[1]
+    assert plan.comfyui.env["TAG"] == "gpu1-NVIDIA H100 80GB HBM3"
+    assert plan.comfyui.env["RAW"] == "{x}"
+    assert plan.wrapper.command == ["wrap", "--port", "18289", "--comfy",
+                                    "http://127.0.0.1:18189", "{\"a\": 1}"]
+    assert {"port", "instance", "gpu_uuid", "instance_folders"} <= set(PLACEHOLDERS)
+
+
+def test_config_check_warns_when_instances_would_collide(tmp_path):
+    from supervisor.cli import main
+
+    shared = tmp_path / "shared.toml"
+    shared.write_text('[comfyui]\ncommand = ["python", "main.py", "--port", "{port}"]\n'
+                      '[wrapper]\ncommand = ["wrap", "--port", "9000"]\n')
+    result = CliRunner().invoke(main, ["config", "check", str(shared)])
+    assert result.exit_code == 0, result.output
+    assert "instances would share the output folder" in result.output
+    assert "SQLite database" in result.output
+    assert "wrapper.command: every instance's wrapper would start the same way" in result.output
+    good = tmp_path / "good.toml"
+    good.write_text('[comfyui]\ncommand = ["python", "main.py", "--port", "{port}", '
+                    '"{instance_folders}"]\n')
+    result = CliRunner().invoke(main, ["config", "check", str(good)])
+    assert result.exit_code == 0 and "warning" not in result.output, result.output
+    assert not collisions(load_settings(good, environ={}))
+
+
+# --- siblings and the worker state ---------------------------------------------------------------
+def test_a_gpu_30_percent_slower_than_its_siblings_median_is_slow():
+    figures = [SiblingFigure(i, "H100", its) for i, its in enumerate((10.0, 9.9, 7.7, 10.1))]
+    judged = judge_siblings(figures, 0.20)
+    assert [judged[i].slow for i in range(4)] == [False, False, True, False]
+    assert "30% slower than the median of its 3 sibling GPUs" in judged[2].text()
+    # Another model is no sibling; a lone GPU has none.
+    assert judge_siblings([SiblingFigure(0, "H100", 10), SiblingFigure(1, "L4", 3)], 0.2) == {}
+
+
+def test_worker_state_is_derived_from_the_instances():
+    ready = ("instance 0", WorkerState.READY, "ok")
+    out = ("instance 1 (GPU 1)", WorkerState.UNHEALTHY, "GPU 1: HW thermal slowdown")
+    starting = ("instance 2", WorkerState.STARTING, "waiting for ComfyUI")
+    assert combine([ready]) == (WorkerState.READY, "ok")
+    assert combine([out]) == (WorkerState.UNHEALTHY, "GPU 1: HW thermal slowdown")
+    assert combine([ready, ready])[0] is WorkerState.READY
+    state, reason = combine([ready, out])
+    assert state is WorkerState.DEGRADED and "1 of 2 instances serve" in reason
+    assert "instance 1 (GPU 1) unhealthy: GPU 1: HW thermal slowdown" in reason
+    assert combine([out, starting])[0] is WorkerState.STARTING
+    assert combine([out, out])[0] is WorkerState.UNHEALTHY
