@@ -43,6 +43,7 @@ contract: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m benchmark.perf.wrapper_latency
 	$(BIN)/python -m benchmark.perf.stack_latency
+	$(BIN)/python -m benchmark.perf.multi_instance --gpus 4
 
 # Download throughput against curl and the daemon's memory while fetching a 2 GiB model (minutes).
 bench-models: $(STAMP)
