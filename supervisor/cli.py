@@ -156,8 +156,10 @@ def run_command(ctx: click.Context) -> None:
 @click.option("--port", type=int, default=3000, show_default=True, help="Public port.")
 @click.option("--state", "state_dir", default=".demo-state", show_default=True,
               help="Folder for the demo's files.")
+@click.option("--gpus", type=click.IntRange(1, 16), default=1, show_default=True,
+              help="Fake GPUs: one instance (simulator + wrapper) each.")
 @click.pass_context
-def demo_command(ctx: click.Context, port: int, state_dir: str) -> None:
+def demo_command(ctx: click.Context, port: int, state_dir: str, gpus: int) -> None:
     """Run the whole worker with the ComfyUI simulator: no GPU, no ComfyUI needed."""
     import os
     import secrets as _secrets
@@ -165,16 +167,19 @@ def demo_command(ctx: click.Context, port: int, state_dir: str) -> None:
     from supervisor.demo import demo_environment
 
     token = os.environ.get("WORKER_AUTH_TOKEN") or _secrets.token_urlsafe(18)
-    env = demo_environment(Path(state_dir).resolve(), port, token)
+    env = demo_environment(Path(state_dir).resolve(), port, token, gpus)
     for key, value in env.items():
         os.environ.setdefault(key, value)
     settings = _load(ctx.obj["config_path"])
     from supervisor.admin_locate import announce_demo_socket, forget_demo_socket
     from supervisor.ports import holders, local_port
 
-    for what, number in (("the public port (--port)", settings.worker.port),
-                         ("ComfyUI's port", local_port(settings.comfyui.url)),
-                         ("the wrapper's port", local_port(settings.wrapper.url))):
+    ports = [("the public port (--port)", settings.worker.port)]
+    for offset in range(gpus):
+        which = f" of instance {offset}" if gpus > 1 else ""
+        ports += [(f"ComfyUI's port{which}", local_port(settings.comfyui.url) + offset),
+                  (f"the wrapper's port{which}", local_port(settings.wrapper.url) + offset)]
+    for what, number in ports:
         taken = holders(number) if number else []
         if taken:
             click.echo(f"comfy-worker demo: {what} {number} is held by {taken[0].describe()}; "
@@ -194,6 +199,9 @@ def demo_command(ctx: click.Context, port: int, state_dir: str) -> None:
         f"{socket})\n"
         + (f"  metrics: curl -s http://{settings.metrics.host}:{settings.metrics.port}/metrics\n"
            if settings.metrics.port else "")
+        + (f"  {gpus} fake GPUs, one instance each: add \"clock_event_reasons\": "
+           f"[\"hw_thermal_slowdown\"] to one in {state_dir}/gpus.json and watch its instance "
+           "go out and come back\n" if gpus > 1 else "")
         + f"  files in {state_dir}/ ; Ctrl-C stops it.\n", err=True)
     try:
         _run_daemon(settings)

@@ -68,7 +68,7 @@ class GpuSlot:
     def describe(self) -> str:
         if self.index is None:
             return "no GPU"
-        return f"GPU {self.index}" + (f" ({self.name})" if self.name else "")
+        return f"GPU {self.index}" + (f": {self.name}" if self.name else "")
 
 
 @dataclass(frozen=True)

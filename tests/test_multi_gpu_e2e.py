@@ -165,6 +165,21 @@ def test_hot_gpu_takes_out_only_its_instance_and_comes_back(tmp_path):
         assert report.exit_code == 0 and "4 of 4 serving" in report.output, report.output
         answers = concurrently(worker, [text2image(20) for _ in range(8)])
         assert {a[1]["served_by"]["instance"] for a in answers} == {0, 1, 2, 3}
+        # The operator drains one instance, then resumes it.
+        from supervisor.cli import main
+
+        socket = ["--socket", str(worker.admin_socket)]
+        drained = CliRunner().invoke(main, ["drain", "--instance", "0", *socket])
+        assert drained.exit_code == 0 and "instance 0" in drained.output, drained.output
+        status, body = get_json(worker.url + "/health")
+        assert body["state"] == "degraded" and body["instances"][0]["state"] == "unhealthy"
+        assert "draining" in body["instances"][0]["reason"]
+        answers = concurrently(worker, [text2image(20) for _ in range(6)])
+        assert 0 not in {a[1]["served_by"]["instance"] for a in answers}
+        wrong = CliRunner().invoke(main, ["resume", "--instance", "9", *socket])
+        assert wrong.exit_code == 1 and "runs instances 0 to 3" in wrong.output
+        assert CliRunner().invoke(main, ["resume", *socket]).exit_code == 0
+        assert wait_until(lambda: ready_instances(worker), 10, "all serving again")
 
 
 def test_gpu_slower_than_its_identical_siblings_is_refused(tmp_path):
