@@ -109,15 +109,9 @@ def config_example() -> None:
 @click.pass_context
 def api_command(ctx: click.Context, port: int | None, host: str | None) -> None:
     """Serve the API wrapper (normally started by `comfy-worker run`)."""
-    from api.app import serve
+    from api.__main__ import run
 
-    settings = _load(ctx.obj["config_path"])
-    setup_logging(settings.worker.log_level, settings.secrets(), name="[wrapper]")
-    try:
-        asyncio.run(serve(settings, port=port, host=host))
-    except OSError as exc:
-        click.echo(f"comfy-worker api: {exc}", err=True)
-        sys.exit(1)
+    sys.exit(run(_load(ctx.obj["config_path"]), port, host))
 
 
 # --- run / demo ----------------------------------------------------------------------------------

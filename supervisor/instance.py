@@ -111,7 +111,8 @@ class Instance:
         env = dict(plan.wrapper.env)
         if not command:
             url = urlsplit(plan.wrapper_url)
-            command = [sys.executable, "-m", "supervisor.cli", "api", "--port", str(url.port),
+            # `python -m api`: the wrapper alone, not the whole command line (memory, per GPU).
+            command = [sys.executable, "-m", "api", "--port", str(url.port),
                        "--host", url.hostname or "127.0.0.1"]
             if self.settings.config_path:
                 env.setdefault("COMFY_WORKER_CONFIG", str(self.settings.config_path))
