@@ -297,9 +297,11 @@ def public_document(registry: ModifierRegistry, auth: AuthMode, *, docs_public: 
                 "Error")
     components: dict[str, Any] = {"schemas": {
         **_components(registry), **schemas.autoscaler_schemas(required_auth_fields)}}
-    result = components["schemas"]["Result"]
-    components["schemas"]["Result"] = {**result, "properties": {
-        **result["properties"], "served_by": schemas.SERVED_BY}}
+    # Every JSON answer the wrapper gives (a result, or its refusal) comes with served_by.
+    for name in ("Result", "Error"):
+        answer = components["schemas"][name]
+        components["schemas"][name] = {**answer, "properties": {
+            **answer["properties"], "served_by": schemas.SERVED_BY}}
     if auth == "token":
         components["securitySchemes"] = {"bearer": {
             "type": "http", "scheme": "bearer", "description": _AUTH_TEXT["token"]}}
