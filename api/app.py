@@ -123,7 +123,7 @@ class WrapperRuntime:
                                 session=self.model_session, check_target=check_target)
         cache = UrlCache(models_state_dir(Path(self.settings.worker.state_dir)) / "cache",
                          self.settings.comfyui_models_dir, downloader,
-                         int(m.cache_max_gb * 1e9))
+                         int(m.cache_max_gb * 1e9), parallel=m.parallel)
         return ModelUrlResolver(cache, policy, DEFAULT_MODEL_INPUTS)
 
     async def close(self) -> None:

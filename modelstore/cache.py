@@ -80,7 +80,8 @@ class CacheFull(DownloadError):
 
 
 class UrlCache:
-    def __init__(self, root: Path, models_dir: Path, downloader: Downloader, max_bytes: int):
+    def __init__(self, root: Path, models_dir: Path, downloader: Downloader, max_bytes: int,
+                 parallel: int = 2):
         self.root = Path(root)
         self.models_dir = Path(models_dir)
         self.downloader = downloader
@@ -90,6 +91,8 @@ class UrlCache:
         self._inflight: dict[str, asyncio.Task] = {}
         self._loaded = False
         self._lock = asyncio.Lock()   # guards eviction against concurrent room-making
+        self._slots = asyncio.Semaphore(parallel)  # downloads at once (models.parallel)
+        self._reserved: dict[str, int] = {}        # key -> bytes a download under way will add
 
     # --- start ----------------------------------------------------------------------------------
     async def load(self) -> None:
@@ -155,9 +158,10 @@ class UrlCache:
         entry = CacheEntry(key, folder, name)
         entry.pins += 1  # nobody may evict it while it is being written
         try:
-            fetched = await self.downloader.fetch(
-                source, folder / name,
-                before_write=lambda needed: self._make_room(needed, source.shown))
+            async with self._slots:
+                fetched = await self.downloader.fetch(
+                    source, folder / name,
+                    before_write=lambda needed: self._make_room(needed, source.shown, key))
             entry.size = fetched.size
             await asyncio.to_thread(self._write_meta, entry, redact(source.url))
         except BaseException:
@@ -165,6 +169,7 @@ class UrlCache:
             raise
         finally:
             entry.pins -= 1
+            self._reserved.pop(key, None)
         entry.last_used = time.time()
         self.entries[key] = entry
         logger.info("model cache: %s stored as %s (%s; cache %s of %s)", redact(source.url),
@@ -173,15 +178,17 @@ class UrlCache:
         return entry
 
     # --- room -----------------------------------------------------------------------------------
-    async def _make_room(self, needed: int | None, shown: str) -> None:
-        """Evict least recently used, unpinned entries until `needed` more bytes fit."""
+    async def _make_room(self, needed: int | None, shown: str, key: str) -> None:
+        """Evict least recently used, unpinned entries until `needed` more bytes fit (beside
+        what other downloads under way have reserved)."""
         if needed is None:
             return  # size unknown: the cap is enforced by the next download's eviction
         if needed > self.max_bytes:
             raise CacheFull(shown, f"the file is {human_bytes(needed)}, more than the whole model "
                                 f"cache ({human_bytes(self.max_bytes)}, models.cache_max_gb)")
         async with self._lock:
-            while self.used_bytes + needed > self.max_bytes:
+            self._reserved.pop(key, None)
+            while self.used_bytes + sum(self._reserved.values()) + needed > self.max_bytes:
                 victims = sorted((e for e in self.entries.values() if e.pins == 0),
                                  key=lambda e: e.last_used)
                 if not victims:
@@ -190,6 +197,7 @@ class UrlCache:
                                         "with files that queued or running requests use; try "
                                         "again later")
                 await self.evict(victims[0])
+            self._reserved[key] = needed
 
     async def evict(self, entry: CacheEntry) -> None:
         if entry.pins:

@@ -220,3 +220,15 @@ async def test_s3_object_is_fetched_and_verified(tmp_path, moto_server):  # noqa
         await store.ensure(entry("s3://models/sd/absent.safetensors"))
     assert "s3://models/sd/absent.safetensors" in str(caught.value)
     assert visible_files(tmp_path) == []
+
+
+async def test_credentials_are_not_sent_along_a_redirect_to_another_host(tmp_path, server):
+    # 127.0.0.1 and localhost are different hosts to the engine, as huggingface.co and its CDN.
+    server.redirects["model.safetensors"] = f"http://localhost:{server.port}/cdn/model"
+    server.files["cdn/model"] = DATA
+    store = store_for(tmp_path, environ={"TOK": "secret"})
+    status = await store.ensure(entry(f"{server.url}/model.safetensors", auth_env="TOK"))
+    await store.downloader.close()
+    assert status.state is EntryState.VERIFIED
+    assert [(s.path, s.authorization) for s in server.seen] == [
+        ("model.safetensors", "Bearer secret"), ("cdn/model", None)]

@@ -2,7 +2,7 @@
 
 It runs its own event loop in a thread, so a synchronous test (or a daemon in another process)
 can use it while the test waits. Files are bytes in memory or paths on disk (served with
-sendfile, as a CDN would). Knobs, changeable while it runs: a required bearer token, a cut of the
+sendfile, as a CDN would). Knobs, changeable while it runs: redirects, a required bearer token, a cut of the
 connection after N bytes (for the next K answers), a delay per 64 KiB (a slow server), ignoring
 `Range`, and files that are simply not there (404) until added. Every request is recorded.
 """
@@ -40,6 +40,7 @@ class FileServer:
     chunk_delay: float = 0.0
     ignore_range: bool = False
     fail_status: int | None = None   # answer every request with this status
+    redirects: dict[str, str] = field(default_factory=dict)  # name -> Location (a 302)
     headers: dict[str, str] = field(default_factory=dict)
     seen: list[Seen] = field(default_factory=list)
     port: int = 0
@@ -88,6 +89,8 @@ class FileServer:
     async def _answer(self, request: web.Request, name: str) -> web.StreamResponse:
         if self.fail_status:
             return web.Response(status=self.fail_status, text="failing on purpose")
+        if name in self.redirects:
+            return web.Response(status=302, headers={"Location": self.redirects[name]})
         if self.token and request.headers.get("Authorization") != f"Bearer {self.token}":
             return web.Response(status=401, text="token required")
         data = self.files.get(name)
