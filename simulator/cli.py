@@ -36,6 +36,13 @@ logger = logging.getLogger("simulator")
 _LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
 
+
+def _existing_directory(path: str) -> str:
+    """ComfyUI 0.3.64 refuses a --user-directory that is not an existing directory (exit 2)."""
+    if not os.path.isdir(path):
+        raise argparse.ArgumentTypeError(f"The path '{path}' does not exist.")
+    return path
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m simulator",
@@ -52,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     comfy.add_argument("--input-directory", type=str, default=None, help="Input folder (overrides base).")
     comfy.add_argument("--temp-directory", type=str, default=None,
                        help="Temp files go in a 'temp' folder inside this one (overrides base).")
-    comfy.add_argument("--user-directory", type=str, default=None, help="User folder (overrides base).")
+    comfy.add_argument("--user-directory", type=_existing_directory, default=None,
+                       help="User folder (overrides base); must exist, as ComfyUI checks.")
     comfy.add_argument("--database-url", type=str, default=None, metavar="URL",
                        help="ComfyUI's SQLite database (accepted; the simulator keeps none).")
     comfy.add_argument("--strict-base-directory", action="store_true",

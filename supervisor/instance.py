@@ -33,6 +33,11 @@ from supervisor.state import OK, ChildView, Inputs, Verdict, WorkerState, Worker
 logger = logging.getLogger(__name__)
 
 
+def _make_dirs(paths: Any) -> None:
+    for path in paths:
+        path.mkdir(parents=True, exist_ok=True)
+
+
 class InstanceHost(Protocol):
     """What an instance asks of the daemon that composes it."""
 
@@ -194,6 +199,8 @@ class Instance:
 
     # --- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
+        if self.plan.make_dirs:
+            await asyncio.to_thread(_make_dirs, self.plan.make_dirs)
         self.comfyui.add_listener(self._on_comfyui_change)
         self.wrapper.add_listener(self._on_wrapper_change)
         await self.comfyui.start()

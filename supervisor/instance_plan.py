@@ -93,6 +93,9 @@ class InstancePlan:
     state_dir: Path
     pinned: bool               # CUDA_VISIBLE_DEVICES set to this GPU
     values: dict[str, str] = field(default_factory=dict)
+    #: Folders to make before ComfyUI starts ({instance_folders}: ComfyUI refuses a
+    #: --user-directory that does not exist).
+    make_dirs: tuple[Path, ...] = ()
 
     @property
     def suffix(self) -> str:
@@ -151,8 +154,12 @@ def select_gpus(selection: Any, gpus: Sequence[Any], *, templated: bool) -> list
     return slots or [GpuSlot()]
 
 
+def _instance_root(base: Path, number: int) -> Path:
+    return base / "instances" / str(number)
+
+
 def _instance_folder_flags(base: Path, number: int) -> list[str]:
-    root = base / "instances" / str(number)
+    root = _instance_root(base, number)
     return ["--output-directory", str(root / "output"), "--input-directory", str(root / "input"),
             "--temp-directory", str(root), "--user-directory", str(root / "user"),
             "--database-url", f"sqlite:///{root / 'user' / 'comfyui.db'}"]
@@ -192,6 +199,9 @@ def plan_instances(settings: Any, slots: Sequence[GpuSlot]) -> list[InstancePlan
         base = discover([render(a, {**values, "port": values["comfyui_port"]}) for a in plain],
                         c.cwd, c.install_path).base.path
         flags = _instance_folder_flags(base, number) if count > 1 else []
+        root = _instance_root(base, number)
+        make = tuple(root / sub for sub in ("output", "input", "temp", "user")) \
+            if count > 1 and "{instance_folders}" in c.command else ()
         comfy = _render_child(c.command, dict(c.env), c.cwd,
                               {**values, "port": values["comfyui_port"]}, flags)
         pinned = templated and gpu.uuid is not None
@@ -203,7 +213,7 @@ def plan_instances(settings: Any, slots: Sequence[GpuSlot]) -> list[InstancePlan
         wrapper = _render_child(w.command, dict(w.env), w.cwd,
                                 {**values, "port": values["wrapper_port"]}, [])
         plans.append(InstancePlan(number, count, gpu, comfy_url, wrapper_url, comfy, wrapper,
-                                  folders, state_dir, pinned, values))
+                                  folders, state_dir, pinned, values, make))
     return plans
 
 

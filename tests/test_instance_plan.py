@@ -92,6 +92,8 @@ def test_each_instance_gets_its_ports_gpu_and_own_folders_while_models_stay_shar
     assert str(two.folders.temp.path) == "/srv/comfy/instances/2/temp"
     assert {str(p.folders.models.path) for p in plans} == {"/srv/comfy/models"}
     assert str(two.state_dir) == "/var/lib/cw/instances/2"
+    # made before ComfyUI starts: it refuses a --user-directory that does not exist
+    assert "/srv/comfy/instances/2/user" in {str(p) for p in two.make_dirs}
 
 
 def test_one_instance_keeps_the_folders_ports_and_state_of_a_one_gpu_host():
@@ -99,7 +101,7 @@ def test_one_instance_keeps_the_folders_ports_and_state_of_a_one_gpu_host():
     assert plan.comfyui.command == ["python", "main.py", "--listen", "127.0.0.1", "--port",
                                     "18188"]
     assert str(plan.folders.output.path) == "/srv/comfy/output"
-    assert str(plan.state_dir) == "/var/lib/cw" and plan.suffix == ""
+    assert str(plan.state_dir) == "/var/lib/cw" and plan.suffix == "" and not plan.make_dirs
 
 
 def test_placeholders_fill_env_and_wrapper_command_and_other_braces_stay():
