@@ -73,6 +73,9 @@ class WrapperRuntime:
             trusted_urls={s.webhook.url} if s.webhook.url else set(),
             on_settled=lambda result: self.metrics.webhooks.labels(result.state.value).inc())
         await self.webhooks.start()
+        model_urls = self._model_urls()
+        if model_urls is not None:
+            self.metrics.bind_model_cache(model_urls.cache)
         self.service = GenerationService(
             client=self.client, registry=registry_from_settings(s),
             store=ResultStore(state / "results", s.api.result_ttl, s.api.result_max),
@@ -83,7 +86,7 @@ class WrapperRuntime:
             queue_size=s.api.queue_size, request_timeout=s.api.request_timeout,
             base64_max_bytes=s.api.base64_max_bytes,
             allow_private_webhooks=s.webhook.allow_private_targets, output_dir_why=output.why,
-            metrics=self.metrics, model_urls=self._model_urls())
+            metrics=self.metrics, model_urls=model_urls)
         webhooks, service = self.webhooks, self.service
         self.metrics.bind(spool=lambda: webhooks.pending, queue=service.queue_depth)
         await self.service.start()

@@ -82,6 +82,34 @@ class WrapperMetrics:
         self.spool.set_function(spool)
         self.queue.set_function(queue)
 
+    def bind_model_cache(self, cache: Any) -> None:
+        """The request-URL model cache's figures, read from it at scrape time."""
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        class _CacheCollector:
+            def describe(self) -> list:
+                return []
+
+            def collect(self):  # noqa: ANN202 - prometheus_client's collector protocol
+                used = GaugeMetricFamily("comfy_worker_model_cache_bytes",
+                                         "Bytes in the request-URL model cache.")
+                used.add_metric([], cache.used_bytes)
+                yield used
+                limit = GaugeMetricFamily("comfy_worker_model_cache_limit_bytes",
+                                          "The cache's cap (models.cache_max_gb).")
+                limit.add_metric([], cache.max_bytes)
+                yield limit
+                for name, doc, value in (
+                        ("comfy_worker_model_cache_downloads", "Model URLs downloaded.",
+                         cache.downloads),
+                        ("comfy_worker_model_cache_evictions", "Cached models evicted.",
+                         cache.evictions)):
+                    family = CounterMetricFamily(name, doc)
+                    family.add_metric([], value)
+                    yield family
+
+        self.registry.register(_CacheCollector())
+
     def job_finished(self, outcome: str, timings: dict[str, Any], started: bool) -> None:
         self.jobs.labels(outcome).inc()
         for stage, key in STAGES.items():

@@ -88,6 +88,7 @@ class UrlCache:
         self.max_bytes = max_bytes
         self.entries: dict[str, CacheEntry] = {}
         self.downloads = 0  # downloads started since the start (tests and metrics read it)
+        self.evictions = 0
         self._inflight: dict[str, asyncio.Task] = {}
         self._loaded = False
         self._lock = asyncio.Lock()   # guards eviction against concurrent room-making
@@ -203,6 +204,7 @@ class UrlCache:
         if entry.pins:
             raise RuntimeError(f"evicting {entry.key}, which is in use")
         self.entries.pop(entry.key, None)
+        self.evictions += 1
         await asyncio.to_thread(self._remove, entry)
         logger.info("model cache: evicted %s (%s, unused for %.0f s)", entry.key,
                     human_bytes(entry.size), time.time() - entry.last_used)

@@ -47,10 +47,10 @@ class Item:
     result: EntryStatus | None = None
 
     def describe_failure(self) -> str:
+        """Stable between tries (no countdown): the autoscaler is told when the text changes."""
         when = time.strftime("%H:%M:%S UTC", time.gmtime(self.next_try_at or time.time()))
-        left = max(0.0, (self.next_try_at or time.time()) - time.time())
         return (f"model {self.entry.path} failed {self.failures} time(s): {self.error}; "
-                f"next try at {when} (in {left:.0f} s)")
+                f"next try at {when}")
 
     def to_dict(self) -> dict[str, Any]:
         body: dict[str, Any] = {"path": self.entry.path, "when": self.entry.when.value,

@@ -7,6 +7,7 @@ import asyncio
 import os
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -145,6 +146,9 @@ def test_two_requests_for_one_model_url_download_it_once(stack):
     assert max(a[1]["timings"]["model_download_ms"] for a in answers) >= 100
     linked = list((sim.base_dir / "models/checkpoints/url-cache").glob("*-b.safetensors"))
     assert len(linked) == 1 and linked[0].is_symlink()
+    with urllib.request.urlopen(wrapper.url + "/metrics", timeout=5) as answer:
+        metrics = answer.read().decode()
+    assert "comfy_worker_model_cache_downloads_total 1.0" in metrics
     # Cached now: a third request does not download again.
     status, body = post_json(wrapper.url + "/generate/sync", text2image(url))
     assert status == 200 and body["timings"]["model_download_ms"] < 1000
