@@ -85,9 +85,16 @@ def config_check(file: str) -> None:
     """Validate a settings file on its own (the environment is ignored)."""
     from supervisor.instance_plan import collisions
 
+    from modelstore import ManifestError, load_manifest
+
     try:
         settings = check_file(file)
     except SettingsError as exc:
+        click.echo(f"{file}: {exc}", err=True)
+        sys.exit(2)
+    try:  # the model manifest's entries, field by field
+        load_manifest(settings)
+    except ManifestError as exc:
         click.echo(f"{file}: {exc}", err=True)
         sys.exit(2)
     # Warnings, not errors: a one-GPU host runs one instance and never collides.

@@ -103,7 +103,9 @@ class Provisioner:
             return ""
         total = len(self._before)
         done = sum(1 for i in self._before if i.state is ItemState.DONE)
-        active = [i for i in self._before if i.state is ItemState.DOWNLOADING and i.progress]
+        # A download waiting for a slot (models.parallel) has no bytes yet: not "downloading".
+        active = [i for i in self._before if i.state is ItemState.DOWNLOADING and i.progress
+                  and (i.progress.done or i.progress.total)]
         if active:
             first = done + 1
             span = f"{first}" if len(active) == 1 else f"{first}-{done + len(active)}"

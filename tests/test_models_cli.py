@@ -60,3 +60,12 @@ def test_bad_manifest_is_exit_2_naming_the_field(tmp_path):
     result = run(["models", "pull", "--manifest", str(manifest)], tmp_path)
     assert result.exit_code == 2
     assert "[0].path" in result.output
+
+
+def test_config_check_validates_the_manifest_entries(tmp_path):
+    config = tmp_path / "worker.toml"
+    config.write_text('[[models.files]]\nurl = "https://h/a"\npath = "checkpoints/a.safetensors"\n'
+                      'when = "soon"\n')
+    result = CliRunner().invoke(main, ["config", "check", str(config)])
+    assert result.exit_code == 2
+    assert "models.files[0].when: expected before_ready or background" in result.output

@@ -1,0 +1,53 @@
+"""The provisioner on its own (no daemon): order, reasons, verdicts, a real local file server."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+from benchmark.perf.fileserver import FileServer
+from modelstore.download import Downloader
+from modelstore.manifest import parse_entries
+from modelstore.store import ModelStore
+from supervisor.provisioning import ItemState, Provisioner
+from supervisor.state import Level
+
+BIG = os.urandom(2 * 1024 * 1024)
+SMALL = os.urandom(100_000)
+
+
+async def test_before_ready_first_with_progress_then_background_whose_failure_is_no_verdict(
+        tmp_path):
+    with FileServer(files={"big.safetensors": BIG, "small.safetensors": SMALL},
+                    chunk_delay=0.03) as server:
+        entries = parse_entries([
+            {"url": f"{server.url}/big.safetensors", "path": "checkpoints/big.safetensors"},
+            {"url": f"{server.url}/small.safetensors", "path": "vae/small.safetensors"},
+            {"url": f"{server.url}/absent.safetensors", "path": "loras/absent.safetensors",
+             "when": "background"}], "models.files")
+        store = ModelStore(tmp_path / "models", tmp_path / "state",
+                           Downloader(retries=0, backoff_initial=0.01), environ={}, parallel=1)
+        provisioner = Provisioner(store, entries, backoff_initial=0.05, backoff_max=0.1)
+        reasons: list[str] = []
+        provisioner.on_change = lambda: reasons.append(provisioner.reason())
+        task = asyncio.create_task(provisioner.run())
+        while not provisioner.ready:
+            await asyncio.sleep(0.05)
+            reasons.append(provisioner.reason())
+        assert provisioner.verdict().level is Level.OK
+        assert any(r.startswith("downloading 1 of 2 models: big ") and " MB" in r
+                   for r in reasons), reasons
+        assert provisioner.reason() == ""
+        # The background file is missing at the source: it keeps failing, the worker is fine.
+        for _ in range(100):
+            if provisioner.items[2].failures >= 2:
+                break
+            await asyncio.sleep(0.05)
+        background = provisioner.items[2]
+        assert background.state is ItemState.RETRY_WAIT and "HTTP 404" in background.error
+        assert provisioner.verdict().level is Level.OK
+        assert provisioner.snapshot()["status"] == "background"
+        server.files["absent.safetensors"] = SMALL
+        await asyncio.wait_for(task, 10)
+        assert provisioner.snapshot()["status"] == "ready" and provisioner.missing() == 0
+        await store.downloader.close()
