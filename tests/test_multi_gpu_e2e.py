@@ -184,9 +184,12 @@ def test_hot_gpu_takes_out_only_its_instance_and_comes_back(tmp_path):
 
 def test_gpu_slower_than_its_identical_siblings_is_refused(tmp_path):
     # A GPU model no reference table knows: only the siblings can tell that GPU 2 is slow.
-    with start_multi(tmp_path, GPUS, "--step-seconds", str(STEP_SECONDS), wait_ready=False,
+    # One at a time (benchmark.sequential): four simulators sharing two busy cores would
+    # otherwise blur a 30% difference.
+    with start_multi(tmp_path, GPUS, "--step-seconds", "0.2", wait_ready=False,
                      gpu_name="NVIDIA Simulated GPU",
-                     extra_env={**bench_env(), "SIM_SLOW": "2=1.3"}) as worker:
+                     extra_env={**bench_env(BENCHMARK_SEQUENTIAL="true"),
+                                "SIM_SLOW": "2=1.3"}) as worker:
         def settled():
             status, body = get_json(worker.url + "/health")
             instances = body.get("instances") or []
@@ -197,6 +200,10 @@ def test_gpu_slower_than_its_identical_siblings_is_refused(tmp_path):
             return None
 
         body = wait_until(settled, 180, "every benchmark verdict")
+        # One after another: no two measured runs overlapped.
+        runs = sorted((i["benchmark"]["timestamp"] - i["benchmark"]["duration_s"],
+                       i["benchmark"]["timestamp"]) for i in worker.status()["instances"])
+        assert all(a[1] <= b[0] + 0.05 for a, b in zip(runs, runs[1:])), runs
         slow = body["instances"][2]
         assert slow["state"] == "unhealthy" and slow["benchmark"]["status"] == "slow", slow
         assert "slower than the median of its 3 sibling GPUs" in body["reason"], body["reason"]
