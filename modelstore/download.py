@@ -3,8 +3,9 @@
 The file is streamed into `.<name>.part` beside its destination (same filesystem, so the final
 rename is atomic), hashed while streaming, synced to disk, and renamed into place only when its
 size and SHA-256 match. A wrong digest deletes the part file and says expected and actual. A cut
-connection resumes with an HTTP `Range` request after a backoff; the part file survives a restart
-and is resumed too (its bytes are hashed again first). Free space is checked against the
+connection resumes with an HTTP `Range` request (with `If-Range`, so a source that changed in
+between is sent whole) after a backoff; the part file survives a restart and is resumed too when
+the manifest gives a digest (its bytes are hashed again first). Free space is checked against the
 announced size before a byte is written. The part file is locked (flock), so two processes — the
 daemon and `comfy-worker models pull` — never write the same file.
 
@@ -78,6 +79,7 @@ class _Transfer:
         self.total: int | None = None
         self.announced_sha256: str | None = None
         self.before_write: BeforeWrite | None = None
+        self.validator: str | None = None   # the source's strong ETag or Last-Modified
 
     # These run in a worker thread.
     def hash_existing(self) -> int:
@@ -191,7 +193,13 @@ class Downloader:
                 await self._fetch_s3(source, transfer, part, progress)
                 resumed = 0
             else:
-                resumed = await asyncio.to_thread(transfer.hash_existing)
+                # A part file left by an earlier run is resumed only when a digest will judge
+                # the result: without one, a changed source would go unnoticed in the mix.
+                if sha256:
+                    resumed = await asyncio.to_thread(transfer.hash_existing)
+                else:
+                    await asyncio.to_thread(transfer.restart)
+                    resumed = 0
                 progress.reset(resumed)
                 if resumed:
                     logger.info("%s: resuming at %s", source.shown, human_bytes(resumed))
@@ -261,6 +269,8 @@ class Downloader:
             headers = dict(source.headers) if same_host else {}
             if transfer.offset:
                 headers["Range"] = f"bytes={transfer.offset}-"
+                if transfer.validator:  # the source changed since: the server sends it whole
+                    headers["If-Range"] = transfer.validator
             async with self._http().get(url, headers=headers, allow_redirects=False,
                                         timeout=timeout) as response:
                 self._note_linked_digest(response, transfer)
@@ -326,6 +336,9 @@ class Downloader:
             error = DownloadError(shown, f"HTTP {status}", status=status)
             error.retryable = False
             raise error
+        etag = response.headers.get("ETag", "")
+        transfer.validator = etag if etag and not etag.startswith("W/") else \
+            response.headers.get("Last-Modified") or transfer.validator
         progress.total = transfer.total
         needed = transfer.total - transfer.offset if transfer.total is not None else None
         if transfer.before_write is not None:

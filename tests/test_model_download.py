@@ -232,3 +232,20 @@ async def test_credentials_are_not_sent_along_a_redirect_to_another_host(tmp_pat
     assert status.state is EntryState.VERIFIED
     assert [(s.path, s.authorization) for s in server.seen] == [
         ("model.safetensors", "Bearer secret"), ("cdn/model", None)]
+
+
+async def test_a_part_file_from_an_earlier_run_is_resumed_when_a_digest_will_judge_it(tmp_path,
+                                                                                      server):
+    dest = tmp_path / "models/checkpoints/model.safetensors"
+    dest.parent.mkdir(parents=True)
+    part_path(dest).write_bytes(DATA[:1_000_000])
+    store = store_for(tmp_path)
+    status = await store.ensure(entry(f"{server.url}/model.safetensors"))
+    assert status.state is EntryState.VERIFIED and server.seen[-1].range == "bytes=1000000-"
+    assert status.fetched.resumed_from == 1_000_000
+    # Without a digest an old part file could mix two versions of the source: start over.
+    dest.unlink()
+    part_path(dest).write_bytes(b"x" * 1000)
+    status = await store.ensure(entry(f"{server.url}/model.safetensors", sha256=None))
+    await store.downloader.close()
+    assert server.seen[-1].range is None and dest.read_bytes() == DATA
