@@ -44,7 +44,17 @@ def _show_progress(text: str, interactive: bool) -> None:
         click.echo("\r" + text.ljust(78), nl=False, err=True)
 
 
-async def _through_daemon(socket: Path, interactive: bool) -> dict[str, Any]:
+def _benchmarks(status: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each instance's benchmark (one on a one-GPU host)."""
+    instances = status.get("instances") or []
+    if len(instances) > 1:
+        return [{**i.get("benchmark", {}), "instance": i.get("instance"),
+                 "instance_label": i.get("label")} for i in instances]
+    return [status.get("benchmark", {})]
+
+
+async def _through_daemon(socket: Path, interactive: bool) -> list[dict[str, Any]]:
+    """Ask for a run on every instance and follow it; each instance's report body."""
     answer = await admin_request(socket, "POST", "/benchmark")
     if not answer.get("ok"):
         raise click.ClickException(answer.get("message", "the daemon refused"))
@@ -52,16 +62,18 @@ async def _through_daemon(socket: Path, interactive: bool) -> dict[str, Any]:
     while True:
         await asyncio.sleep(0.5)
         status = await admin_request(socket, "GET", "/status")
-        bench = status.get("benchmark", {})
-        if bench.get("running"):
+        benches = _benchmarks(status)
+        running = [b for b in benches if b.get("running")]
+        if running:
             seen_running = True
-            if "progress" in bench:
-                _show_progress(bench["progress"]["text"], interactive)
-        elif seen_running or bench.get("status") not in ("pending",):
-            if bench.get("status") != "pending":
+            if "progress" in running[0]:
+                more = f" (+{len(running) - 1} more)" if len(running) > 1 else ""
+                _show_progress(running[0]["progress"]["text"] + more, interactive)
+        elif seen_running or all(b.get("status") != "pending" for b in benches):
+            if all(b.get("status") != "pending" for b in benches):
                 if interactive:
                     click.echo("", err=True)
-                return bench
+                return benches
         else:
             _show_progress(f"waiting: {status['worker']['reason']}", interactive)
 
@@ -91,11 +103,14 @@ def run_benchmark_command(settings: Settings, *, comfyui_url: str | None, output
 
         socket = locate(settings, socket_path)
         try:
-            body = asyncio.run(_through_daemon(socket, interactive))
+            bodies = asyncio.run(_through_daemon(socket, interactive))
         except (OSError, aiohttp.ClientError) as exc:
             click.echo(f"comfy-worker benchmark: the daemon is not reachable at {socket} ({exc}); "
                        "use --comfyui-url to run straight against a ComfyUI", err=True)
             return EXIT_UNKNOWN
+        if len(bodies) > 1:
+            return _several(bodies, as_json, started)
+        body = bodies[0]
         report = BenchmarkReport.from_dict(body)
     if as_json:
         click.echo(json.dumps(body, indent=2, default=str))
@@ -103,3 +118,16 @@ def run_benchmark_command(settings: Settings, *, comfyui_url: str | None, output
         click.echo(render_report(report))
         click.echo(f"(took {time.monotonic() - started:.1f} s)")
     return _exit_code(report)
+
+
+def _several(bodies: list[dict[str, Any]], as_json: bool, started: float) -> int:
+    """A multi-GPU host: every instance's report; the exit code of the worst."""
+    codes = [_exit_code(BenchmarkReport.from_dict(body)) for body in bodies]
+    if as_json:
+        click.echo(json.dumps({"instances": bodies}, indent=2, default=str))
+    else:
+        for body in bodies:
+            click.echo(f"== {body.get('instance_label')}: {body.get('reason')}")
+            click.echo(render_report(BenchmarkReport.from_dict(body)))
+        click.echo(f"(took {time.monotonic() - started:.1f} s)")
+    return max(codes)

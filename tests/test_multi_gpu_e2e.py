@@ -213,3 +213,15 @@ def test_gpu_slower_than_its_identical_siblings_is_refused(tmp_path):
         answers = concurrently(worker, [text2image(5) for _ in range(6)])
         assert all(a[0] == 200 for a in answers)
         assert 2 not in {a[1]["served_by"]["instance"] for a in answers}
+        # `comfy-worker benchmark` measures every instance again; exit 1: one is slow.
+        import json
+
+        from supervisor.cli import main
+
+        result = CliRunner().invoke(main, ["benchmark", "--json", "--socket",
+                                           str(worker.admin_socket)])
+        assert result.exit_code == 1, result.output
+        reports = json.loads(result.output)["instances"]
+        assert [r["status"] for r in reports] == ["no_reference", "no_reference", "slow",
+                                                  "no_reference"], reports
+        assert reports[2]["siblings"]["ratio"] > 1.2 and reports[2]["from_cache"] is False
