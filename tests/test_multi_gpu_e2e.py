@@ -8,6 +8,7 @@ only its own instance, and a GPU slower than its identical siblings is refused.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -180,6 +181,16 @@ def test_hot_gpu_takes_out_only_its_instance_and_comes_back(tmp_path):
         assert wrong.exit_code == 1 and "runs instances 0 to 3" in wrong.output
         assert CliRunner().invoke(main, ["resume", *socket]).exit_code == 0
         assert wait_until(lambda: ready_instances(worker), 10, "all serving again")
+        # An XID error on GPU 3 takes out instance 3 alone.
+        fake = tmp_path / "gpus.json"
+        described = json.loads(fake.read_text())
+        described["events"] = [{"gpu": 3, "xid": 79}]
+        fake.write_text(json.dumps(described))
+        status, body = wait_until(
+            lambda: (lambda a: a if a[1].get("state") == "degraded" else None)(
+                get_json(worker.url + "/health")), 20, "the worker degraded by the XID")
+        assert [i["state"] for i in body["instances"]] == ["ready"] * 3 + ["unhealthy"]
+        assert "XID 79" in body["instances"][3]["reason"], body["instances"][3]
 
 
 def test_gpu_slower_than_its_identical_siblings_is_refused(tmp_path):
@@ -214,8 +225,6 @@ def test_gpu_slower_than_its_identical_siblings_is_refused(tmp_path):
         assert all(a[0] == 200 for a in answers)
         assert 2 not in {a[1]["served_by"]["instance"] for a in answers}
         # `comfy-worker benchmark` measures every instance again; exit 1: one is slow.
-        import json
-
         from supervisor.cli import main
 
         result = CliRunner().invoke(main, ["benchmark", "--json", "--socket",
