@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test demo bench bench-models contract system-tools clean
+.PHONY: venv test demo bench bench-models contract soak system-tools clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,12 @@ bench: $(STAMP)
 # Download throughput against curl and the daemon's memory while fetching a 2 GiB model (minutes).
 bench-models: $(STAMP)
 	$(BIN)/python -m benchmark.perf.model_download
+
+# The chaos soak: the whole stack under load with seeded faults, for minutes (SOAK_SECONDS, SOAK_SEED).
+SOAK_SECONDS ?= 300
+SOAK_SEED ?= 7
+soak: $(STAMP)
+	$(BIN)/python -m soak --seconds $(SOAK_SECONDS) --seed $(SOAK_SEED)
 
 demo: $(STAMP)
 	$(BIN)/comfy-worker demo

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,6 +23,10 @@ from api.service import GenerationService
 from api.store import ResultStore
 from api.webhooks import WebhookDispatcher, WebhookSettings
 from config import Settings
+from supervisor.ports import held_within, local_port
+
+#: Set by the daemon in the environment of the wrapper it starts: the daemon's pid.
+SUPERVISOR_PID_ENV = "COMFY_WORKER_SUPERVISOR_PID"
 
 if TYPE_CHECKING:
     from api.model_urls import ModelUrlResolver
@@ -37,6 +43,21 @@ def s3_defaults(settings: Settings) -> S3Settings:
 def webhook_defaults(settings: Settings) -> WebhookSettings:
     w = settings.webhook
     return WebhookSettings(url=w.url, timeout=w.timeout, secret=w.secret, extra_params={})
+
+
+def comfy_owner_check(settings: Settings) -> Callable[[], Awaitable[bool]] | None:
+    """When the daemon started this wrapper (it passes its pid), a check that the process on
+    ComfyUI's port is one of the daemon's own: after ComfyUI was lost, nothing is submitted to a
+    stranger that took the port meanwhile. None when run on its own."""
+    supervisor = os.environ.get(SUPERVISOR_PID_ENV, "")
+    port = local_port(settings.comfyui.url)
+    if not supervisor.isdigit() or port is None:
+        return None
+
+    async def check() -> bool:
+        return await asyncio.to_thread(held_within, port, int(supervisor))
+
+    return check
 
 
 class WrapperRuntime:
@@ -86,6 +107,7 @@ class WrapperRuntime:
             queue_size=s.api.queue_size, request_timeout=s.api.request_timeout,
             base64_max_bytes=s.api.base64_max_bytes,
             allow_private_webhooks=s.webhook.allow_private_targets, output_dir_why=output.why,
+            comfy_is_ours=comfy_owner_check(s),
             metrics=self.metrics, model_urls=model_urls)
         webhooks, service = self.webhooks, self.service
         self.metrics.bind(spool=lambda: webhooks.pending, queue=service.queue_depth)

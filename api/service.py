@@ -16,6 +16,7 @@ import collections
 import logging
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from api.comfy import (
     ComfyClient,
     ComfyConnectionError,
     ComfyError,
+    ComfyHTTPError,
     ComfyUnreachable,
     Cached,
     Executed,
@@ -81,6 +83,7 @@ class GenerationService:
                  request_timeout: float, base64_max_bytes: int,
                  allow_private_webhooks: bool = False,
                  output_dir_why: str = "comfyui.output_dir",
+                 comfy_is_ours: Callable[[], Awaitable[bool]] | None = None,
                  metrics: WrapperMetrics | None = None,
                  model_urls: ModelUrlResolver | None = None):
         self.client = client
@@ -104,6 +107,9 @@ class GenerationService:
         self.last_event_at: float | None = None  # monotonic, while a prompt runs
         self.served = collections.Counter()
         self.requeued = 0  # prompts submitted again after ComfyUI lost them before they ran
+        # Whether the process on ComfyUI's port is the daemon's own (None: no daemon to ask).
+        self.comfy_is_ours = comfy_is_ours
+        self._comfy_suspect = False  # ComfyUI was lost: check the port's owner before submitting
         self._pending: collections.deque[Job] = collections.deque()
         # The next job's prompt, handed to ComfyUI's own queue while the current one runs, so
         # ComfyUI starts it the moment the current one ends: job id -> the submit task.
@@ -342,6 +348,8 @@ class GenerationService:
         submitted = self._prefetched.pop(job.id, None)
         try:
             while True:
+                if self._comfy_suspect and submitted is None:
+                    await self._until_comfyui_is_ours(deadline)
                 if submitted is not None:
                     run = asyncio.create_task(self._wait_prefetched(submitted, graph, on_event))
                 else:
@@ -352,6 +360,7 @@ class GenerationService:
                                                     max(0.0, deadline - time.monotonic()))
                     break
                 except (ComfyConnectionError, PromptVanished) as exc:
+                    self._comfy_suspect = self.comfy_is_ours is not None
                     # ComfyUI went away (or came back empty) before this prompt ever ran: not
                     # this request's fault, so it goes again, in its turn, on the new ComfyUI.
                     # Only a prompt that was running fails.
@@ -376,6 +385,10 @@ class GenerationService:
             else:
                 await self._finish(job, JobStatus.FAILED, f"ComfyUI lost the prompt: {exc}",
                                    FailureKind.COMFYUI_LOST)
+            return
+        except ComfyHTTPError as exc:  # ComfyUI (or what answers on its port) misbehaved
+            await self._finish(job, JobStatus.FAILED, f"ComfyUI answered badly: {exc}",
+                               FailureKind.COMFYUI_LOST)
             return
         except ComfyConnectionError as exc:
             what = "unreachable" if isinstance(exc, ComfyUnreachable) else "lost"
@@ -437,6 +450,17 @@ class GenerationService:
             self.requeued += 1
             return True
         return False
+
+    async def _until_comfyui_is_ours(self, deadline: float) -> None:
+        """After ComfyUI was lost, submit nothing until the process on its port is the one the
+        daemon started (a stranger may have taken the port meanwhile; the daemon will not call
+        it ready, and neither do we). Gives up at `deadline`; the submission then fails."""
+        assert self.comfy_is_ours is not None
+        while time.monotonic() < deadline:
+            if await self.comfy_is_ours():
+                self._comfy_suspect = False
+                return
+            await asyncio.sleep(0.25)
 
     def _forget_prefetched(self) -> None:
         if self._prefetcher is not None:

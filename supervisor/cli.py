@@ -51,7 +51,10 @@ class _ConfigAnywhere(click.Group):
               help="TOML settings file (default: /etc/comfy-worker/worker.toml when it exists).")
 @click.pass_context
 def main(ctx: click.Context, config_path: str | None) -> None:
-    """comfy-worker: a supervised ComfyUI worker for autoscaled GPU fleets."""
+    """comfy-worker: a supervised ComfyUI worker for autoscaled GPU fleets.
+
+    --config FILE may also come after the subcommand (`comfy-worker run --config FILE`).
+    """
     ctx.obj = {"config_path": config_path}
 
 

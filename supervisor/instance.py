@@ -13,6 +13,7 @@ The instance knows nothing of the public port: when its ComfyUI dies it tells it
 from __future__ import annotations
 
 import asyncio
+import os
 import logging
 import sys
 import time
@@ -123,6 +124,8 @@ class Instance:
                 env.setdefault("COMFY_WORKER_CONFIG", str(self.settings.config_path))
             # The wrapper reads the same settings; make sure it talks to its own ComfyUI.
             env.setdefault("COMFYUI_URL", plan.comfyui_url)
+            # Lets it check, after ComfyUI was lost, that the port is ComfyUI's again (ours).
+            env["COMFY_WORKER_SUPERVISOR_PID"] = str(os.getpid())
             if plan.count > 1:
                 # ... and finds that ComfyUI's own folders, and keeps its results apart.
                 folders = plan.folders

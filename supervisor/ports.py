@@ -97,6 +97,16 @@ def stranger_on_port(port: int, pid: int | None, who: str) -> str | None:
     return f"port {port} is held by {stranger.describe()}, not by {who} ({mine})"
 
 
+def held_within(port: int, root_pid: int) -> bool:
+    """True when something listens on ``port`` and every listener belongs to ``root_pid``'s
+    process tree (the wrapper asks this of the daemon that started both it and ComfyUI)."""
+    listening = holders(port)
+    if not listening:
+        return False
+    ours = process_tree(root_pid)
+    return all(holder.pid in ours for holder in listening)
+
+
 def describe_bind_error(port: int, exc: OSError) -> str:
     """A bind failure in words; for "address in use", who holds the port."""
     if exc.errno == errno.EADDRINUSE:

@@ -48,3 +48,33 @@ def test_prompts_queued_in_comfyui_survive_its_restart_in_order(tmp_path):
             assert status == 200 and body["status"] == "completed", (name, body)
         assert finished.index("queued-1") < finished.index("queued-2")
         assert "submitting it again on the restarted ComfyUI" in worker.log()
+
+
+async def test_queued_prompts_never_go_to_a_stranger_that_took_comfyuis_port(tmp_path):
+    import asyncio
+
+    from soak.stack import Stranger
+
+    # ComfyUI comes back 3 s after the kill: by then the wrapper has noticed the loss and waits
+    # to submit the queued prompt again, and the stranger holds the port.
+    with start_daemon(tmp_path, "--step-seconds", "0.1", extra_env={
+            "SUPERVISOR_BACKOFF_INITIAL": "3", "SUPERVISOR_BACKOFF_MAX": "3",
+            "SUPERVISOR_FAILED_COOLDOWN": "2"}) as worker:
+        running = asyncio.create_task(asyncio.to_thread(
+            worker.generate, text2image(60, "running"), 120))
+        await asyncio.sleep(1.0)
+        queued = asyncio.create_task(asyncio.to_thread(
+            worker.generate, text2image(3, "queued"), 120))
+        await asyncio.sleep(0.5)
+        pid = await asyncio.to_thread(worker.child_pid, "comfyui")
+        stranger = Stranger(int(worker.comfy_url.rsplit(":", 1)[1]))
+        os.kill(pid, signal.SIGKILL)
+        await asyncio.sleep(1.5)
+        assert await stranger.hold()
+        await asyncio.sleep(6.0)  # it answers /queue and /system_stats like a ComfyUI
+        await stranger.release()
+        status, body = await running
+        assert status == 502
+        status, body = await queued
+        assert status == 200 and body["status"] == "completed", body
+        assert stranger.prompts == 0
