@@ -27,6 +27,8 @@ from supervisor.ports import held_within, local_port
 
 #: Set by the daemon in the environment of the wrapper it starts: the daemon's pid.
 SUPERVISOR_PID_ENV = "COMFY_WORKER_SUPERVISOR_PID"
+#: What the daemon sends this wrapper when ComfyUI dies.
+COMFYUI_LOST_SIGNAL = signal.SIGUSR1
 
 if TYPE_CHECKING:
     from api.model_urls import ModelUrlResolver
@@ -177,6 +179,10 @@ async def serve(settings: Settings, *, port: int | None = None, host: str | None
         loop.add_signal_handler(sig, stop.set)
     try:
         await runtime.start()
+        if runtime.service is not None:
+            # The daemon that started us sends SIGUSR1 the moment ComfyUI dies: submit nothing
+            # more until its port is ComfyUI's again (a stranger may take it meanwhile).
+            loop.add_signal_handler(COMFYUI_LOST_SIGNAL, runtime.service.comfy_lost)
         await stop.wait()
         logger.info("API wrapper stopping")
     finally:

@@ -451,6 +451,12 @@ class GenerationService:
             return True
         return False
 
+    def comfy_lost(self) -> None:
+        """Told from outside (the daemon's signal) that ComfyUI died: check before submitting."""
+        if self.comfy_is_ours is not None:
+            self._comfy_suspect = True
+            logger.info("ComfyUI was lost: nothing is submitted until its port is ComfyUI's again")
+
     async def _until_comfyui_is_ours(self, deadline: float) -> None:
         """After ComfyUI was lost, submit nothing until the process on its port is the one the
         daemon started (a stranger may have taken the port meanwhile; the daemon will not call

@@ -13,8 +13,9 @@ The instance knows nothing of the public port: when its ComfyUI dies it tells it
 from __future__ import annotations
 
 import asyncio
-import os
 import logging
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -172,6 +173,7 @@ class Instance:
                            reason: str) -> None:
         if new in (ChildState.RESTARTING, ChildState.FAILED, ChildState.STOPPED) and \
                 old in (ChildState.READY, ChildState.UNHEALTHY):
+            self._tell_wrapper_comfyui_lost()
             self.host.comfyui_lost(self, reason)
         if new in (ChildState.RESTARTING, ChildState.FAILED):
             self.host.event(child.name, f"{old.value} -> {new.value}: {reason}")
@@ -179,6 +181,18 @@ class Instance:
             self._tasks.append(asyncio.get_running_loop().create_task(
                 self._learn_comfyui_version(), name=f"{child.name}-version"))
         self.host.instance_changed(self)
+
+    def _tell_wrapper_comfyui_lost(self) -> None:
+        """Our own wrapper gets SIGUSR1 (see api/app.py): it then submits nothing until the
+        process on ComfyUI's port is ours again. Another wrapper gets no signal it may not know."""
+        pid = self.wrapper.pid
+        # Only once it answers: before it installed its handler, SIGUSR1 would end it.
+        if self.plan.wrapper.command or pid is None or self.wrapper.state is not ChildState.READY:
+            return
+        try:
+            os.kill(pid, signal.SIGUSR1)
+        except ProcessLookupError:
+            pass
 
     def _on_wrapper_change(self, child: ChildProcess, old: ChildState, new: ChildState,
                            reason: str) -> None:

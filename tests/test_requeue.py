@@ -78,3 +78,28 @@ async def test_queued_prompts_never_go_to_a_stranger_that_took_comfyuis_port(tmp
         status, body = await queued
         assert status == 200 and body["status"] == "completed", body
         assert stranger.prompts == 0
+
+
+async def test_an_idle_wrapper_is_told_comfyui_died_and_never_feeds_a_stranger(tmp_path):
+    """Nothing was in flight when ComfyUI died, so the wrapper saw no error itself: the daemon's
+    signal is what keeps the next prompt from the stranger now on ComfyUI's port."""
+    import asyncio
+
+    from soak.stack import Stranger
+    from tests.procs import post_json
+
+    with start_daemon(tmp_path, "--step-seconds", "0.05", extra_env={
+            "SUPERVISOR_BACKOFF_INITIAL": "3", "SUPERVISOR_BACKOFF_MAX": "3"}) as worker:
+        pid = await asyncio.to_thread(worker.child_pid, "comfyui")
+        stranger = Stranger(int(worker.comfy_url.rsplit(":", 1)[1]))
+        os.kill(pid, signal.SIGKILL)
+        await asyncio.sleep(0.3)  # the daemon has seen it die; ours comes back in 3 s
+        assert await stranger.hold()
+        # Straight to the wrapper: the public port would hold the request until ComfyUI is back.
+        answer = asyncio.create_task(asyncio.to_thread(
+            post_json, worker.wrapper_url + "/generate/sync", text2image(2, "after"), None, 60))
+        await asyncio.sleep(2.0)
+        await stranger.release()
+        status, body = await answer
+        assert stranger.prompts == 0
+        assert status == 200 and body["status"] == "completed", body
