@@ -23,7 +23,6 @@ from api.service import GenerationService
 from api.store import ResultStore
 from api.webhooks import WebhookDispatcher, WebhookSettings
 from config import Settings
-from supervisor.ports import held_within, local_port
 
 #: Set by the daemon in the environment of the wrapper it starts: the daemon's pid.
 SUPERVISOR_PID_ENV = "COMFY_WORKER_SUPERVISOR_PID"
@@ -52,8 +51,13 @@ def comfy_owner_check(settings: Settings) -> Callable[[], Awaitable[bool]] | Non
     ComfyUI's port is one of the daemon's own: after ComfyUI was lost, nothing is submitted to a
     stranger that took the port meanwhile. None when run on its own."""
     supervisor = os.environ.get(SUPERVISOR_PID_ENV, "")
+    if not supervisor.isdigit():
+        return None
+    # Only here: psutil is loaded when a daemon started this wrapper, not for a wrapper alone.
+    from supervisor.ports import held_within, local_port
+
     port = local_port(settings.comfyui.url)
-    if not supervisor.isdigit() or port is None:
+    if port is None:
         return None
 
     async def check() -> bool:
