@@ -520,9 +520,12 @@ class Daemon:
                          "only what it can see directly", s.worker.admin_socket, exc)
             self.admin = None
         if s.metrics.port:
-            self.metrics_server = MetricsServer(self.metrics, wrapper_url=self.instances[0].wrapper_url,
-                                                token=s.metrics.token,
-                                                close_timeout=METRICS_CLOSE_TIMEOUT)
+            wrappers = [(i.wrapper_url, {"comfy_instance": str(i.number),
+                                         "gpu": "" if i.plan.gpu.index is None
+                                         else str(i.plan.gpu.index)}) for i in self.instances]
+            self.metrics_server = MetricsServer(
+                self.metrics, wrapper_url=self.instances[0].wrapper_url, wrappers=wrappers,
+                token=s.metrics.token, close_timeout=METRICS_CLOSE_TIMEOUT)
             try:
                 await self.metrics_server.start(s.metrics.host, s.metrics.port)
             except OSError as exc:

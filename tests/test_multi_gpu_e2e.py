@@ -156,6 +156,12 @@ def test_hot_gpu_takes_out_only_its_instance_and_comes_back(tmp_path):
         assert re.search(r'^comfy_worker_instance_serving\{comfy_instance="1",gpu="1"\} 1.0$',
                          text, re.M)
         assert 'comfy_worker_child_ready{child="comfyui",comfy_instance="3",gpu="3"} 1.0' in text
+        # ... and every wrapper's own figures, merged under one family each.
+        assert "comfy_worker_wrapper_metrics_up 1.0" in text
+        for n in range(GPUS):
+            assert re.search(r'^comfy_worker_wrapper_queue_depth\{comfy_instance="%d",gpu="%d"\} '
+                             % (n, n), text, re.M), text
+        assert text.count("# TYPE comfy_worker_wrapper_queue_depth ") == 1
         answers = concurrently(worker, [text2image(20) for _ in range(6)])
         assert all(a[0] == 200 for a in answers), [a[:2] for a in answers]
         assert 2 not in {a[1]["served_by"]["instance"] for a in answers}
