@@ -121,7 +121,10 @@ def find_comfyui(settings: Settings) -> dict[str, Any]:
     While the daemon is down nothing supervises them; an orphan holding the GPU and the port is
     a common reason why a restarted daemon cannot bring ComfyUI up.
     """
-    command = [str(part) for part in settings.comfyui.command]
+    from supervisor.instance_plan import fixed_prefix
+
+    # A templated command (one instance per GPU) is compared up to its first placeholder.
+    command = fixed_prefix([str(part) for part in settings.comfyui.command])
     cwd = Path(settings.comfyui.cwd).resolve() if settings.comfyui.cwd else None
     found = []
     me = os.getpid()

@@ -111,6 +111,16 @@ def uses_placeholders(settings: Any) -> bool:
     return any(_PATTERN.search(arg) for arg in settings.comfyui.command)
 
 
+def fixed_prefix(command: Sequence[str]) -> list[str]:
+    """The words of a command before its first placeholder: what every instance's shares."""
+    out = []
+    for arg in command:
+        if _PATTERN.search(arg):
+            break
+        out.append(arg)
+    return out
+
+
 def render(text: str, values: dict[str, str]) -> str:
     return _PATTERN.sub(lambda m: values[m.group(1)], text)
 

@@ -463,6 +463,18 @@ def _instances_section(instances: Any, style: Style) -> list[str]:
     return lines
 
 
+def _instance_logs(instances: list[dict[str, Any]]) -> list[str]:
+    lines: list[str] = []
+    for i in instances:
+        for key, c in (i.get("children") or {}).items():
+            tail = c.get("tail") or []
+            lines.append("")
+            lines.append(f"  instance {i.get('instance')} {_CHILD_TITLES.get(key, key)} log, "
+                         f"last {len(tail)} lines:")
+            lines += [f"    | {line}" for line in tail] or ["    (nothing logged yet)"]
+    return lines
+
+
 def _queue_section(queue: dict[str, Any], style: Style) -> list[str]:
     if not isinstance(queue, dict):
         return []
@@ -639,7 +651,8 @@ def render_table(report: HealthReport, *, logs: bool = False, color: bool = Fals
     instances = status.get("instances")
     several = isinstance(instances, list) and len(instances) > 1
     for block in (gpu_block,
-                  _instances_section(instances, style) if several else
+                  _instances_section(instances, style)
+                  + (_instance_logs(instances) if logs else []) if several else
                   _children_section(status.get("children") or {}, style, now, logs),
                   _queue_section(status.get("queue") or {}, style),
                   _models_section(status.get("models"), style),

@@ -149,6 +149,8 @@ def test_hot_gpu_takes_out_only_its_instance_and_comes_back(tmp_path):
         table = report.output.split("INSTANCES", 1)[1].splitlines()
         row = next(line for line in table if line.startswith("  2 "))
         assert "91°C" in row and "unhealthy" in row, row
+        logs = CliRunner().invoke(health, ["--socket", str(worker.admin_socket), "--logs"])
+        assert "instance 3 ComfyUI log, last" in logs.output, logs.output
         # /metrics: per-instance series, labelled with the instance and its GPU.
         text = urllib.request.urlopen(worker.metrics_url + "/metrics", timeout=5).read().decode()
         assert re.search(r'^comfy_worker_instance_serving\{comfy_instance="2",gpu="2"\} 0.0$',
