@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import threading
 import time
 
@@ -242,3 +243,28 @@ def test_gpu_slower_than_its_identical_siblings_is_refused(tmp_path):
         assert [r["status"] for r in reports] == ["no_reference", "no_reference", "slow",
                                                   "no_reference"], reports
         assert reports[2]["siblings"]["ratio"] > 1.2 and reports[2]["from_cache"] is False
+
+
+def test_the_aidock_wrapper_serves_as_each_instances_wrapper(tmp_path):
+    """Someone else's wrapper (the ai-dock stand-in), templated: its port, its ComfyUI, and an
+    install path whose output/ is its own ComfyUI's ({instance_folders} puts that at
+    <base>/instances/<i>/output)."""
+    from tests.procs import ROOT
+    from tests.test_real_hosts import sampler_graph
+
+    base = tmp_path / "comfy"
+    env = {"WRAPPER_COMMAND": json.dumps([sys.executable, "-m", "tests.aidock_standin",
+                                          "--port", "{port}"]),
+           "WRAPPER_CWD": str(ROOT),
+           "WRAPPER_ENV": json.dumps({"COMFYUI_API_BASE": "{comfyui_url}",
+                                      "COMFYUI_INSTALL_PATH": f"{base}/instances/{{instance}}"})}
+    with start_multi(tmp_path, 2, "--step-seconds", "0.1", extra_env=env) as worker:
+        wait_until(lambda: ready_instances(worker, 2), 120, "two ready instances")
+        graph = sampler_graph(10)
+        answers = concurrently(worker, [{"input": {"workflow_json": graph}} for _ in range(2)])
+        assert [a[0] for a in answers] == [200, 200], [a[:2] for a in answers]
+        assert sorted(a[1]["served_by"]["instance"] for a in answers) == [0, 1]
+        for status, body, _, _ in answers:
+            path = body["output"][0]["local_path"]
+            assert f"/instances/{body['served_by']['instance']}/output/" in path, path
+            assert open(path, "rb").read(4) == b"\x89PNG"
