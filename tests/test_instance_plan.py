@@ -157,3 +157,22 @@ def test_worker_state_is_derived_from_the_instances():
     assert "instance 1 (GPU 1) unhealthy: GPU 1: HW thermal slowdown" in reason
     assert combine([out, starting])[0] is WorkerState.STARTING
     assert combine([out, out])[0] is WorkerState.UNHEALTHY
+
+
+def test_the_demo_plays_a_host_with_the_gpus_asked_for(tmp_path):
+    from supervisor.demo import demo_environment
+    from supervisor.gpu.nvml import NvmlReader
+
+    env = demo_environment(tmp_path, 3000, "tok", gpus=4)
+    s = load_settings(None, environ=env)
+    reader = NvmlReader(fake_source=s.gpu.fake_source)
+    try:
+        snapshot = reader.snapshot()
+    finally:
+        reader.close()
+    plans = plan_instances(s, select_gpus(s.comfyui.gpus, snapshot.gpus, templated=True))
+    assert [p.gpu.index for p in plans] == [0, 1, 2, 3]
+    assert len({p.comfyui_url for p in plans} | {p.wrapper_url for p in plans}) == 8
+    assert not collisions(s)
+    # One GPU: the demo as it always was.
+    assert "{port}" not in demo_environment(tmp_path / "one", 3000, "tok")["COMFYUI_COMMAND"]
