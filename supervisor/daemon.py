@@ -101,7 +101,7 @@ class Daemon:
         self.metrics = WorkerMetrics()
         self.notifier = SystemdNotifier(self.environ)
         self.gpu = gpu_monitor
-        self.benchmark = benchmark
+        self.benchmark = benchmark     # a BenchmarkSuite: one controller per instance
         self.autoscaler = autoscaler
         self.provisioner = provisioner
         self.started_at = time.time()
