@@ -201,6 +201,17 @@ def test_hot_gpu_takes_out_only_its_instance_and_comes_back(tmp_path):
                 get_json(worker.url + "/health")), 20, "the worker degraded by the XID")
         assert [i["state"] for i in body["instances"]] == ["ready"] * 3 + ["unhealthy"]
         assert "XID 79" in body["instances"][3]["reason"], body["instances"][3]
+        # The other three overheat too: nothing serves, the host reads 2.
+        hot = {"temperature_c": 91, "clock_event_reasons": ["hw_thermal_slowdown"]}
+        described["gpus"] = [{"preset": "h100_sxm", **hot} for _ in range(GPUS)]
+        fake.write_text(json.dumps(described))
+        status, body = wait_until(
+            lambda: (lambda a: a if a[1].get("state") == "unhealthy" else None)(
+                get_json(worker.url + "/health")), 20, "the worker unhealthy")
+        assert status == 503 and body["reason"].startswith("no instance serves"), body["reason"]
+        assert worker.generate(text2image(2))[0] == 503
+        report = CliRunner().invoke(health, ["--socket", str(worker.admin_socket)])
+        assert report.exit_code == 2 and "0 of 4 serving" in report.output, report.output
 
 
 def test_gpu_slower_than_its_identical_siblings_is_refused(tmp_path):
