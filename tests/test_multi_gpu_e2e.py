@@ -280,3 +280,33 @@ def test_the_aidock_wrapper_serves_as_each_instances_wrapper(tmp_path):
             path = body["output"][0]["local_path"]
             assert f"/instances/{body['served_by']['instance']}/output/" in path, path
             assert open(path, "rb").read(4) == b"\x89PNG"
+
+
+def test_the_autoscaler_sees_one_worker_with_the_sum_of_the_instances_max_perf(tmp_path):
+    from tests.procs import free_port
+    from tests.test_autoscaler_e2e import ThreadedAutoscaler, autoscaler_env
+
+    scaler = ThreadedAutoscaler()
+    try:
+        fake = scaler.new()
+        port = free_port()
+        env = {**autoscaler_env(fake.url, port), "WORKER_AUTH_TOKEN": None,
+               **bench_env(BENCHMARK_EXPECTED_SECONDS="1.0")}
+        with start_multi(tmp_path, GPUS, "--step-seconds", str(STEP_SECONDS), port=port,
+                         wait_ready=False, extra_env=env) as worker:
+            wait_until(lambda: ready_instances(worker), 180, "four ready instances")
+            each = [i["benchmark"]["max_perf"] for i in worker.status()["instances"]]
+            assert all(0.5 < figure < 1.5 for figure in each), each
+            def reporting(figure: float):
+                last = fake.statuses[-1] if fake.statuses else {}
+                return last if abs(last.get("max_perf", -1) - figure) < 1e-6 else None
+
+            report = wait_until(lambda: reporting(sum(each)), 20, "max_perf of four instances")
+            assert report["error_msg"] == ""
+            # One instance out: its share leaves max_perf; the worker still serves.
+            fake_gpus(tmp_path / "gpus.json", GPUS, None, **{"0": {
+                "temperature_c": 91, "clock_event_reasons": ["hw_thermal_slowdown"]}})
+            report = wait_until(lambda: reporting(sum(each[1:])), 20, "max_perf without 0")
+            assert report["error_msg"] == ""
+    finally:
+        scaler.close()
