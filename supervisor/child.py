@@ -63,7 +63,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from supervisor.childlog import ChildLog
+from supervisor.childlog import ChildLog, exit_cause
 from supervisor.ports import stranger_on_port
 from supervisor.sdnotify import strip_notify_env
 
@@ -523,6 +523,7 @@ class ChildProcess:
             return info
 
         self._proc, self._last_pid = proc, proc.pid
+        run_mark = self._log.lines_seen
         self._started_mono, self._started_at = time.monotonic(), time.time()
         self._log.marker(f"started pid {proc.pid}: {' '.join(self.spec.command)}")
         self._set_state(ChildState.STARTING, "waiting for the first good probe")
@@ -548,21 +549,27 @@ class ChildProcess:
 
         info, level = self._classify(proc.pid, returncode)
         pid = proc.pid
+        stranger = None
         if self.spec.port is not None and self._intent is None:
             # A child that died by itself may have lost its port to a stranger: say who.
             stranger = await self._stranger_on_port(pid)
-            if stranger is not None:
-                info = dataclasses.replace(info, description=f"{info.description}; {stranger}")
         # Sweep group members that outlived the leader (the group id stays reserved
         # while any member lives, so this cannot hit an unrelated process group).
         self._signal_group(signal.SIGKILL)
-        logger.log(level, "%s (pid %d): %s", self.name, pid, info.description)
         try:
             await asyncio.wait_for(asyncio.shield(reader), OUTPUT_DRAIN_TIMEOUT)
         except asyncio.TimeoutError:
             reader.cancel()
         except Exception:
             logger.exception("%s: reading output failed", self.name)
+        if self._intent is None and not self._stopping and returncode > 0:
+            # It died by itself: its own last words usually say why (a traceback's last line).
+            cause = exit_cause(self._log.since(run_mark))
+            if cause:
+                info = dataclasses.replace(info, description=f"{info.description}: {cause}")
+        if stranger is not None:
+            info = dataclasses.replace(info, description=f"{info.description}; {stranger}")
+        logger.log(level, "%s (pid %d): %s", self.name, pid, info.description)
         self._log.marker(f"pid {pid} {info.description}")
         self._last_exit = info
         self._proc = None

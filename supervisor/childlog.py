@@ -11,13 +11,38 @@ from __future__ import annotations
 import asyncio
 import logging
 import logging.handlers
+import re
 import time
 from collections import deque
 from pathlib import Path
+from typing import Sequence
 
 #: Longest line kept; the rest of an over-long line is cut (and marked).
 MAX_LINE_CHARS = 8192
 _READ_CHUNK = 65536
+#: Longest cause quoted in an exit reason (one line of /health).
+CAUSE_CHARS = 160
+#: The last line of a Python traceback: ``SomeError: message`` (module path allowed).
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt|Failure|Fault)\b(:.*)?$")
+
+
+def exit_cause(lines: Sequence[str], limit: int = CAUSE_CHARS) -> str:
+    """The line of a dead child's output that most likely says why it died, or "".
+
+    A Python traceback ends with the exception line (``FileNotFoundError: ...``), possibly
+    followed by a few lines of noise; that line wins. Otherwise the last non-blank line, which
+    is where most programs put their fatal message. One line, cut to ``limit`` characters.
+    """
+    meaningful = [line.strip() for line in lines if line.strip()]
+    if not meaningful:
+        return ""
+    chosen = meaningful[-1]
+    if any(line.startswith("Traceback (most recent call last)") for line in meaningful):
+        for line in reversed(meaningful):
+            if _EXCEPTION_LINE.match(line):
+                chosen = line
+                break
+    return chosen if len(chosen) <= limit else chosen[:limit - 3] + "..."
 
 
 class LineSplitter:
@@ -88,6 +113,8 @@ class ChildLog:
         #: monotonic time of the last output read (a redrawn progress bar counts): a heartbeat.
         self.last_output_at: float | None = None
         self._tail: deque[str] = deque(maxlen=max(1, tail_lines))
+        #: Lines seen since this ChildLog was made; a run's own lines are those after its mark.
+        self.lines_seen = 0
         self._daemon_log = logging.getLogger(f"child.{name}")
         self._file: logging.handlers.RotatingFileHandler | None = None
         if path is not None:
@@ -100,6 +127,7 @@ class ChildLog:
     def line(self, text: str) -> None:
         """One line of the child's own output."""
         self._tail.append(text)
+        self.lines_seen += 1
         self._daemon_log.info("[%s] %s", self.name, text)
         self._write(text)
 
@@ -113,6 +141,10 @@ class ChildLog:
         if n is None:
             return lines
         return lines[-n:] if n > 0 else []
+
+    def since(self, mark: int) -> list[str]:
+        """The kept lines written after ``lines_seen`` was ``mark`` (one run's output)."""
+        return self.tail(min(self.lines_seen - mark, len(self._tail)))
 
     async def pump(self, stream: asyncio.StreamReader) -> None:
         """Read ``stream`` until EOF, logging each line; never raises on bad data."""

@@ -4,6 +4,7 @@ crash, kill themselves, hang, ignore SIGTERM or print lines."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -206,10 +207,52 @@ async def test_crash_noticed_at_once_and_classified(tmp_path, supervise, caplog)
     exited_at = float(line.split()[-1])  # CLOCK_MONOTONIC is shared across processes
     assert noticed - exited_at < 0.5
     assert child.last_exit.code == 3 and child.last_exit.signal is None
-    assert child.last_exit.description == "exited with code 3"
-    assert child.reason == "exited with code 3; restarting in 5 s"
-    exit_records = [r for r in caplog.records if r.getMessage().endswith(": exited with code 3")]
+    # Its last line of output is quoted as the likely cause.
+    assert child.last_exit.description == f"exited with code 3: {line}"
+    assert child.reason == f"exited with code 3: {line}; restarting in 5 s"
+    exit_records = [r for r in caplog.records if ": exited with code 3" in r.getMessage()]
     assert exit_records[0].levelno == logging.ERROR
+
+
+CRASH_AT_START = textwrap.dedent("""
+    import os, sys
+    print("Starting server", flush=True)
+    def execute_prestartup_script():
+        os.listdir(sys.argv[1])
+    execute_prestartup_script()
+""")
+
+
+async def test_crash_reason_carries_the_traceback_exception_line(tmp_path, supervise, caplog):
+    """ComfyUI 0.3.64 with --base-directory DIR and no DIR/custom_nodes dies with a traceback;
+    the reason a user reads must say so, not only "exited with code 1", also in the crash loop."""
+    missing = tmp_path / "base" / "custom_nodes"
+    spec = fast_spec("comfy", CRASH_AT_START, backoff_initial=0.05, crash_loop_count=2,
+                     crash_loop_window=30, failed_cooldown=30)
+    spec = dataclasses.replace(spec, command=[*spec.command, str(missing)])
+    child = supervise(spec)
+    rec = Recorder(child)
+    await child.start()
+    await rec.wait(ChildState.FAILED)
+    cause = f"FileNotFoundError: [Errno 2] No such file or directory: '{missing}'"
+    assert child.last_exit.description == f"exited with code 1: {cause}"
+    assert child.reason.startswith(f"crash loop: 2 exits in 30 s; last: exited with code 1: {cause}")
+    assert "Traceback" not in child.reason and "\n" not in child.reason
+    logged = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert any(cause in m for m in logged), logged
+
+
+def test_exit_cause_picks_one_short_line():
+    from supervisor.childlog import exit_cause
+
+    traceback = ["Traceback (most recent call last):", '  File "main.py", line 3, in <module>',
+                 "    boom()", "RuntimeError: CUDA error: out of memory", "",
+                 "Exception ignored in atexit callback"]
+    assert exit_cause(traceback) == "RuntimeError: CUDA error: out of memory"
+    assert exit_cause(["loading", "fatal: no GPU", "  "]) == "fatal: no GPU"
+    assert exit_cause([]) == ""
+    long = exit_cause(["x" * 500])
+    assert len(long) == 160 and long.endswith("...")
 
 
 async def test_sigkill_classified_as_out_of_memory(supervise, caplog):
