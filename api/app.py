@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import aiohttp
 from aiohttp import web
 
+from api.comfy_folders import SUPERVISOR_PID_ENV, OutputFolderGuide
 from api.comfy import ClientTimeouts, ComfyClient
 from api.inputs import InputFetcher
 from api.modifiers import registry_from_settings
@@ -24,8 +25,6 @@ from api.store import ResultStore
 from api.webhooks import WebhookDispatcher, WebhookSettings
 from config import Settings
 
-#: Set by the daemon in the environment of the wrapper it starts: the daemon's pid.
-SUPERVISOR_PID_ENV = "COMFY_WORKER_SUPERVISOR_PID"
 #: What the daemon sends this wrapper when ComfyUI dies.
 COMFYUI_LOST_SIGNAL = signal.SIGUSR1
 
@@ -114,7 +113,8 @@ class WrapperRuntime:
             base64_max_bytes=s.api.base64_max_bytes,
             allow_private_webhooks=s.webhook.allow_private_targets, output_dir_why=output.why,
             comfy_is_ours=comfy_owner_check(s),
-            metrics=self.metrics, model_urls=model_urls)
+            metrics=self.metrics, model_urls=model_urls,
+            output_guide=OutputFolderGuide(s, self.client))
         webhooks, service = self.webhooks, self.service
         self.metrics.bind(spool=lambda: webhooks.pending, queue=service.queue_depth)
         await self.service.start()

@@ -85,8 +85,11 @@ class GenerationService:
                  output_dir_why: str = "comfyui.output_dir",
                  comfy_is_ours: Callable[[], Awaitable[bool]] | None = None,
                  metrics: WrapperMetrics | None = None,
-                 model_urls: ModelUrlResolver | None = None):
+                 model_urls: ModelUrlResolver | None = None,
+                 output_guide: Any = None):
         self.client = client
+        # An api.comfy_folders.OutputFolderGuide: replaces a guessed output folder by ComfyUI's.
+        self.output_guide = output_guide
         self.model_urls = model_urls
         self.output_dir_why = output_dir_why
         self.metrics = metrics
@@ -318,6 +321,9 @@ class GenerationService:
             await self._finish(job, JobStatus.CANCELLED, "Cancelled before it started.")
             return
 
+        if self.output_guide is not None:
+            folder = await self.output_guide.learn()
+            self.output_dir, self.output_dir_why = folder.path, folder.why
         job.status = JobStatus.GENERATING
         job.message = "Generating."
         job.started_at_ms = now_ms()

@@ -58,12 +58,14 @@ def command_flags(command: Sequence[str]) -> dict[str, str]:
 
 
 def discover(command: Sequence[str], cwd: Path | None, install_path: Path | None,
-             explicit: dict[str, Path | None] | None = None) -> ComfyFolders:
+             explicit: dict[str, Path | None] | None = None,
+             source: str = "comfyui.command") -> ComfyFolders:
     """ComfyUI's folders: explicit settings first, then its command line, then its install path.
 
     ``explicit`` maps "output"/"input"/"temp"/"models" to the value of ``comfyui.<kind>_dir`` (None when
     not set). Relative paths on the command line are taken from ``cwd`` (ComfyUI's working
-    folder), as ComfyUI itself would.
+    folder), as ComfyUI itself would. ``source`` names where ``command`` came from, for the
+    reasons ("comfyui.command", "ComfyUI's running command (pid 123)").
     """
     explicit = explicit or {}
     flags = command_flags(command)
@@ -74,7 +76,7 @@ def discover(command: Sequence[str], cwd: Path | None, install_path: Path | None
         return Path(os.path.normpath(path if path.is_absolute() else where / path))
 
     if "base" in flags:
-        base = Folder(absolute(flags["base"]), "from --base-directory in comfyui.command")
+        base = Folder(absolute(flags["base"]), f"from --base-directory in {source}")
     else:
         base = Folder(Path(install_path or "."), "comfyui.install_path")
 
@@ -86,10 +88,32 @@ def discover(command: Sequence[str], cwd: Path | None, install_path: Path | None
             path = absolute(flags[kind])
             if kind == "temp":
                 path = path / "temp"
-            return Folder(path, f"from --{kind}-directory in comfyui.command")
+            return Folder(path, f"from --{kind}-directory in {source}")
         return Folder(base.path / kind, f"{base.why}, then {kind}/")
 
     # ComfyUI has no flag for its models folder: it is always models/ under the base folder
     # (extra_model_paths.yaml adds search places but never moves where files are expected).
     return ComfyFolders(base=base, output=folder("output"), input=folder("input"),
                         temp=folder("temp"), models=folder("models"))
+
+
+def guessed(folders: ComfyFolders) -> bool:
+    """True when the output folder is only a guess: no explicit comfyui.output_dir and no folder
+    flag in the configured command, so it was put under comfyui.install_path. A wrapper script
+    (``comfyui-cmd.sh BASE PORT``) hides ComfyUI's flags this way; ComfyUI's running command
+    then tells the truth (`from_running`)."""
+    return folders.output.why.startswith(GUESS)
+
+
+#: How a guessed folder's reason starts.
+GUESS = "comfyui.install_path"
+
+
+def from_running(argv: Sequence[str], cwd: Path | None, install_path: Path | None,
+                 explicit: dict[str, Path | None] | None, source: str) -> ComfyFolders | None:
+    """ComfyUI's folders read from its real command line ``argv`` (run in ``cwd``), or None when
+    that names no folder flag (the guess under install_path is then right). Explicit settings
+    still win, kind by kind."""
+    if not command_flags(argv):
+        return None
+    return discover(argv, cwd, install_path, explicit, source=source)

@@ -13,6 +13,7 @@ The instance knows nothing of the public port: when its ComfyUI dies it tells it
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -26,6 +27,8 @@ import aiohttp
 
 from api.comfy import ComfyClient
 from supervisor.child import ChildProcess, ChildSpec, ChildState, ProbeFailed
+from config.comfy_folders import guessed
+from supervisor.comfy_argv import running_folders
 from supervisor.comfy_watch import ComfyWatch
 from supervisor.instance_plan import InstancePlan
 from supervisor.ports import local_port
@@ -130,9 +133,12 @@ class Instance:
             if plan.count > 1:
                 # ... and finds that ComfyUI's own folders, and keeps its results apart.
                 folders = plan.folders
-                env.setdefault("COMFYUI_OUTPUT_DIR", str(folders.output.path))
-                env.setdefault("COMFYUI_INPUT_DIR", str(folders.input.path))
-                env.setdefault("COMFYUI_TEMP_DIR", str(folders.temp.path))
+                if not guessed(folders):
+                    # A guess is not handed on as if it were a setting: the wrapper then asks
+                    # ComfyUI itself (api/comfy_folders.py).
+                    env.setdefault("COMFYUI_OUTPUT_DIR", str(folders.output.path))
+                    env.setdefault("COMFYUI_INPUT_DIR", str(folders.input.path))
+                    env.setdefault("COMFYUI_TEMP_DIR", str(folders.temp.path))
                 env.setdefault("WORKER_STATE_DIR", str(plan.state_dir))
         return ChildSpec(name=f"wrapper{plan.suffix}", command=command, cwd=plan.wrapper.cwd,
                          env=env, probe=self._probe_wrapper, startup_timeout=w.startup_timeout,
@@ -180,6 +186,9 @@ class Instance:
         if new is ChildState.READY and not self.host.stopping:
             self._tasks.append(asyncio.get_running_loop().create_task(
                 self._learn_comfyui_version(), name=f"{child.name}-version"))
+            if guessed(self.plan.folders):
+                self._tasks.append(asyncio.get_running_loop().create_task(
+                    self._learn_comfyui_folders(), name=f"{child.name}-folders"))
         self.host.instance_changed(self)
 
     def _tell_wrapper_comfyui_lost(self) -> None:
@@ -208,6 +217,31 @@ class Instance:
             logger.debug("ComfyUI version not read: %s", exc)
             return
         self.comfyui_version = stats.comfyui_version or ""
+
+    async def _learn_comfyui_folders(self) -> None:
+        """The folders were guessed under install_path: ask the running ComfyUI (its real
+        command line) and use its folders from now on (benchmark, health, logs)."""
+        port, pid = self.comfyui.spec.port, self.comfyui.pid
+        if port is None or pid is None:
+            return
+        explicit = {kind: self.settings.get(f"comfyui.{kind}_dir")
+                    for kind in ("output", "input", "temp", "models")}
+        found = await asyncio.to_thread(running_folders, port, pid,
+                                        self.settings.comfyui.install_path, explicit)
+        if found is None or found == self.plan.folders:
+            return
+        for kind in ("output", "input", "temp", "models"):
+            old, new = getattr(self.plan.folders, kind), getattr(found, kind)
+            if old.path != new.path:
+                logger.info("%s: ComfyUI's %s folder is %s, not %s", self.label, kind,
+                            new.describe(), old.describe())
+        if found.models.path != self.plan.folders.models.path:
+            # Provisioning ran before ComfyUI was up, into the guessed folder.
+            self.host.event(self.comfyui.name,
+                            f"ComfyUI reads its models from {found.models.describe()}, not from "
+                            f"the guessed {self.plan.folders.models.describe()}; set "
+                            "comfyui.models_dir (COMFYUI_MODELS_DIR) so models are provided there")
+        self.plan = dataclasses.replace(self.plan, folders=found)
 
     def pids(self) -> set[int]:
         from supervisor.gpu_monitor import process_tree
@@ -288,6 +322,9 @@ class Instance:
             "draining": self.draining,
             "gpu": self.gpu_view(latest),
             "comfyui_url": self.plan.comfyui_url, "wrapper_url": self.plan.wrapper_url,
+            "folders": {kind: {"path": str(folder.path), "why": folder.why}
+                        for kind in ("output", "input", "temp", "models")
+                        for folder in (getattr(self.plan.folders, kind),)},
             "children": {"comfyui": self.comfyui.snapshot(), "wrapper": self.wrapper.snapshot()},
             "benchmark": self.benchmark.snapshot() if self.benchmark else {"status": "disabled"},
             "comfyui": self.watch.activity().to_dict(),

@@ -76,8 +76,11 @@ class Totals:
 class Provisioner:
     def __init__(self, store: ModelStore, entries: list[ModelEntry], *,
                  backoff_initial: float, backoff_max: float,
-                 on_change: Callable[[], None] = lambda: None):
+                 on_change: Callable[[], None] = lambda: None, folder_note: str = ""):
         self.store = store
+        #: Said with every reason when the models folder is only a guess (see wiring.py):
+        #: provisioning runs before ComfyUI is up, so nothing can be asked of it yet.
+        self.folder_note = folder_note
         self.items = [Item(e) for e in entries]
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
@@ -95,12 +98,18 @@ class Provisioner:
 
     def verdict(self) -> Verdict:
         failing = [i.describe_failure() for i in self._before if i.state is ItemState.RETRY_WAIT]
+        if failing and self.folder_note:
+            failing.append(self.folder_note)
         return Verdict(Level.UNHEALTHY, tuple(failing)) if failing else OK
 
     def reason(self) -> str:
         """While before_ready files are missing: what is happening, in one line; else ''."""
         if self.ready:
             return ""
+        text = self._progress()
+        return f"{text} ({self.folder_note})" if self.folder_note else text
+
+    def _progress(self) -> str:
         total = len(self._before)
         done = sum(1 for i in self._before if i.state is ItemState.DONE)
         # A download waiting for a slot (models.parallel) has no bytes yet: not "downloading".

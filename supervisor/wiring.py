@@ -130,12 +130,13 @@ def build_components(settings: Settings, environ: dict[str, str] | None = None
     except ManifestError as exc:
         raise WiringError(f"model manifest: {exc}") from None
     if entries:
+        from config.comfy_folders import GUESS
         from modelstore.store import build_store
 
         # ComfyUI creates a --base-directory itself, and an explicit models_dir is the
         # operator's word; a models folder guessed from install_path must sit in a real folder.
         folders = settings.comfyui_folders
-        if folders.models.why.startswith("comfyui.install_path") and \
+        if folders.models.why.startswith(GUESS) and \
                 not folders.base.path.is_dir():
             raise WiringError(f"model manifest: ComfyUI's models folder "
                               f"{folders.models.describe()} is in a folder that does not exist; "
@@ -143,10 +144,15 @@ def build_components(settings: Settings, environ: dict[str, str] | None = None
                               f"(COMFYUI_MODELS_DIR) to where ComfyUI reads its models")
         from supervisor.provisioning import Provisioner
 
+        # A script in comfyui.command can hide ComfyUI's --base-directory; ComfyUI is not up yet
+        # to be asked, so a guessed models folder is said in every provisioning reason.
+        note = "" if not folders.models.why.startswith(GUESS) else (
+            f"into {folders.models.describe()}, a guess: set comfyui.models_dir "
+            "(COMFYUI_MODELS_DIR) if ComfyUI reads its models elsewhere")
         components["provisioner"] = Provisioner(
             build_store(settings, environ), entries,
             backoff_initial=settings.models.backoff_initial,
-            backoff_max=settings.models.backoff_max)
+            backoff_max=settings.models.backoff_max, folder_note=note)
     if settings.benchmark.enabled:
         from supervisor.bench import BenchmarkSuite
 

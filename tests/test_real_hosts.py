@@ -17,7 +17,7 @@ import urllib.request
 import pytest
 
 from benchmark.graph import build_graph
-from tests.procs import ROOT, base_env, free_port, get_json, start_daemon, wait_until
+from tests.procs import ROOT, base_env, free_port, get_json, post_json, start_daemon, wait_until
 from tests.test_benchmark_e2e import bench_env, settled
 
 TINY = {"1": {"class_type": "EmptyImage",
@@ -184,3 +184,85 @@ def test_health_finds_a_running_demo_and_a_second_demo_names_the_port_holder(tmp
         demo.terminate()
         demo.wait(30)
         log.close()
+
+
+def hiding_script(tmp_path) -> str:
+    """Like the operator's comfyui-cmd.sh BASE PORT: the folder flags live inside the script."""
+    script = tmp_path / "comfyui-cmd.sh"
+    script.write_text("#!/bin/sh\n"
+                      f"PYTHONPATH={ROOT} exec {sys.executable} -m simulator --listen 127.0.0.1 "
+                      '--port "$2" --base-directory "$1"\n')
+    script.chmod(0o755)
+    return str(script)
+
+
+def test_folders_hidden_in_a_script_are_read_from_the_running_comfyui(tmp_path):
+    """comfyui.command is a script with a *relative* --base-directory inside: the daemon and its
+    wrapper read ComfyUI's real command line and working folder, so outputs land under that base
+    folder and nothing is written into the ComfyUI checkout (comfyui.install_path)."""
+    comfy_port = free_port()
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    real_base = tmp_path / "run" / "real-base"
+    (tmp_path / "run").mkdir()
+    env = {"COMFYUI_COMMAND": json.dumps([hiding_script(tmp_path), "real-base", str(comfy_port)]),
+           "COMFYUI_CWD": str(tmp_path / "run"), "COMFYUI_INSTALL_PATH": str(checkout),
+           "COMFYUI_OUTPUT_DIR": None}
+    with start_daemon(tmp_path, extra_env=env, comfy_port=comfy_port) as worker:
+        comfy_pid = worker.child_pid("comfyui")
+        folders = wait_until(
+            lambda: (lambda f: f if f["output"]["path"] == str(real_base / "output") else None)(
+                worker.status()["instances"][0]["folders"]), 30, "the daemon to read the folders")
+        assert folders["output"]["why"] == \
+            f"from --base-directory in ComfyUI's running command (pid {comfy_pid}), then output/"
+        assert folders["models"]["path"] == str(real_base / "models")
+        log = worker.log()
+        assert f"ComfyUI's output folder is {real_base / 'output'} (from --base-directory in " \
+               f"ComfyUI's running command (pid {comfy_pid}), then output/), not " \
+               f"{checkout / 'output'} (comfyui.install_path, then output/)" in log, log[-3000:]
+
+        status, result = worker.generate({"input": {"workflow_json": TINY}})
+        assert status == 200 and result["status"] == "completed", result
+        entry = result["output"][0]
+        assert entry["local_path"].startswith(str(real_base / "output") + os.sep), entry
+        assert not entry.get("fetched_via_view"), entry
+        assert open(entry["local_path"], "rb").read(4) == b"\x89PNG"
+        assert not (checkout / "output").exists()
+        assert "not under" not in worker.log()  # no GET /view fallback was needed
+
+
+def test_a_wrapper_on_its_own_asks_system_stats_argv_for_the_output_folder(tmp_path):
+    """No daemon to read the process: the wrapper takes ComfyUI's folders from GET /system_stats
+    `system.argv`; a relative --base-directory there is taken from comfyui.install_path (where
+    this ComfyUI runs), and the log says so."""
+    comfy_port, wrapper_port = free_port(), free_port()
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    comfy = subprocess.Popen(
+        [sys.executable, "-m", "simulator", "--listen", "127.0.0.1", "--port", str(comfy_port),
+         "--base-directory", "rel-base"],
+        cwd=checkout, env=base_env(PYTHONPATH=str(ROOT)), stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL)
+    log_path = tmp_path / "wrapper.log"
+    env = base_env(COMFYUI_URL=f"http://127.0.0.1:{comfy_port}", COMFYUI_INSTALL_PATH=str(checkout),
+                   COMFYUI_COMMAND=json.dumps(["./start-comfyui.sh"]),
+                   WORKER_STATE_DIR=str(tmp_path / "state"), API_PORT=str(wrapper_port))
+    with open(log_path, "ab") as log:
+        wrapper = subprocess.Popen([sys.executable, "-m", "supervisor.cli", "api"], cwd=ROOT,
+                                   env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{wrapper_port}"
+        wait_until(lambda: get_json(url + "/health")[0] == 200, 60, "the wrapper to be ready")
+        status, result = post_json(url + "/generate/sync", {"input": {"workflow_json": TINY}})
+        assert status == 200 and result["status"] == "completed", result
+        real = checkout / "rel-base" / "output"
+        assert result["output"][0]["local_path"].startswith(str(real) + os.sep), result
+        assert not (checkout / "output").exists()
+        text = log_path.read_text()
+        assert f"ComfyUI's output folder is {real} (from --base-directory in ComfyUI's GET " \
+               "/system_stats argv, then output/)" in text, text[-2000:]
+        assert "/system_stats tells no working folder" in text
+    finally:
+        for process in (wrapper, comfy):
+            process.terminate()
+            process.wait(15)
