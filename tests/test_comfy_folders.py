@@ -104,3 +104,23 @@ def test_models_folder_follows_the_base_directory_and_the_setting_wins():
     assert "--base-directory" in found.models.why
     found = discover(["python", "main.py"], None, Path("/opt/C"), {"models": Path("/m")})
     assert found.models.path == Path("/m") and found.models.why == "comfyui.models_dir"
+
+
+def test_a_guess_is_replaced_by_the_running_command_and_settings_still_win(tmp_path):
+    from config.comfy_folders import from_running, guessed
+
+    install = tmp_path / "ComfyUI"
+    configured = discover([str(tmp_path / "start-comfyui.sh"), "base", "8188"], None, install)
+    assert guessed(configured) and configured.output.path == install / "output"
+
+    real = ["/venv/bin/python", "main.py", "--cpu", "--base-directory", "../data", "--port", "8188"]
+    found = from_running(real, tmp_path / "run", install, {}, "ComfyUI's running command (pid 7)")
+    assert found.output.path == tmp_path / "data" / "output"  # relative to ComfyUI's own cwd
+    assert found.output.why == "from --base-directory in ComfyUI's running command (pid 7), then output/"
+    assert found.models.path == tmp_path / "data" / "models" and not guessed(found)
+
+    pinned = from_running(real, tmp_path / "run", install, {"output": tmp_path / "mine"}, "x")
+    assert pinned.output.path == tmp_path / "mine" and pinned.output.why == "comfyui.output_dir"
+    assert pinned.input.path == tmp_path / "data" / "input"
+    assert from_running(["python", "main.py", "--cpu"], tmp_path, install, {}, "x") is None
+    assert not guessed(discover(["main.py", "--output-directory", "/o"], None, install))

@@ -54,3 +54,29 @@ async def test_before_ready_first_with_progress_then_background_whose_failure_is
         await asyncio.wait_for(task, 10)
         assert provisioner.snapshot()["status"] == "ready" and provisioner.missing() == 0
         await store.downloader.close()
+
+
+async def test_a_guessed_models_folder_is_said_in_every_reason_and_names_the_setting(tmp_path):
+    """Provisioning runs before ComfyUI can be asked where its models are: a folder guessed
+    from comfyui.install_path is said in /health's reasons, with the setting that fixes it."""
+    with FileServer(files={}, chunk_delay=0) as server:
+        entries = parse_entries([{"url": f"{server.url}/gone.safetensors",
+                                  "path": "checkpoints/gone.safetensors"}], "models.files")
+        store = ModelStore(tmp_path / "models", tmp_path / "state",
+                           Downloader(retries=0, backoff_initial=0.01), environ={}, parallel=1)
+        note = "into /opt/ComfyUI/models (comfyui.install_path, then models/), a guess: set " \
+               "comfyui.models_dir (COMFYUI_MODELS_DIR) if ComfyUI reads its models elsewhere"
+        provisioner = Provisioner(store, entries, backoff_initial=5, backoff_max=5,
+                                  folder_note=note)
+        assert provisioner.reason() == f"waiting for 1 of 1 models ({note})"
+        task = asyncio.create_task(provisioner.run())
+        for _ in range(100):
+            if provisioner.verdict().level is Level.UNHEALTHY:
+                break
+            await asyncio.sleep(0.05)
+        verdict = provisioner.verdict()
+        assert verdict.level is Level.UNHEALTHY and "HTTP 404" in verdict.reason
+        assert note in verdict.reason
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await store.downloader.close()

@@ -216,6 +216,10 @@ def test_folders_hidden_in_a_script_are_read_from_the_running_comfyui(tmp_path):
         assert folders["output"]["why"] == \
             f"from --base-directory in ComfyUI's running command (pid {comfy_pid}), then output/"
         assert folders["models"]["path"] == str(real_base / "models")
+        # Models would have been provided into the guess: the operator is told what to set.
+        events = [e["event"] for e in worker.status()["events"]]
+        assert any("set comfyui.models_dir" in e and str(real_base / "models") in e
+                   for e in events), events
         log = worker.log()
         assert f"ComfyUI's output folder is {real_base / 'output'} (from --base-directory in " \
                f"ComfyUI's running command (pid {comfy_pid}), then output/), not " \
@@ -266,3 +270,34 @@ def test_a_wrapper_on_its_own_asks_system_stats_argv_for_the_output_folder(tmp_p
         for process in (wrapper, comfy):
             process.terminate()
             process.wait(15)
+
+
+def test_a_comfyui_that_dies_at_start_says_why_in_health(tmp_path):
+    """Like ComfyUI 0.3.64 with a --base-directory that has no custom_nodes/: a traceback, exit
+    1. /health and `comfy-worker health` carry the exception line, also once it is a crash loop."""
+    missing = tmp_path / "base" / "custom_nodes"
+    crash = ("import os\nprint('Starting server', flush=True)\n"
+             "def execute_prestartup_script():\n"
+             f"    os.listdir({str(missing)!r})\n"
+             "execute_prestartup_script()\n")
+    env = {"COMFYUI_COMMAND": json.dumps([sys.executable, "-c", crash]),
+           "SUPERVISOR_CRASH_LOOP_COUNT": "3"}
+    cause = f"FileNotFoundError: [Errno 2] No such file or directory: '{missing}'"
+
+    def health_reason():
+        status, body = get_json(worker.url + "/health")
+        text = json.dumps(body)
+        return body if status == 503 and "crash loop" in text and cause in text else None
+
+    with start_daemon(tmp_path, wait_ready=False, extra_env=env) as worker:
+        body = wait_until(health_reason, 60, "/health to name the crash's cause")
+        assert f"last: exited with code 1: {cause}" in json.dumps(body)
+        assert "Traceback" not in json.dumps(body)
+        from click.testing import CliRunner
+
+        from supervisor.cli import main
+
+        shown = CliRunner().invoke(main, ["health"], env={
+            "WORKER_ADMIN_SOCKET": str(worker.admin_socket), "NO_COLOR": "1"})
+        assert cause in shown.output, shown.output
+        assert f"exited with code 1: {cause}" in worker.log()
