@@ -123,6 +123,7 @@ class BenchmarkController:
         self.started = self.running = True
         self.progress = None
         host.instance_changed(instance)
+        await instance.folders_settled()
         s, plan = self.settings, instance.plan
         target = WrapperTarget(plan.wrapper_url, plan.comfyui_url, plan.folders.output.path)
         gpu = host.gpu

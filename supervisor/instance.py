@@ -79,6 +79,7 @@ class Instance:
         self.served = 0
         self.gpu_verdict: Verdict = OK
         self._tasks: list[asyncio.Task] = []
+        self._folders_task: asyncio.Task | None = None
 
     # --- identity -------------------------------------------------------------------------------
     @property
@@ -187,8 +188,9 @@ class Instance:
             self._tasks.append(asyncio.get_running_loop().create_task(
                 self._learn_comfyui_version(), name=f"{child.name}-version"))
             if guessed(self.plan.folders):
-                self._tasks.append(asyncio.get_running_loop().create_task(
-                    self._learn_comfyui_folders(), name=f"{child.name}-folders"))
+                self._folders_task = asyncio.get_running_loop().create_task(
+                    self._learn_comfyui_folders(), name=f"{child.name}-folders")
+                self._tasks.append(self._folders_task)
         self.host.instance_changed(self)
 
     def _tell_wrapper_comfyui_lost(self) -> None:
@@ -217,6 +219,13 @@ class Instance:
             logger.debug("ComfyUI version not read: %s", exc)
             return
         self.comfyui_version = stats.comfyui_version or ""
+
+    async def folders_settled(self) -> None:
+        """Returns once a guess of ComfyUI's folders was checked against the running ComfyUI
+        (the benchmark waits for it, so it looks for its image in the right place)."""
+        task = self._folders_task
+        if task is not None and not task.done():
+            await asyncio.wait({task})
 
     async def _learn_comfyui_folders(self) -> None:
         """The folders were guessed under install_path: ask the running ComfyUI (its real
