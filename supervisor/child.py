@@ -167,6 +167,10 @@ class ChildSpec:
     port: int | None = None
     #: How messages name the child ("our ComfyUI").
     label: str = ""
+    #: While this returns a reason, failing probes do not count towards ``hang_timeout``: the
+    #: child is waiting on something else that is failing (a wrapper whose /health asks a hung
+    #: ComfyUI cannot answer in time, and killing it would only lose its queue).
+    hang_excuse: Callable[[], str | None] | None = None
 
     def __post_init__(self) -> None:
         if not self.command:
@@ -250,6 +254,7 @@ class ChildProcess:
         self.spec = spec
         self._state = ChildState.STOPPED
         self._reason = "not started"
+        self._stranger_logged: str | None = None
         self._listeners: list[Listener] = []
         self._log = ChildLog(spec.name, spec.log_path, max_bytes=spec.log_max_bytes,
                              backups=spec.log_backups, tail_lines=spec.tail_lines)
@@ -707,8 +712,10 @@ class ChildProcess:
             return None
         who = self.spec.label or f"our {self.name}"
         reason = await asyncio.to_thread(stranger_on_port, port, pid, who)
-        if reason is not None and reason != self._reason:
+        # Once per holder, not once per probe: the state reason carries it from then on.
+        if reason is not None and reason != self._stranger_logged:
             logger.error("%s: %s", self._who(), reason)
+        self._stranger_logged = reason
         return reason
 
     async def _probe_loop(self, proc: asyncio.subprocess.Process) -> None:
@@ -741,9 +748,13 @@ class ChildProcess:
                 failing_since = None
                 self._set_state(ChildState.READY, "probe ok")
             else:
-                if failing_since is None:
+                excuse = spec.hang_excuse() if spec.hang_excuse is not None else None
+                if excuse is not None:
+                    failing_since = None  # judged afresh once the excuse is gone
+                    failure = f"{failure} ({excuse})"
+                elif failing_since is None:
                     failing_since = began
-                if now - failing_since >= spec.hang_timeout:
+                if failing_since is not None and now - failing_since >= spec.hang_timeout:
                     reason = f"unresponsive for {now - failing_since:.0f} s ({failure})"
                     logger.warning("%s: %s; killing process group", self._who(), reason)
                     self._kill(_Intent.FAILURE, reason, signal.SIGKILL)

@@ -146,7 +146,15 @@ class Instance:
                          log_path=log_dir / f"wrapper{plan.suffix}.log",
                          port=local_port(plan.wrapper_url),
                          label="our wrapper" + (f" of {self.label}" if plan.count > 1 else ""),
-                         **common)
+                         hang_excuse=self._comfyui_not_ready, **common)
+
+    def _comfyui_not_ready(self) -> str | None:
+        """The wrapper's excuse for a slow /health: a wrapper that asks ComfyUI there (the
+        ai-dock wrapper waits up to 7 s) cannot answer while ComfyUI hangs. ComfyUI is judged,
+        and restarted, on its own; the wrapper and the requests it holds are left alone."""
+        if self.comfyui.state is ChildState.READY:
+            return None
+        return f"its ComfyUI is {self.comfyui.state.value}"
 
     async def _probe_comfyui(self) -> None:
         try:

@@ -185,12 +185,20 @@ class StandIn:
     async def health(self, request: web.Request) -> web.Response:
         assert self.session is not None
         backend: dict[str, Any] = {"base": self.comfy, "http_ok": False, "websocket_ok": False}
+        # Like the real one, /health asks ComfyUI over HTTP (up to 5 s) and then over its
+        # WebSocket (up to 2 s), so a hung ComfyUI makes this answer slow, not wrong.
         try:
             async with self.session.get(self.comfy + "/system_stats",
-                                        timeout=aiohttp.ClientTimeout(total=3)) as response:
+                                        timeout=aiohttp.ClientTimeout(total=5)) as response:
                 backend["http_ok"] = response.status == 200
                 backend["system_stats"] = await response.json(content_type=None)
-            backend["websocket_ok"] = backend["http_ok"]
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+            pass
+        try:
+            async with self.session.ws_connect(self.comfy + "/ws",
+                                               timeout=aiohttp.ClientWSTimeout(ws_close=2),
+                                               receive_timeout=2) as ws:
+                backend["websocket_ok"] = not ws.closed
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
             pass
         healthy = backend["http_ok"]

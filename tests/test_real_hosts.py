@@ -87,6 +87,40 @@ def test_aidock_wrapper_reaches_ready_benchmarks_serves_and_a_stall_is_caught(tm
                    "ComfyUI to be restarted")
 
 
+def test_a_hung_comfyui_is_restarted_alone_and_the_aidock_wrapper_is_left_running(tmp_path):
+    """The ai-dock wrapper's /health asks ComfyUI and waits seconds for it, so while ComfyUI
+    hangs the wrapper cannot answer a probe in time either. Only ComfyUI is killed for the hang:
+    the wrapper did nothing wrong (killing it would drop its in-memory queue), and the client
+    hears that ComfyUI hung, not that the wrapper vanished."""
+    import signal
+    import threading
+
+    wrapper_port = free_port()
+    with start_daemon(tmp_path, "--step-seconds", "0.3",
+                      extra_env=aidock_env(tmp_path, wrapper_port),
+                      wrapper_port=wrapper_port) as worker:
+        wrapper_pid, comfy_pid = worker.child_pid("wrapper"), worker.child_pid("comfyui")
+        answer: dict = {}
+        client = threading.Thread(target=lambda: answer.update(
+            zip(("status", "body"), worker.generate({"input": {"workflow_json": sampler_graph(40)}},
+                                                    timeout=60))))
+        client.start()
+        time.sleep(1.5)
+        os.kill(comfy_pid, signal.SIGSTOP)
+        client.join(60)
+        assert answer.get("status") == 502, answer
+        # Ours says "error"; an ai-dock-style result says "message".
+        said = answer["body"].get("error") or answer["body"].get("message") or ""
+        assert "ComfyUI" in said and "wrapper did not answer" not in said, answer
+        wait_until(lambda: worker.status()["children"]["comfyui"]["restarts"] >= 1
+                   and worker.status()["worker"]["state"] == "ready", 40, "ComfyUI restarted and ready")
+        children = worker.status()["children"]
+        assert children["wrapper"]["pid"] == wrapper_pid, children["wrapper"]
+        assert children["wrapper"]["restarts"] == 0, children["wrapper"]
+        status, result = worker.generate({"input": {"workflow_json": TINY}})
+        assert status == 200 and result["status"] == "completed", result
+
+
 def test_stranger_on_comfyuis_port_is_never_adopted(tmp_path):
     comfy_port = free_port()
     # A leftover ComfyUI (here the simulator, which answers every probe) on our ComfyUI's port.
@@ -114,6 +148,11 @@ def test_stranger_on_comfyuis_port_is_never_adopted(tmp_path):
             shown = CliRunner().invoke(main, ["health"], env={
                 "WORKER_ADMIN_SOCKET": str(worker.admin_socket), "NO_COLOR": "1"})
             assert f"held by pid {stranger.pid}" in shown.output, shown.output
+            # Logged once per holder and child, not once per probe (every 0.5 s here).
+            time.sleep(3)
+            said = [line.split(" supervisor.child: ", 1)[-1] for line in worker.log().splitlines()
+                    if "ERROR" in line and f"held by pid {stranger.pid}" in line]
+            assert said and len(said) == len(set(said)), said
     finally:
         stranger.kill()
         stranger.wait(10)
