@@ -334,18 +334,16 @@ class ComfyClient:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         stage = "GET /system_stats"
+        # Each step is bounded by its own timeout. A second wait_for around them raced the
+        # inner one and, when the caller gave up at that moment, left an exception unretrieved.
         try:
-            status, payload, text = await asyncio.wait_for(
-                self._request("GET", "/system_stats", timeout=timeout), timeout
-            )
+            status, payload, text = await self._request("GET", "/system_stats", timeout=timeout)
             if status != 200 or not isinstance(payload, dict) or "system" not in payload:
                 raise ComfyUnreachable(f"GET /system_stats answered HTTP {status}: {text[:200]!r}")
             stage = "WebSocket /ws"
             remaining = max(0.01, deadline - loop.time())
-            ws, _early = await asyncio.wait_for(
-                self._open_ws(f"probe-{uuid.uuid4().hex}", remaining, wait_first_frame=True, require_frame=True),
-                remaining,
-            )
+            ws, _early = await self._open_ws(f"probe-{uuid.uuid4().hex}", remaining,
+                                             wait_first_frame=True, require_frame=True)
             await self._close_ws(ws)
         except asyncio.TimeoutError:
             raise ComfyUnreachable(f"{stage}: no answer within {timeout:.1f}s") from None
