@@ -53,7 +53,7 @@ bench-models: $(STAMP)
 SOAK_SECONDS ?= 300
 SOAK_SEED ?= 7
 soak: $(STAMP)
-	$(BIN)/python -m soak --seconds $(SOAK_SECONDS) --seed $(SOAK_SEED)
+	$(BIN)/python -m tests.soak --seconds $(SOAK_SECONDS) --seed $(SOAK_SEED)
 
 demo: $(STAMP)
 	$(BIN)/comfy-worker demo

@@ -135,9 +135,9 @@ class WrapperRuntime:
             return None
         from api.model_urls import DEFAULT_MODEL_INPUTS, ModelUrlPolicy, ModelUrlResolver
         from api.netcheck import GuardedResolver, check_url
-        from modelstore.cache import UrlCache
-        from modelstore.download import READ_BUFSIZE, Downloader
-        from modelstore.store import models_state_dir
+        from api.modelstore.cache import UrlCache
+        from api.modelstore.download import READ_BUFSIZE, Downloader
+        from api.modelstore.store import models_state_dir
 
         policy = ModelUrlPolicy(allow=True, allowed_hosts=list(m.allowed_hosts),
                                 allow_private=m.allow_private_hosts)

@@ -4,7 +4,7 @@ Off unless `models.allow_request_urls` is on. A value that is an http(s) URL in 
 input (the list is data: `api/model_inputs.toml`) must name a host in `models.allowed_hosts`
 (checked when the request arrives: 400) and resolve to public addresses unless
 `models.allow_private_hosts` (checked before the download and again at connect time, as for
-input images: the request fails with 400). The file is fetched through `modelstore.cache`, and
+input images: the request fails with 400). The file is fetched through `api.modelstore.cache`, and
 the input is rewritten to the cached file's stable name before the prompt is queued.
 """
 
@@ -17,9 +17,9 @@ from typing import Any
 
 from api.inputs import InputError
 from api.netcheck import TargetError, check_url, parse_http_url, redact_url
-from modelstore.cache import Lease, UrlCache
-from modelstore.errors import DownloadError
-from modelstore.sources import HttpSource
+from api.modelstore.cache import Lease, UrlCache
+from api.modelstore.errors import DownloadError
+from api.modelstore.sources import HttpSource
 
 if sys.version_info >= (3, 11):
     import tomllib

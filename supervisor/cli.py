@@ -88,7 +88,7 @@ def config_check(file: str) -> None:
     """Validate a settings file on its own (the environment is ignored)."""
     from supervisor.instance_plan import collisions
 
-    from modelstore import ManifestError, load_manifest
+    from api.modelstore import ManifestError, load_manifest
 
     try:
         settings = check_file(file)

@@ -19,11 +19,11 @@ from typing import Any
 
 import click
 
-from modelstore import DownloadError, FileProgress, ManifestError, ModelEntry, load_manifest
-from modelstore.manifest import load_manifest_file
-from modelstore.progress import human_bytes, pair
-from modelstore.sources import redact
-from modelstore.store import EntryState, EntryStatus, ModelStore, build_store
+from api.modelstore import DownloadError, FileProgress, ManifestError, ModelEntry, load_manifest
+from api.modelstore.manifest import load_manifest_file
+from api.modelstore.progress import human_bytes, pair
+from api.modelstore.sources import redact
+from api.modelstore.store import EntryState, EntryStatus, ModelStore, build_store
 
 BAR_WIDTH = 24
 

@@ -19,9 +19,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from modelstore import DownloadError, FileProgress, ManifestError, ModelEntry, When
-from modelstore.progress import human_bytes
-from modelstore.store import EntryStatus, ModelStore
+from api.modelstore import DownloadError, FileProgress, ManifestError, ModelEntry, When
+from api.modelstore.progress import human_bytes
+from api.modelstore.store import EntryStatus, ModelStore
 from supervisor.state import OK, Level, Verdict
 
 logger = logging.getLogger(__name__)

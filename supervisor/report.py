@@ -555,7 +555,7 @@ def _models_section(models: Any, style: Style) -> list[str]:
 
 
 def human_size(count: Any) -> str:
-    from modelstore.progress import human_bytes
+    from api.modelstore.progress import human_bytes
 
     return human_bytes(count) if isinstance(count, (int, float)) else "?"
 

@@ -123,7 +123,7 @@ def build_components(settings: Settings, environ: dict[str, str] | None = None
     from supervisor.gpu_monitor import GpuMonitor
 
     components["gpu_monitor"] = GpuMonitor.from_settings(settings)
-    from modelstore import ManifestError, load_manifest
+    from api.modelstore import ManifestError, load_manifest
 
     try:
         entries = load_manifest(settings)
@@ -131,7 +131,7 @@ def build_components(settings: Settings, environ: dict[str, str] | None = None
         raise WiringError(f"model manifest: {exc}") from None
     if entries:
         from config.comfy_folders import GUESS
-        from modelstore.store import build_store
+        from api.modelstore.store import build_store
 
         # ComfyUI creates a --base-directory itself, and an explicit models_dir is the
         # operator's word; a models folder guessed from install_path must sit in a real folder.

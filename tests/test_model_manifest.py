@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from config import load_settings
-from modelstore import ManifestError, When, load_manifest, parse_entries
-from modelstore.sources import HttpSource, S3Source, resolve
+from api.modelstore import ManifestError, When, load_manifest, parse_entries
+from api.modelstore.sources import HttpSource, S3Source, resolve
 from supervisor.child import ChildState
 from supervisor.state import ChildView, Inputs, Level, Verdict, WorkerState, derive
 

@@ -14,9 +14,9 @@ import pytest
 
 from api.model_urls import DEFAULT_MODEL_INPUTS, ModelUrlPolicy, find_model_urls
 from benchmark.perf.fileserver import FileServer
-from modelstore.cache import CacheFull, UrlCache
-from modelstore.download import Downloader
-from modelstore.sources import HttpSource
+from api.modelstore.cache import CacheFull, UrlCache
+from api.modelstore.download import Downloader
+from api.modelstore.sources import HttpSource
 from simulator.testing import start_simulator
 from tests.procs import post_json, start_wrapper
 

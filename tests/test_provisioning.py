@@ -7,9 +7,9 @@ import os
 import re
 
 from benchmark.perf.fileserver import FileServer
-from modelstore.download import Downloader
-from modelstore.manifest import parse_entries
-from modelstore.store import ModelStore
+from api.modelstore.download import Downloader
+from api.modelstore.manifest import parse_entries
+from api.modelstore.store import ModelStore
 from supervisor.provisioning import ItemState, Provisioner
 from supervisor.state import Level
 

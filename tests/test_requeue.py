@@ -53,7 +53,7 @@ def test_prompts_queued_in_comfyui_survive_its_restart_in_order(tmp_path):
 async def test_queued_prompts_never_go_to_a_stranger_that_took_comfyuis_port(tmp_path):
     import asyncio
 
-    from soak.stack import Stranger
+    from tests.soak.stack import Stranger
 
     # ComfyUI comes back 3 s after the kill: by then the wrapper has noticed the loss and waits
     # to submit the queued prompt again, and the stranger holds the port.
@@ -85,7 +85,7 @@ async def test_an_idle_wrapper_is_told_comfyui_died_and_never_feeds_a_stranger(t
     signal is what keeps the next prompt from the stranger now on ComfyUI's port."""
     import asyncio
 
-    from soak.stack import Stranger
+    from tests.soak.stack import Stranger
     from tests.procs import post_json
 
     with start_daemon(tmp_path, "--step-seconds", "0.05", extra_env={

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import pytest
 
-from soak.__main__ import soak
-from soak.checks import render
-from soak.faults import KINDS
+from tests.soak.__main__ import soak
+from tests.soak.checks import render
+from tests.soak.faults import KINDS
 
 
 @pytest.mark.timeout(600)

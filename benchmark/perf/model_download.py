@@ -84,8 +84,8 @@ def engine_child(url: str, dest: str, sha256: str) -> int:
     """In the child: fetch once with the engine, print the seconds the download took."""
     import asyncio
 
-    from modelstore.download import Downloader
-    from modelstore.sources import HttpSource
+    from api.modelstore.download import Downloader
+    from api.modelstore.sources import HttpSource
 
     async def go() -> float:
         downloader = Downloader()

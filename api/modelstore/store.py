@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from modelstore.digests import DigestRecord
-from modelstore.download import Downloader, Fetched
-from modelstore.manifest import ModelEntry
-from modelstore.progress import FileProgress
-from modelstore.sources import resolve
+from api.modelstore.digests import DigestRecord
+from api.modelstore.download import Downloader, Fetched
+from api.modelstore.manifest import ModelEntry
+from api.modelstore.progress import FileProgress
+from api.modelstore.sources import resolve
 
 logger = logging.getLogger(__name__)
 

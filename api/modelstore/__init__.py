@@ -12,7 +12,7 @@ credentials), `download` (the engine), `digests` (verified digests remembered ac
 their words).
 """
 
-from modelstore.errors import (
+from api.modelstore.errors import (
     AuthRequired,
     DigestMismatch,
     DownloadError,
@@ -20,8 +20,8 @@ from modelstore.errors import (
     NotEnoughSpace,
     SourceMissing,
 )
-from modelstore.manifest import ModelEntry, When, load_manifest, parse_entries
-from modelstore.progress import FileProgress, human_bytes
+from api.modelstore.manifest import ModelEntry, When, load_manifest, parse_entries
+from api.modelstore.progress import FileProgress, human_bytes
 
 __all__ = [
     "AuthRequired", "DigestMismatch", "DownloadError", "FileProgress", "ManifestError",

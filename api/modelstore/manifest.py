@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from modelstore.errors import ManifestError
+from api.modelstore.errors import ManifestError
 
 if sys.version_info >= (3, 11):
     import tomllib

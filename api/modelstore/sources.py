@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 from urllib.parse import quote, urlsplit
 
-from modelstore.errors import ManifestError
-from modelstore.manifest import ModelEntry
+from api.modelstore.errors import ManifestError
+from api.modelstore.manifest import ModelEntry
 
 DEFAULT_HF_ENDPOINT = "https://huggingface.co"
 

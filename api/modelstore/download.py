@@ -32,16 +32,16 @@ from urllib.parse import urljoin, urlsplit
 
 import aiohttp
 
-from modelstore.digests import HASH_CHUNK
-from modelstore.errors import (
+from api.modelstore.digests import HASH_CHUNK
+from api.modelstore.errors import (
     AuthRequired,
     DigestMismatch,
     DownloadError,
     NotEnoughSpace,
     SourceMissing,
 )
-from modelstore.progress import FileProgress, human_bytes
-from modelstore.sources import HttpSource, S3Source, Source, redact
+from api.modelstore.progress import FileProgress, human_bytes
+from api.modelstore.sources import HttpSource, S3Source, Source, redact
 
 logger = logging.getLogger(__name__)
 

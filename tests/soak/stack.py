@@ -26,7 +26,7 @@ from aiohttp import web
 
 logger = logging.getLogger(__name__)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BUCKET = "soak-outputs"
 KEY_ID, SECRET_KEY, REGION = "AKIASOAKTESTKEY00000", "soak-secret", "us-east-1"
 
@@ -270,7 +270,7 @@ class Worker:
         simulator = [sys.executable, "-m", "simulator", "--listen", "127.0.0.1", "--port",
                      str(self.comfy_port), "--base-directory", str(self.folder / "comfy"),
                      "--step-seconds", "0.05"]
-        command = [sys.executable, "-m", "soak.comfy_shim", str(self.crash_flag), *simulator]
+        command = [sys.executable, "-m", "tests.soak.comfy_shim", str(self.crash_flag), *simulator]
         return {**keep, "PYTHONUNBUFFERED": "1",
                 "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), keep.get("PYTHONPATH", ""))
                                               if p),

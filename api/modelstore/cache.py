@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlsplit
 
-from modelstore.download import Downloader
-from modelstore.errors import DownloadError
-from modelstore.progress import human_bytes
-from modelstore.sources import HttpSource, redact
+from api.modelstore.download import Downloader
+from api.modelstore.errors import DownloadError
+from api.modelstore.progress import human_bytes
+from api.modelstore.sources import HttpSource, redact
 
 logger = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ The soak's "ComfyUI crashes at start for a while" fault: while the flag file exi
 of ComfyUI exits at once with code 3, as a ComfyUI with a broken custom node would; once the file
 is gone, the real command runs (exec, so the daemon supervises it directly).
 
-Usage: python -m soak.comfy_shim FLAG_FILE COMMAND...
+Usage: python -m tests.soak.comfy_shim FLAG_FILE COMMAND...
 """
 
 from __future__ import annotations

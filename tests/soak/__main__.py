@@ -1,4 +1,4 @@
-"""`python -m soak [--seconds N] [--seed S] [--rps R] [--folder DIR] [--json FILE]`.
+"""`python -m tests.soak [--seconds N] [--seed S] [--rps R] [--folder DIR] [--json FILE]`.
 
 Starts the stack, sends a steady load through `comfy-worker client load`'s own machinery, injects
 the seeded faults, waits for the webhooks to settle, stops everything, checks, prints. Exit 0 when
@@ -20,9 +20,9 @@ from typing import Any
 import aiohttp
 import psutil
 
-from soak import checks
-from soak.faults import Injector, plan
-from soak.stack import BUCKET, Moto, TcpProxy, WebhookReceiver, Worker
+from tests.soak import checks
+from tests.soak.faults import Injector, plan
+from tests.soak.stack import BUCKET, Moto, TcpProxy, WebhookReceiver, Worker
 from supervisor.client_cli import Target, run_load
 
 logger = logging.getLogger("soak")
@@ -154,7 +154,7 @@ def _pair(outcomes: list[Any], ids: list[str]) -> list[tuple[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m soak", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m tests.soak", description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=300.0)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--rps", type=float, default=2.0)
