@@ -62,7 +62,7 @@ def start_wrapper(tmp_path: Path, comfy_url: str, output_dir: Path, *, port: int
                            WEBHOOK_ALLOW_PRIVATE_TARGETS="true", API_ALLOW_PRIVATE_INPUTS="true",
                            **env)
     with open(log_path, "ab") as log:
-        process = subprocess.Popen([sys.executable, "-m", "supervisor.cli", "api"], cwd=ROOT,
+        process = subprocess.Popen([sys.executable, "-m", "supervisor.commands.cli", "api"], cwd=ROOT,
                                    env=environment, stdout=log, stderr=subprocess.STDOUT)
     proc = Proc(process, f"http://127.0.0.1:{port}", log_path)
     try:
@@ -164,7 +164,7 @@ def start_daemon(tmp_path: Path, *sim_args: str, wait_ready: bool = True, token:
             env[name] = str(value)
     log_path = tmp_path / "daemon.log"
     with open(log_path, "ab") as log:
-        process = subprocess.Popen([sys.executable, "-m", "supervisor.cli", "run"], cwd=ROOT,
+        process = subprocess.Popen([sys.executable, "-m", "supervisor.commands.cli", "run"], cwd=ROOT,
                                    env=env, stdout=log, stderr=subprocess.STDOUT,
                                    start_new_session=True)
     daemon = Daemon(process, f"http://127.0.0.1:{public_port}", log_path,

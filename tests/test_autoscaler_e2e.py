@@ -19,7 +19,7 @@ from typing import Any, Iterator
 import pytest
 from click.testing import CliRunner
 
-from supervisor.client_cli import client
+from supervisor.commands.client_cli import client
 from tests.fake_autoscaler import FakeAutoscaler, Outage, new_private_key
 from tests.procs import Daemon, free_port, http_status, post_json, start_daemon, wait_until
 

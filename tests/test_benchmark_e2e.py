@@ -105,7 +105,7 @@ def test_cached_result_is_reused_after_restart_and_rerun_after_change(tmp_path):
 
 
 def test_benchmark_command_reruns_through_the_daemon(tmp_path, monkeypatch):
-    from supervisor.cli import main
+    from supervisor.commands.cli import main
 
     with start_daemon(tmp_path, "--step-seconds", "0.02", wait_ready=False,
                       extra_env=bench_env(BENCHMARK_EXPECTED_SECONDS="0.6")) as worker:

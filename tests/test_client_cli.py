@@ -17,7 +17,7 @@ import pytest
 from aiohttp import web
 from click.testing import CliRunner
 
-from supervisor.client_cli import Target, client, parse_value, run_load, save_outputs
+from supervisor.commands.client_cli import Target, client, parse_value, run_load, save_outputs
 from tests.procs import ROOT, base_env, free_port
 from tests.test_autoscaler_e2e import TINY, start_worker
 
@@ -78,7 +78,7 @@ def test_generate_json_output_has_the_result_without_base64(worker, tmp_path):
 def test_generate_as_a_subprocess_takes_the_token_from_the_environment(worker, tmp_path):
     out = tmp_path / "out"
     env = base_env(WORKER_AUTH_TOKEN=TOKEN)
-    proc = subprocess.run([sys.executable, "-m", "supervisor.client_cli", "generate", "--url",
+    proc = subprocess.run([sys.executable, "-m", "supervisor.commands.client_cli", "generate", "--url",
                            worker.url, "--workflow", str(tiny_file(tmp_path)), "--out", str(out),
                            "--request-id", "from-a-file"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
@@ -89,11 +89,11 @@ def test_generate_as_a_subprocess_takes_the_token_from_the_environment(worker, t
 
 
 def test_generate_through_the_main_command(worker, tmp_path):
-    from supervisor.cli import main
+    from supervisor.commands.cli import main
 
     if "client" not in main.commands:
-        pytest.skip("supervisor/cli.py does not register the client group yet")
-    proc = subprocess.run([sys.executable, "-m", "supervisor.cli", "client", "generate", "--url",
+        pytest.skip("supervisor/commands/cli.py does not register the client group yet")
+    proc = subprocess.run([sys.executable, "-m", "supervisor.commands.cli", "client", "generate", "--url",
                            worker.url, "--token", TOKEN, "--workflow", str(tiny_file(tmp_path)),
                            "-q"], cwd=ROOT, env=base_env(), capture_output=True, text=True,
                           timeout=60)

@@ -88,7 +88,7 @@ def test_benchmark_against_a_remote_comfyui_needs_no_output_dir(tmp_path):
                        BENCHMARK_TEST_WIDTH="64", BENCHMARK_TEST_HEIGHT="64",
                        BENCHMARK_TEST_STEPS="3", BENCHMARK_RUNS="1",
                        WORKER_STATE_DIR=str(tmp_path / "state"))
-        done = subprocess.run([sys.executable, "-m", "supervisor.cli", "benchmark",
+        done = subprocess.run([sys.executable, "-m", "supervisor.commands.cli", "benchmark",
                                "--comfyui-url", comfy.url, "--json"], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stdout + done.stderr

@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from config import SETTINGS, SettingsError, check_file, load_settings, render_example
-from supervisor.cli import main
+from supervisor.commands.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -147,7 +147,7 @@ def test_config_check_reports_bad_file_with_exit_code(tmp_path):
 
 def test_bad_setting_stops_startup_without_traceback(tmp_path):
     env = dict(os.environ, WORKER_PORT="70000")
-    proc = subprocess.run([sys.executable, "-m", "supervisor.cli", "api"], env=env,
+    proc = subprocess.run([sys.executable, "-m", "supervisor.commands.cli", "api"], env=env,
                           capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr

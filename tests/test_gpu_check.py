@@ -6,7 +6,7 @@ import json
 
 from click.testing import CliRunner
 
-from supervisor.cli import main
+from supervisor.commands.cli import main
 
 
 def run(tmp_path, monkeypatch, description, *args):

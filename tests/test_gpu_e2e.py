@@ -20,7 +20,7 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from supervisor.health_cli import health
+from supervisor.commands.health_cli import health
 from tests.procs import get_json, start_daemon, wait_until
 
 HEALTHY = {"gpus": [{"preset": "h100_sxm"}]}

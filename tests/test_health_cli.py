@@ -20,15 +20,15 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from supervisor.health_cli import health
-from supervisor.report import Health, HealthReport, judge, render_json, render_table
+from supervisor.commands.health_cli import health
+from supervisor.commands.report import Health, HealthReport, judge, render_json, render_table
 from tests.procs import ROOT, base_env, start_daemon, wait_until
 
 TINY = {"1": {"class_type": "EmptyImage",
               "inputs": {"width": 32, "height": 32, "batch_size": 1, "color": 0}},
         "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "h"}}}
 HEALTHY_H100 = {"gpus": [{"preset": "h100_sxm"}]}
-ENTRY = "from supervisor.health_cli import health; health()"
+ENTRY = "from supervisor.commands.health_cli import health; health()"
 
 
 def write_gpus(path: Path, description: dict) -> None:

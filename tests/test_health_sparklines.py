@@ -15,11 +15,11 @@ import sys
 import time
 from pathlib import Path
 
-from supervisor.report import HealthReport, render_table
-from supervisor.sparkline import BLOCKS, sparkline
+from supervisor.commands.report import HealthReport, render_table
+from supervisor.commands.sparkline import BLOCKS, sparkline
 from tests.procs import ROOT, base_env, start_daemon, wait_until
 
-ENTRY = "from supervisor.health_cli import health; health()"
+ENTRY = "from supervisor.commands.health_cli import health; health()"
 
 
 def test_sparkline_scales_between_its_bounds_and_shows_gaps():

@@ -117,7 +117,7 @@ def test_placeholders_fill_env_and_wrapper_command_and_other_braces_stay():
 
 
 def test_config_check_warns_when_instances_would_collide(tmp_path):
-    from supervisor.cli import main
+    from supervisor.commands.cli import main
 
     shared = tmp_path / "shared.toml"
     shared.write_text('[comfyui]\ncommand = ["python", "main.py", "--port", "{port}"]\n'
@@ -160,7 +160,7 @@ def test_worker_state_is_derived_from_the_instances():
 
 
 def test_the_demo_plays_a_host_with_the_gpus_asked_for(tmp_path):
-    from supervisor.demo import demo_environment
+    from supervisor.commands.demo import demo_environment
     from supervisor.gpu.nvml import NvmlReader
 
     env = demo_environment(tmp_path, 3000, "tok", gpus=4)

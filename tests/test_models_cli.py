@@ -9,7 +9,7 @@ import os
 from click.testing import CliRunner
 
 from benchmark.perf.fileserver import FileServer
-from supervisor.cli import main
+from supervisor.commands.cli import main
 
 A = os.urandom(2 * 1024 * 1024)
 B = os.urandom(1024 * 1024)

@@ -64,7 +64,7 @@ def test_before_ready_model_provisions_then_benchmarks_then_ready(tmp_path):
             placed = tmp_path / "comfy/models/checkpoints/sd15.safetensors"
             assert hashlib.sha256(placed.read_bytes()).hexdigest() == SHA
             # `comfy-worker health` shows the same.
-            from supervisor.cli import main
+            from supervisor.commands.cli import main
             result = CliRunner().invoke(main, ["health", "--socket", str(worker.admin_socket)])
             assert "MODELS" in result.output and "checkpoints/sd15.safetensors" in result.output
         # A restart finds the file verified (no second download, no re-hash).

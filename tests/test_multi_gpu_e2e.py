@@ -20,7 +20,7 @@ import urllib.request
 
 from click.testing import CliRunner
 
-from supervisor.health_cli import health
+from supervisor.commands.health_cli import health
 from tests.procs import fake_gpus, get_json, start_multi, wait_until
 
 GPUS = 4
@@ -177,7 +177,7 @@ def test_hot_gpu_takes_out_only_its_instance_and_comes_back(tmp_path):
         answers = concurrently(worker, [text2image(20) for _ in range(8)])
         assert {a[1]["served_by"]["instance"] for a in answers} == {0, 1, 2, 3}
         # The operator drains one instance, then resumes it.
-        from supervisor.cli import main
+        from supervisor.commands.cli import main
 
         socket = ["--socket", str(worker.admin_socket)]
         drained = CliRunner().invoke(main, ["drain", "--instance", "0", *socket])
@@ -246,7 +246,7 @@ def test_gpu_slower_than_its_identical_siblings_is_refused(tmp_path):
         assert all(a[0] == 200 for a in answers)
         assert 2 not in {a[1]["served_by"]["instance"] for a in answers}
         # `comfy-worker benchmark` measures every instance again; exit 1: one is slow.
-        from supervisor.cli import main
+        from supervisor.commands.cli import main
 
         result = CliRunner().invoke(main, ["benchmark", "--json", "--socket",
                                            str(worker.admin_socket)])

@@ -143,7 +143,7 @@ def test_stranger_on_comfyuis_port_is_never_adopted(tmp_path):
             assert f"held by pid {stranger.pid}" in worker.log()
             from click.testing import CliRunner
 
-            from supervisor.cli import main
+            from supervisor.commands.cli import main
 
             shown = CliRunner().invoke(main, ["health"], env={
                 "WORKER_ADMIN_SOCKET": str(worker.admin_socket), "NO_COLOR": "1"})
@@ -185,7 +185,7 @@ def test_config_option_before_or_after_the_subcommand(tmp_path, order):
     path.write_text("[worker]\nport = 4321\n")
     args = ["--config", str(path), "config", "show", "--json"] if order == "before" else \
         ["config", "show", "--json", "--config", str(path)]
-    done = subprocess.run([sys.executable, "-m", "supervisor.cli", *args], cwd=ROOT,
+    done = subprocess.run([sys.executable, "-m", "supervisor.commands.cli", *args], cwd=ROOT,
                           env=base_env(), capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     rows = {row["name"]: row for row in json.loads(done.stdout)["settings"]}
@@ -203,18 +203,18 @@ def test_health_finds_a_running_demo_and_a_second_demo_names_the_port_holder(tmp
                                     str(tmp_path / "comfy")]))
     (tmp_path / "run").mkdir()
     log = open(tmp_path / "demo.log", "wb")
-    demo = subprocess.Popen([sys.executable, "-m", "supervisor.cli", "demo", "--port", str(public),
+    demo = subprocess.Popen([sys.executable, "-m", "supervisor.commands.cli", "demo", "--port", str(public),
                              "--state", str(tmp_path / "demo")], cwd=ROOT, env=env, stdout=log,
                             stderr=subprocess.STDOUT)
     try:
         wait_until(lambda: get_json(f"http://127.0.0.1:{public}/health")[0] == 200, 60,
                    "the demo to be ready")
         # No WORKER_ADMIN_SOCKET, no --socket: the demo's own note leads there.
-        shown = subprocess.run([sys.executable, "-m", "supervisor.cli", "health", "--json"],
+        shown = subprocess.run([sys.executable, "-m", "supervisor.commands.cli", "health", "--json"],
                                cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
         assert shown.returncode == 0, shown.stdout + shown.stderr
         assert json.loads(shown.stdout)["worker"]["pid"] == demo.pid
-        again = subprocess.run([sys.executable, "-m", "supervisor.cli", "demo", "--port",
+        again = subprocess.run([sys.executable, "-m", "supervisor.commands.cli", "demo", "--port",
                                 str(public), "--state", str(tmp_path / "demo2")], cwd=ROOT,
                                env=env, capture_output=True, text=True, timeout=60)
         assert again.returncode == 1
@@ -291,7 +291,7 @@ def test_a_wrapper_on_its_own_asks_system_stats_argv_for_the_output_folder(tmp_p
                    COMFYUI_COMMAND=json.dumps(["./start-comfyui.sh"]),
                    WORKER_STATE_DIR=str(tmp_path / "state"), API_PORT=str(wrapper_port))
     with open(log_path, "ab") as log:
-        wrapper = subprocess.Popen([sys.executable, "-m", "supervisor.cli", "api"], cwd=ROOT,
+        wrapper = subprocess.Popen([sys.executable, "-m", "supervisor.commands.cli", "api"], cwd=ROOT,
                                    env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         url = f"http://127.0.0.1:{wrapper_port}"
@@ -334,7 +334,7 @@ def test_a_comfyui_that_dies_at_start_says_why_in_health(tmp_path):
         assert "Traceback" not in json.dumps(body)
         from click.testing import CliRunner
 
-        from supervisor.cli import main
+        from supervisor.commands.cli import main
 
         shown = CliRunner().invoke(main, ["health"], env={
             "WORKER_ADMIN_SOCKET": str(worker.admin_socket), "NO_COLOR": "1"})

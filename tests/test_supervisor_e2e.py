@@ -188,7 +188,7 @@ def test_stop_stages_fit_in_the_units_timeout():
 def test_comfyui_listening_publicly_is_refused(tmp_path):
     env = dict(os.environ, COMFYUI_COMMAND='["python", "main.py", "--listen"]',
                WORKER_AUTH_TOKEN="x", WORKER_STATE_DIR=str(tmp_path), GPU_REQUIRED="false")
-    proc = subprocess.run([sys.executable, "-m", "supervisor.cli", "run"], env=env, cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "supervisor.commands.cli", "run"], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "listens on 0.0.0.0" in proc.stderr and "Traceback" not in proc.stderr
@@ -198,7 +198,7 @@ def test_no_auth_configured_refuses_to_start(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("WORKER_AUTH_TOKEN", "UNSECURED",
                                                             "REPORT_ADDR")}
     env.update(WORKER_STATE_DIR=str(tmp_path), GPU_REQUIRED="false")
-    proc = subprocess.run([sys.executable, "-m", "supervisor.cli", "run"], env=env, cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "supervisor.commands.cli", "run"], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "WORKER_AUTH_TOKEN" in proc.stderr and "UNSECURED=true" in proc.stderr
@@ -233,7 +233,7 @@ def test_sigterm_lets_the_request_in_flight_finish_then_second_sigterm_is_immedi
 
 def test_drain_and_resume_from_the_command_line(tmp_path):
     with start_daemon(tmp_path, "--step-seconds", "0.01") as worker:
-        command = [sys.executable, "-m", "supervisor.cli", "drain", "--socket",
+        command = [sys.executable, "-m", "supervisor.commands.cli", "drain", "--socket",
                    str(worker.admin_socket)]
         done = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=ROOT)
         assert done.returncode == 0 and "draining" in done.stdout

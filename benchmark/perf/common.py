@@ -156,7 +156,7 @@ def start_wrapper(workdir: Path, comfy_url: str, output_dir: Path,
                   timeout: float = 30.0) -> Iterator[Service]:
     port = free_port()
     env = wrapper_env(comfy_url, output_dir, workdir / "wrapper-state", port)
-    service = launch("the wrapper", [sys.executable, "-m", "supervisor.cli", "api"], env,
+    service = launch("the wrapper", [sys.executable, "-m", "supervisor.commands.cli", "api"], env,
                      workdir / "wrapper.log", f"http://127.0.0.1:{port}")
     with serving(service, lambda: http_status(service.url + "/health") == 200, timeout) as started:
         yield started

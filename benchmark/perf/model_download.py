@@ -118,7 +118,7 @@ def measure_daemon(workdir: Path, url: str, sha256: str, size: int) -> dict[str,
         WORKER_ADMIN_SOCKET=str(workdir / "admin.sock"), UNSECURED="true", GPU_REQUIRED="false",
         BENCHMARK_ENABLED="false", METRICS_PORT="0", MODELS_MANIFEST=str(manifest),
         WORKER_DRAIN_TIMEOUT="3", SUPERVISOR_CHILD_STOP_TIMEOUT="3")
-    daemon = launch("the daemon", [sys.executable, "-m", "supervisor.cli", "run"], env,
+    daemon = launch("the daemon", [sys.executable, "-m", "supervisor.commands.cli", "run"], env,
                     workdir / "daemon.log", f"http://127.0.0.1:{public_port}", new_session=True)
     process = psutil.Process(daemon.process.pid)
     samples: list[tuple[float, float]] = []

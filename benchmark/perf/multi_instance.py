@@ -64,7 +64,7 @@ def start_worker(workdir: Path, gpus: int, args: argparse.Namespace):
         WORKER_ADMIN_SOCKET=str(folder / "admin.sock"), WORKER_AUTH_TOKEN=TOKEN,
         GPU_FAKE_SOURCE=str(fake), GPU_REQUIRED="true", BENCHMARK_ENABLED="false",
         METRICS_PORT="0", WORKER_DRAIN_TIMEOUT="3", SUPERVISOR_CHILD_STOP_TIMEOUT="3")
-    daemon = launch(f"the worker on {gpus} GPU(s)", [sys.executable, "-m", "supervisor.cli", "run"],
+    daemon = launch(f"the worker on {gpus} GPU(s)", [sys.executable, "-m", "supervisor.commands.cli", "run"],
                     clean_env(**settings), folder / "daemon.log",
                     f"http://127.0.0.1:{public_port}", new_session=True)
     return daemon, folder / "admin.sock"

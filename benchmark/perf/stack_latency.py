@@ -126,7 +126,7 @@ def start_stack(workdir: Path, args: argparse.Namespace) -> Iterator[Stack]:
         settings["SUPERVISOR_PROBE_INTERVAL"] = str(args.probe_interval)
     if args.backoff_initial is not None:
         settings["SUPERVISOR_BACKOFF_INITIAL"] = str(args.backoff_initial)
-    daemon = launch("the daemon", [sys.executable, "-m", "supervisor.cli", "run"],
+    daemon = launch("the daemon", [sys.executable, "-m", "supervisor.commands.cli", "run"],
                     clean_env(**settings), workdir / "daemon.log",
                     f"http://127.0.0.1:{public_port}", new_session=True)
     stack = Stack(daemon, settings["COMFYUI_URL"], settings["WRAPPER_URL"],

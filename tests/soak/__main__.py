@@ -23,7 +23,7 @@ import psutil
 from tests.soak import checks
 from tests.soak.faults import Injector, plan
 from tests.soak.stack import BUCKET, Moto, TcpProxy, WebhookReceiver, Worker
-from supervisor.client_cli import Target, run_load
+from supervisor.commands.client_cli import Target, run_load
 
 logger = logging.getLogger("soak")
 

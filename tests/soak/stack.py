@@ -301,7 +301,7 @@ class Worker:
     def start(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         log = open(self.folder / "daemon.log", "ab")
-        self.process = subprocess.Popen([sys.executable, "-m", "supervisor.cli", "run"],
+        self.process = subprocess.Popen([sys.executable, "-m", "supervisor.commands.cli", "run"],
                                         cwd=ROOT, env=self.env(), stdout=log,
                                         stderr=subprocess.STDOUT, start_new_session=True)
         self.starts += 1

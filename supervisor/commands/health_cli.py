@@ -25,8 +25,8 @@ import click
 import psutil
 
 from config import Settings, SettingsError, load_settings
-from supervisor.admin_locate import locate
-from supervisor.report import Health, HealthReport, render_json, render_table
+from supervisor.commands.admin_locate import locate
+from supervisor.commands.report import Health, HealthReport, render_json, render_table
 
 #: Seconds to wait for NVML when reading it directly; a GPU in a bad state can hang the driver.
 LOCAL_GPU_TIMEOUT = 10.0
@@ -247,5 +247,5 @@ def health(ctx: click.Context, as_json: bool, logs: bool, watch: float | None,
     ctx.exit(int(code))
 
 
-if __name__ == "__main__":  # pragma: no cover - `python -m supervisor.health_cli`
+if __name__ == "__main__":  # pragma: no cover - `python -m supervisor.commands.health_cli`
     health()

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable, Sequence
 import click
 
 from supervisor.gpu.model import ClockEventReason
-from supervisor.sparkline import sparkline
+from supervisor.commands.sparkline import sparkline
 
 
 class Health(enum.IntEnum):

@@ -99,7 +99,7 @@ def run_benchmark_command(settings: Settings, *, comfyui_url: str | None, output
         report = asyncio.run(_direct(settings, comfyui_url.rstrip("/"), folder, interactive))
         body = report.to_dict()
     else:
-        from supervisor.admin_locate import locate
+        from supervisor.commands.admin_locate import locate
 
         socket = locate(settings, socket_path)
         try:

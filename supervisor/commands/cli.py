@@ -168,14 +168,14 @@ def demo_command(ctx: click.Context, port: int, state_dir: str, gpus: int) -> No
     import os
     import secrets as _secrets
 
-    from supervisor.demo import demo_environment
+    from supervisor.commands.demo import demo_environment
 
     token = os.environ.get("WORKER_AUTH_TOKEN") or _secrets.token_urlsafe(18)
     env = demo_environment(Path(state_dir).resolve(), port, token, gpus)
     for key, value in env.items():
         os.environ.setdefault(key, value)
     settings = _load(ctx.obj["config_path"])
-    from supervisor.admin_locate import announce_demo_socket, forget_demo_socket
+    from supervisor.commands.admin_locate import announce_demo_socket, forget_demo_socket
     from supervisor.ports import holders, local_port
 
     ports = [("the public port (--port)", settings.worker.port)]
@@ -225,7 +225,7 @@ def demo_command(ctx: click.Context, port: int, state_dir: str, gpus: int) -> No
 def benchmark_command(ctx: click.Context, comfyui_url: str | None, output_dir: str | None,
                       as_json: bool, socket_path: str | None) -> None:
     """Run the benchmark now and print seconds, it/s, expected time, verdict and causes."""
-    from supervisor.bench_cli import run_benchmark_command
+    from supervisor.commands.bench_cli import run_benchmark_command
 
     settings = _load(ctx.obj["config_path"])
     setup_logging("WARNING", settings.secrets())
@@ -240,7 +240,7 @@ def _admin_action(ctx: click.Context, route: str, socket_path: str | None,
 
     from supervisor.admin import admin_request
 
-    from supervisor.admin_locate import locate
+    from supervisor.commands.admin_locate import locate
 
     settings = _load(ctx.obj["config_path"])
     socket = locate(settings, socket_path)
@@ -289,10 +289,10 @@ def resume_command(ctx: click.Context, socket_path: str | None, instance: int | 
 
 
 def _register_subcommands() -> None:
-    from supervisor.client_cli import client
-    from supervisor.gpu_check import gpu
-    from supervisor.health_cli import health
-    from supervisor.models_cli import models
+    from supervisor.commands.client_cli import client
+    from supervisor.commands.gpu_check import gpu
+    from supervisor.commands.health_cli import health
+    from supervisor.commands.models_cli import models
 
     main.add_command(health)
     main.add_command(gpu)

@@ -56,7 +56,7 @@ def models() -> None:
 @click.pass_context
 def list_command(ctx: click.Context, manifest: str | None, as_json: bool) -> None:
     """Each manifest entry: verified, present, mismatch or missing."""
-    from supervisor.cli import _load
+    from supervisor.commands.cli import _load
 
     settings = _load(ctx.obj["config_path"])
     entries = _entries(settings, manifest)
@@ -101,7 +101,7 @@ def render_list(statuses: list[EntryStatus], models_dir: Path) -> str:
 @click.pass_context
 def pull_command(ctx: click.Context, manifest: str | None) -> None:
     """Fetch every manifest file that is missing or wrong, with a progress bar per file."""
-    from supervisor.cli import _load
+    from supervisor.commands.cli import _load
 
     settings = _load(ctx.obj["config_path"])
     entries = _entries(settings, manifest)
