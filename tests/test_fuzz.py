@@ -37,7 +37,10 @@ def worker(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fuzz")
     # Small limits keep the valid requests hypothesis stumbles on quick.
     env = {"WORKER_AUTH_TOKEN": TOKEN, "API_MAX_DIMENSION": "128", "API_MAX_STEPS": "4",
-           "API_INPUT_TIMEOUT": "2", "WEBHOOK_TIMEOUT": "2", "API_REQUEST_TIMEOUT": "20"}
+           "API_INPUT_TIMEOUT": "2", "WEBHOOK_TIMEOUT": "2", "API_REQUEST_TIMEOUT": "20",
+           # Hang detection is not under test here; on a loaded machine the test defaults
+           # (3 s) restarted ComfyUI mid-run and requests waited out the restart.
+           "SUPERVISOR_PROBE_TIMEOUT": "5", "SUPERVISOR_HANG_TIMEOUT": "30"}
     with start_worker(tmp, "--step-seconds", "0.001", env=env) as running:
         running.pids = pids(running)
         yield running
