@@ -17,6 +17,7 @@ import email.utils
 import enum
 import hashlib
 import hmac
+import itertools
 import json
 import logging
 import math
@@ -371,9 +372,14 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     return max(0.0, when.timestamp() - now)
 
 
+#: Breaks ties between deliveries created in the same millisecond.
+_SEQUENCE = itertools.count()
+
+
 def _new_delivery_id(created_at: float) -> str:
-    # Time first, so file names sort in submission order.
-    return f"{int(created_at * 1000):013d}-{uuid.uuid4().hex}"
+    # Time, then this process's sequence: file names sort in submission order, even for
+    # deliveries made in the same millisecond (a uuid alone ordered those by chance).
+    return f"{int(created_at * 1000):013d}-{next(_SEQUENCE) % 10**8:08d}-{uuid.uuid4().hex[:16]}"
 
 
 class WebhookDispatcher:

@@ -294,9 +294,11 @@ async def test_full_spool_drops_the_oldest_with_an_error_and_a_count(tmp_path, m
     sizes = [p.stat().st_size for p in spooled_files(spool)]
     assert len(sizes) == 3
     await first.close()
-    # Room for two of the three: the restart drops the oldest, says so and counts it.
+    # Room for two of the three: the restart drops the oldest, says so and counts it. (A file's
+    # size moves by a few bytes with its retry state, hence the slack, far below one file.)
+    budget = sizes[1] + sizes[2] + 64
     second = await make_dispatcher(spool_dir=spool, retries=100, backoff_initial=0.05,
-                                   backoff_max=0.1, max_bytes=sizes[1] + sizes[2])
+                                   backoff_max=0.1, max_bytes=budget)
     assert second.dropped == 1 and len(spooled_files(spool)) == 2
     assert any(r.levelname == "ERROR" and "req-0" in r.getMessage()
                and "webhook.spool_max_bytes" in r.getMessage() for r in caplog.records)
@@ -306,7 +308,7 @@ async def test_full_spool_drops_the_oldest_with_an_error_and_a_count(tmp_path, m
     assert second.dropped == 2 and not latest.done()
     names = [json.loads(p.read_bytes())["request_id"] for p in spooled_files(spool)]
     assert names == ["req-2", "req-3"]
-    assert second.spool_bytes <= sizes[1] + sizes[2]
+    assert second.spool_bytes <= budget
     for task in tasks:
         assert (await task).state is DeliveryState.SPOOLED
 
