@@ -91,22 +91,16 @@ class WrapperMetrics:
                 return []
 
             def collect(self):  # noqa: ANN202 - prometheus_client's collector protocol
-                used = GaugeMetricFamily("comfy_worker_model_cache_bytes",
-                                         "Bytes in the request-URL model cache.")
-                used.add_metric([], cache.used_bytes)
-                yield used
-                limit = GaugeMetricFamily("comfy_worker_model_cache_limit_bytes",
-                                          "The cache's cap (models.cache_max_gb).")
-                limit.add_metric([], cache.max_bytes)
-                yield limit
-                for name, doc, value in (
-                        ("comfy_worker_model_cache_downloads", "Model URLs downloaded.",
-                         cache.downloads),
-                        ("comfy_worker_model_cache_evictions", "Cached models evicted.",
-                         cache.evictions)):
-                    family = CounterMetricFamily(name, doc)
-                    family.add_metric([], value)
-                    yield family
+                yield GaugeMetricFamily("comfy_worker_model_cache_bytes",
+                                        "Bytes in the request-URL model cache.",
+                                        value=cache.used_bytes)
+                yield GaugeMetricFamily("comfy_worker_model_cache_limit_bytes",
+                                        "The cache's cap (models.cache_max_gb).",
+                                        value=cache.max_bytes)
+                yield CounterMetricFamily("comfy_worker_model_cache_downloads",
+                                          "Model URLs downloaded.", value=cache.downloads)
+                yield CounterMetricFamily("comfy_worker_model_cache_evictions",
+                                          "Cached models evicted.", value=cache.evictions)
 
         self.registry.register(_CacheCollector())
 

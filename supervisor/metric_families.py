@@ -280,10 +280,9 @@ def gpu_families(snapshot: GpuSnapshot | None, health_level: int,
                  ecc_event_counts: Mapping[str, int]) -> Iterable[Metric]:
     """The GPU readings. `xid_counts`: (gpu, xid, severity) -> events since the daemon started;
     `ecc_event_counts`: gpu -> double-bit ECC events."""
-    health = GaugeMetricFamily("comfy_worker_gpu_health",
-                               "The GPU policy's verdict: 0 ok, 1 degraded, 2 unhealthy.")
-    health.add_metric([], health_level)
-    yield health
+    yield GaugeMetricFamily("comfy_worker_gpu_health",
+                            "The GPU policy's verdict: 0 ok, 1 degraded, 2 unhealthy.",
+                            value=health_level)
     xids = CounterMetricFamily("comfy_worker_gpu_xid_errors",
                                "XID errors NVML reported, by code and the severity that "
                                "config/xid_codes.toml gives it.", labels=["gpu", "xid",
@@ -298,9 +297,8 @@ def gpu_families(snapshot: GpuSnapshot | None, health_level: int,
     yield ecc
     if snapshot is None:
         return
-    nvml = GaugeMetricFamily("comfy_worker_nvml_up", "1 when NVML could be used at all.")
-    nvml.add_metric([], 1 if snapshot.status.available else 0)
-    yield nvml
+    yield GaugeMetricFamily("comfy_worker_nvml_up", "1 when NVML could be used at all.",
+                            value=1 if snapshot.status.available else 0)
     families = _GpuFamilies()
     for gpu in snapshot.gpus:
         _record(families, gpu)
@@ -310,19 +308,14 @@ def gpu_families(snapshot: GpuSnapshot | None, health_level: int,
 # --- models -----------------------------------------------------------------------------------------
 def model_families(totals: Any, missing: int) -> Iterable[Metric]:
     """`totals`: `supervisor.provisioning.Totals` of the manifest's files."""
-    done = GaugeMetricFamily("comfy_worker_models_downloaded_bytes",
-                             "Bytes of the manifest's model files in place or received so far.")
-    done.add_metric([], totals.done_bytes)
-    yield done
-    size = GaugeMetricFamily("comfy_worker_models_size_bytes",
-                             "Bytes of the manifest's model files, as their sources announce.")
-    size.add_metric([], totals.total_bytes)
-    yield size
-    absent = GaugeMetricFamily("comfy_worker_models_missing",
-                               "Manifest model files not in place yet.")
-    absent.add_metric([], missing)
-    yield absent
-    failures = CounterMetricFamily("comfy_worker_model_download_failures",
-                                   "Manifest downloads that failed after the engine's retries.")
-    failures.add_metric([], totals.failures)
-    yield failures
+    yield GaugeMetricFamily("comfy_worker_models_downloaded_bytes",
+                            "Bytes of the manifest's model files in place or received so far.",
+                            value=totals.done_bytes)
+    yield GaugeMetricFamily("comfy_worker_models_size_bytes",
+                            "Bytes of the manifest's model files, as their sources announce.",
+                            value=totals.total_bytes)
+    yield GaugeMetricFamily("comfy_worker_models_missing",
+                            "Manifest model files not in place yet.", value=missing)
+    yield CounterMetricFamily("comfy_worker_model_download_failures",
+                              "Manifest downloads that failed after the engine's retries.",
+                              value=totals.failures)
