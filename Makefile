@@ -41,13 +41,13 @@ contract: $(STAMP)
 	  CONTRACT_TIMEOUT=1500 $(BIN)/python -m pytest tests/test_contract.py --timeout=3600 $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	$(BIN)/python -m benchmark.perf.wrapper_latency
-	$(BIN)/python -m benchmark.perf.stack_latency
-	$(BIN)/python -m benchmark.perf.multi_instance --gpus 4
+	$(BIN)/python -m tests.perf.wrapper_latency
+	$(BIN)/python -m tests.perf.stack_latency
+	$(BIN)/python -m tests.perf.multi_instance --gpus 4
 
 # Download throughput against curl and the daemon's memory while fetching a 2 GiB model (minutes).
 bench-models: $(STAMP)
-	$(BIN)/python -m benchmark.perf.model_download
+	$(BIN)/python -m tests.perf.model_download
 
 # The chaos soak: the whole stack under load with seeded faults, for minutes (SOAK_SECONDS, SOAK_SEED).
 SOAK_SECONDS ?= 300

@@ -11,7 +11,7 @@ import argparse
 import asyncio
 import sys
 
-from api.app import serve
+from api.wrapper.app import serve
 from config import Settings, SettingsError, load_settings
 from config.logsetup import setup_logging
 

@@ -19,7 +19,12 @@ from benchmark.errors import (
     ReferenceTableError,
     RunFailed,
 )
-from benchmark.graph import build_graph, graph_fingerprint, load_prompts, workload_fingerprint
+from benchmark.graph import (
+    build_graph,
+    graph_fingerprint,
+    load_prompts,
+    workload_fingerprint,
+)
 from benchmark.models import (
     BenchmarkAction,
     BenchmarkParams,

@@ -23,9 +23,9 @@ import aiohttp
 
 from api.comfy import (
     ComfyClient,
-    OutputFile,
     ComfyConnectionError,
     ComfyError,
+    OutputFile,
     Progress,
     PromptRejected,
     PromptStatus,

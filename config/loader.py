@@ -13,13 +13,10 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 from config.settings import BY_NAME, SETTINGS, Setting
 from config.types import InvalidValue
-
-if TYPE_CHECKING:
-    from config.comfy_folders import ComfyFolders
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -115,26 +112,6 @@ class Settings:
             rows.append({"name": setting.name, "value": shown, "source": str(source),
                          "env": setting.env[0] if setting.env else "", "doc": setting.doc})
         return rows
-
-    # Values derived from others live here, once, rather than at every call site.
-    @property
-    def comfyui_folders(self) -> "ComfyFolders":
-        """ComfyUI's output/input/temp/models folders: set explicitly, else read from its
-        command line."""
-        from config.comfy_folders import discover
-
-        return discover(self._values["comfyui.command"], self._values["comfyui.cwd"],
-                        self._values["comfyui.install_path"],
-                        {kind: self._values[f"comfyui.{kind}_dir"]
-                         for kind in ("output", "input", "temp", "models")})
-
-    @property
-    def comfyui_output_dir(self) -> Path:
-        return self.comfyui_folders.output.path
-
-    @property
-    def comfyui_models_dir(self) -> Path:
-        return self.comfyui_folders.models.path
 
 
 def _plain(value: Any) -> Any:

@@ -14,12 +14,17 @@ import os
 import sys
 import tempfile
 import time
-
 from typing import TYPE_CHECKING
 
 from simulator import COMFYUI_VERSION
 from simulator.errors import KnobError
-from simulator.knobs import DEFAULT_CHECKPOINT, DeviceType, Fault, Knobs, parse_name_list
+from simulator.knobs import (
+    DEFAULT_CHECKPOINT,
+    DeviceType,
+    Fault,
+    Knobs,
+    parse_name_list,
+)
 from simulator.paths import Directories
 
 if TYPE_CHECKING:

@@ -19,8 +19,18 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
 from simulator.images import (
-    PREVIEW_COMPRESS_LEVEL, SAVE_COMPRESS_LEVEL, Conditioning, ImageBatch, Latent, Mask, ModelHandle,
-    colour_from_int, invert, read_image_info, write_latent, write_png,
+    PREVIEW_COMPRESS_LEVEL,
+    SAVE_COMPRESS_LEVEL,
+    Conditioning,
+    ImageBatch,
+    Latent,
+    Mask,
+    ModelHandle,
+    colour_from_int,
+    invert,
+    read_image_info,
+    write_latent,
+    write_png,
 )
 from simulator.knobs import Knobs
 from simulator.paths import Directories, save_target

@@ -31,9 +31,9 @@ from aiohttp import web
 from simulator import COMFYUI_VERSION
 from simulator.errors import KnobError
 from simulator.execution import ExecutionOutcome, PromptExecutor
-from simulator.prompt_queue import ExecutionStatus, PromptQueue, QueueItem
 from simulator.knobs import DeviceType
 from simulator.nodes import NODE_CLASSES, NodeEnv, node_info
+from simulator.prompt_queue import ExecutionStatus, PromptQueue, QueueItem
 from simulator.validation import PromptValidator
 
 logger = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
-from supervisor.child import ChildState
+from supervisor.children.child import ChildState
 
 logger = logging.getLogger(__name__)
 

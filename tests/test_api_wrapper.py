@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from simulator.testing import start_simulator
-from tests.procs import get_json, post_json, start_wrapper, wait_until
+from tests.support.procs import get_json, post_json, start_wrapper, wait_until
 
 TINY = {"1": {"class_type": "EmptyImage",
               "inputs": {"width": 64, "height": 48, "batch_size": 1, "color": 0}},

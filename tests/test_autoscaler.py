@@ -24,7 +24,7 @@ from supervisor.autoscaler import (
     verify,
 )
 from supervisor.autoscaler.failures import FailureLog
-from tests.fake_autoscaler import (  # noqa: F401  (fixture)
+from tests.support.fake_autoscaler import (  # noqa: F401  (fixture)
     FakeAutoscaler,
     Outage,
     canonical,

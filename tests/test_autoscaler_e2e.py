@@ -20,8 +20,15 @@ import pytest
 from click.testing import CliRunner
 
 from supervisor.commands.client_cli import client
-from tests.fake_autoscaler import FakeAutoscaler, Outage, new_private_key
-from tests.procs import Daemon, free_port, http_status, post_json, start_daemon, wait_until
+from tests.support.fake_autoscaler import FakeAutoscaler, Outage, new_private_key
+from tests.support.procs import (
+    Daemon,
+    free_port,
+    http_status,
+    post_json,
+    start_daemon,
+    wait_until,
+)
 
 TINY = {"1": {"class_type": "EmptyImage",
               "inputs": {"width": 32, "height": 32, "batch_size": 1, "color": 0}},

@@ -6,7 +6,7 @@ import json
 
 from click.testing import CliRunner
 
-from tests.procs import get_json, start_daemon, wait_until
+from tests.support.procs import get_json, start_daemon, wait_until
 
 STEPS, STEP_SECONDS = 20, 0.1
 NOMINAL = STEPS * STEP_SECONDS  # what the simulator takes at slow factor 1

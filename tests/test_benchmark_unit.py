@@ -50,7 +50,7 @@ from simulator.testing import start_simulator
 from supervisor.gpu import fake
 from supervisor.gpu.nvml import AsyncNvmlReader, NvmlReader
 from supervisor.gpu.sampler import GpuSampler
-from tests.procs import start_wrapper
+from tests.support.procs import start_wrapper
 
 pytestmark = pytest.mark.timeout(60)
 

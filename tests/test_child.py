@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from supervisor.child import (
+from supervisor.children.child import (
     ChildFailed,
     ChildNotReady,
     ChildProcess,
@@ -25,7 +25,7 @@ from supervisor.child import (
     ChildState,
     ProbeFailed,
 )
-from supervisor.childlog import LineSplitter
+from supervisor.children.childlog import LineSplitter
 
 PY = sys.executable
 ROOT = Path(__file__).resolve().parents[1]
@@ -243,7 +243,7 @@ async def test_crash_reason_carries_the_traceback_exception_line(tmp_path, super
 
 
 def test_exit_cause_picks_one_short_line():
-    from supervisor.childlog import exit_cause
+    from supervisor.children.childlog import exit_cause
 
     traceback = ["Traceback (most recent call last):", '  File "main.py", line 3, in <module>',
                  "    boom()", "RuntimeError: CUDA error: out of memory", "",
@@ -440,7 +440,7 @@ def test_stop_budget_fits_systemd_timeout():
 SUPERVISOR_SCRIPT = textwrap.dedent("""
     import asyncio, sys
     from pathlib import Path
-    from supervisor.child import ChildProcess, ChildSpec
+    from supervisor.children.child import ChildProcess, ChildSpec
 
     async def main():
         code = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN);"

@@ -17,8 +17,14 @@ import pytest
 from aiohttp import web
 from click.testing import CliRunner
 
-from supervisor.commands.client_cli import Target, client, parse_value, run_load, save_outputs
-from tests.procs import ROOT, base_env, free_port
+from supervisor.commands.client_cli import (
+    Target,
+    client,
+    parse_value,
+    run_load,
+    save_outputs,
+)
+from tests.support.procs import ROOT, base_env, free_port
 from tests.test_autoscaler_e2e import TINY, start_worker
 
 TOKEN = "client-t0ken"

@@ -23,10 +23,10 @@ import struct
 import time
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from collections.abc import Iterator
 from urllib.parse import urlsplit
 
 import aiohttp

@@ -11,12 +11,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+from api.comfy import folders as comfy_folders
+from api.comfy.folders import discover
 from api.comfy.models import OutputFile
-from api.outputs import collect
+from api.wrapper.outputs import collect
 from config import load_settings
-from config.comfy_folders import discover
 from simulator.testing import start_simulator
-from tests.procs import ROOT, base_env, post_json, start_daemon, start_wrapper
+from tests.support.procs import ROOT, base_env, post_json, start_daemon, start_wrapper
 from tests.test_benchmark_e2e import bench_env, settled
 
 TINY = {"1": {"class_type": "EmptyImage",
@@ -40,7 +41,7 @@ def test_folders_follow_comfyuis_command_line(tmp_path):
         Path("/opt/C/output")
     settings = load_settings(None, environ={
         "COMFYUI_COMMAND": '["python", "main.py", "--base-directory", "/data/comfy"]'})
-    assert settings.comfyui_output_dir == Path("/data/comfy/output")
+    assert comfy_folders.from_settings(settings).output.path == Path("/data/comfy/output")
 
 
 def test_missing_file_error_names_the_path_and_the_setting(tmp_path):
@@ -97,7 +98,7 @@ def test_benchmark_against_a_remote_comfyui_needs_no_output_dir(tmp_path):
 
 
 def test_models_folder_follows_the_base_directory_and_the_setting_wins():
-    from config.comfy_folders import discover
+    from api.comfy.folders import discover
 
     found = discover(["python", "main.py", "--base-directory", "/srv/comfy"], None, Path("/opt/C"))
     assert found.models.path == Path("/srv/comfy/models")
@@ -107,7 +108,7 @@ def test_models_folder_follows_the_base_directory_and_the_setting_wins():
 
 
 def test_a_guess_is_replaced_by_the_running_command_and_settings_still_win(tmp_path):
-    from config.comfy_folders import from_running, guessed
+    from api.comfy.folders import from_running, guessed
 
     install = tmp_path / "ComfyUI"
     configured = discover([str(tmp_path / "start-comfyui.sh"), "base", "8188"], None, install)

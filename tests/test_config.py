@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from api.comfy import folders as comfy_folders
 from config import SETTINGS, SettingsError, check_file, load_settings, render_example
 from supervisor.commands.cli import main
 
@@ -41,10 +42,10 @@ def test_wrapper_compatible_alias_sets_comfyui_url():
 
 def test_output_dir_follows_install_path_unless_set():
     settings = load_settings(None, environ={"COMFYUI_INSTALL_PATH": "/srv/comfy"})
-    assert settings.comfyui_output_dir == Path("/srv/comfy/output")
+    assert comfy_folders.from_settings(settings).output.path == Path("/srv/comfy/output")
     settings = load_settings(None, environ={"COMFYUI_INSTALL_PATH": "/srv/comfy",
                                             "COMFYUI_OUTPUT_DIR": "/data/out"})
-    assert settings.comfyui_output_dir == Path("/data/out")
+    assert comfy_folders.from_settings(settings).output.path == Path("/data/out")
 
 
 def test_bad_environment_value_names_key_source_and_expectation():

@@ -4,7 +4,7 @@ port (the whole worker, simulator as ComfyUI).
 Schemathesis reads each server's /openapi.json, generates requests from it (valid ones, and ones
 the document forbids), and checks every answer: no 500, a documented status code, a documented
 content type and headers, a body that matches the documented schema; forbidden bodies refused
-with a 4xx; a valid body never refused by the wrapper's own validation (tests/contract_hooks.py);
+with a 4xx; a valid body never refused by the wrapper's own validation (tests/support/contract_hooks.py);
 unsupported methods answered 405; the token really required on the public port. Afterwards the
 worker must still be ready, with the same processes, and still serve.
 
@@ -24,10 +24,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.procs import ROOT, base_env, get_json, post_json, start_daemon, start_wrapper
+from simulator.testing import start_simulator
+from tests.support.procs import (
+    ROOT,
+    base_env,
+    get_json,
+    post_json,
+    start_daemon,
+    start_wrapper,
+)
 from tests.test_api_wrapper import TINY
 from tests.test_openapi_e2e import OPERATOR_MODIFIER
-from simulator.testing import start_simulator
 
 TOKEN = "contract-t0ken"
 EXAMPLES = os.environ.get("CONTRACT_EXAMPLES", "15")
@@ -50,7 +57,7 @@ def schemathesis(url: str, *extra: str) -> subprocess.CompletedProcess:
                "--checks", "all", "--max-examples", EXAMPLES, "--seed", SEED,
                "--phases", PHASES, "--workers", "1", "--generation-database", "none",
                "--request-timeout", "60", "--max-failures", "20", *extra]
-    env = {**base_env(), "SCHEMATHESIS_HOOKS": "tests.contract_hooks", "PYTHONPATH": str(ROOT)}
+    env = {**base_env(), "SCHEMATHESIS_HOOKS": "tests.support.contract_hooks", "PYTHONPATH": str(ROOT)}
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=TIMEOUT)
 

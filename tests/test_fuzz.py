@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.procs import get_json, post_json
+from tests.support.procs import get_json, post_json
 from tests.test_autoscaler_e2e import TINY, start_worker
 
 TOKEN = "fuzz-t0ken"

@@ -21,7 +21,7 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from supervisor.commands.health_cli import health
-from tests.procs import get_json, start_daemon, wait_until
+from tests.support.procs import get_json, start_daemon, wait_until
 
 HEALTHY = {"gpus": [{"preset": "h100_sxm"}]}
 TINY = {"1": {"class_type": "EmptyImage",

@@ -21,8 +21,14 @@ import pytest
 from click.testing import CliRunner
 
 from supervisor.commands.health_cli import health
-from supervisor.commands.report import Health, HealthReport, judge, render_json, render_table
-from tests.procs import ROOT, base_env, start_daemon, wait_until
+from supervisor.commands.report import (
+    Health,
+    HealthReport,
+    judge,
+    render_json,
+    render_table,
+)
+from tests.support.procs import ROOT, base_env, start_daemon, wait_until
 
 TINY = {"1": {"class_type": "EmptyImage",
               "inputs": {"width": 32, "height": 32, "batch_size": 1, "color": 0}},

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from supervisor.commands.report import HealthReport, render_table
 from supervisor.commands.sparkline import BLOCKS, sparkline
-from tests.procs import ROOT, base_env, start_daemon, wait_until
+from tests.support.procs import ROOT, base_env, start_daemon, wait_until
 
 ENTRY = "from supervisor.commands.health_cli import health; health()"
 

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from benchmark.siblings import SiblingFigure, judge_siblings
 from config import load_settings
 from config.loader import SettingsError
-from supervisor.instance_plan import (
+from supervisor.instances.plan import (
     PLACEHOLDERS,
     GpuSlot,
     PlanError,

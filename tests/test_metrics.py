@@ -16,10 +16,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from config import SettingsError, load_settings
-from supervisor.gpu import NvmlReader
-from supervisor.gpu import fake
-from supervisor.metric_families import gpu_families
-from tests.procs import start_daemon
+from supervisor.gpu import NvmlReader, fake
+from supervisor.gpu.families import gpu_families
+from tests.support.procs import start_daemon
 
 
 def samples(families) -> dict[tuple[str, tuple], float]:

@@ -12,15 +12,20 @@ from types import SimpleNamespace
 
 import pytest
 
-from benchmark.perf.fileserver import FileServer
 from api.modelstore import download as download_module
 from api.modelstore.download import Downloader, part_path
-from api.modelstore.errors import AuthRequired, DigestMismatch, DownloadError, NotEnoughSpace, \
-    SourceMissing
+from api.modelstore.errors import (
+    AuthRequired,
+    DigestMismatch,
+    DownloadError,
+    NotEnoughSpace,
+    SourceMissing,
+)
 from api.modelstore.manifest import parse_entries
 from api.modelstore.progress import FileProgress
 from api.modelstore.store import EntryState, ModelStore
-from tests.moto_server import ANY_KEY_ID, ANY_SECRET, moto_server  # noqa: F401 (fixture)
+from tests.support.fileserver import FileServer
+from tests.support.moto_server import ANY_KEY_ID, ANY_SECRET, moto_server  # noqa: F401 (fixture)
 
 DATA = os.urandom(3 * 1024 * 1024 + 123)
 SHA = hashlib.sha256(DATA).hexdigest()

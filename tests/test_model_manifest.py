@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from config import load_settings
 from api.modelstore import ManifestError, When, load_manifest, parse_entries
 from api.modelstore.sources import HttpSource, S3Source, resolve
-from supervisor.child import ChildState
+from config import load_settings
+from supervisor.children.child import ChildState
 from supervisor.state import ChildView, Inputs, Level, Verdict, WorkerState, derive
 
 SHA = "ab" * 32
@@ -92,7 +92,7 @@ def test_provisioning_comes_before_starting_and_benchmarking():
 
 
 def test_daemon_refuses_a_manifest_when_the_models_folder_cannot_be_right(tmp_path):
-    from supervisor.wiring import WiringError, build_components
+    from supervisor.daemon.wiring import WiringError, build_components
 
     settings = load_settings(None, environ={
         "MODELS": '[{"url": "https://h/a", "path": "checkpoints/a.safetensors"}]',

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from api.model_urls import DEFAULT_MODEL_INPUTS, ModelUrlPolicy, find_model_urls
-from benchmark.perf.fileserver import FileServer
 from api.modelstore.cache import CacheFull, UrlCache
 from api.modelstore.download import Downloader
 from api.modelstore.sources import HttpSource
+from api.wrapper.model_urls import DEFAULT_MODEL_INPUTS, ModelUrlPolicy, find_model_urls
 from simulator.testing import start_simulator
-from tests.procs import post_json, start_wrapper
+from tests.support.fileserver import FileServer
+from tests.support.procs import post_json, start_wrapper
 
 MB = 1_000_000
 FILES = {f"{n}.safetensors": os.urandom(MB) for n in "abcde"}

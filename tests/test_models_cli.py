@@ -8,8 +8,8 @@ import os
 
 from click.testing import CliRunner
 
-from benchmark.perf.fileserver import FileServer
 from supervisor.commands.cli import main
+from tests.support.fileserver import FileServer
 
 A = os.urandom(2 * 1024 * 1024)
 B = os.urandom(1024 * 1024)

@@ -8,8 +8,8 @@ import urllib.request
 
 from click.testing import CliRunner
 
-from benchmark.perf.fileserver import FileServer
-from tests.procs import get_json, start_daemon, wait_until
+from tests.support.fileserver import FileServer
+from tests.support.procs import get_json, start_daemon, wait_until
 
 MODEL = os.urandom(4 * 1024 * 1024)
 SHA = hashlib.sha256(MODEL).hexdigest()

@@ -10,18 +10,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sys
 import threading
 import time
-
-import re
 import urllib.request
 
 from click.testing import CliRunner
 
 from supervisor.commands.health_cli import health
-from tests.procs import fake_gpus, get_json, start_multi, wait_until
+from tests.support.procs import fake_gpus, get_json, start_multi, wait_until
 
 GPUS = 4
 STEP_SECONDS = 0.1
@@ -261,11 +260,11 @@ def test_the_aidock_wrapper_serves_as_each_instances_wrapper(tmp_path):
     """Someone else's wrapper (the ai-dock stand-in), templated: its port, its ComfyUI, and an
     install path whose output/ is its own ComfyUI's ({instance_folders} puts that at
     <base>/instances/<i>/output)."""
-    from tests.procs import ROOT
+    from tests.support.procs import ROOT
     from tests.test_real_hosts import sampler_graph
 
     base = tmp_path / "comfy"
-    env = {"WRAPPER_COMMAND": json.dumps([sys.executable, "-m", "tests.aidock_standin",
+    env = {"WRAPPER_COMMAND": json.dumps([sys.executable, "-m", "tests.support.aidock_standin",
                                           "--port", "{port}"]),
            "WRAPPER_CWD": str(ROOT),
            "WRAPPER_ENV": json.dumps({"COMFYUI_API_BASE": "{comfyui_url}",
@@ -283,7 +282,7 @@ def test_the_aidock_wrapper_serves_as_each_instances_wrapper(tmp_path):
 
 
 def test_the_autoscaler_sees_one_worker_with_the_sum_of_the_instances_max_perf(tmp_path):
-    from tests.procs import free_port
+    from tests.support.procs import free_port
     from tests.test_autoscaler_e2e import ThreadedAutoscaler, autoscaler_env
 
     scaler = ThreadedAutoscaler()

@@ -19,17 +19,17 @@ from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 from openapi_spec_validator import validate
 
-from api.modifiers import BUILTIN_DIR, ModifierRegistry
-from api.openapi import public_document, wrapper_document
-from api.request import RequestInvalid, parse_json_body, parse_request
-from api.schemas import standalone
-from api.s3 import S3Settings
-from api.server import build_app, merge_blocks
-from api.service import build_graph
-from api.webhooks import WebhookSettings
+from api.contract.modifiers import BUILTIN_DIR, ModifierRegistry
+from api.contract.openapi import public_document, wrapper_document
+from api.contract.request import RequestInvalid, parse_json_body, parse_request
+from api.contract.schemas import standalone
+from api.wrapper.s3 import S3Settings
+from api.wrapper.server import build_app, merge_blocks
+from api.wrapper.service import build_graph
+from api.wrapper.webhooks import WebhookSettings
 from supervisor.autoscaler import REQUIRED_AUTH_FIELDS
-from supervisor.gates import TokenGate
-from supervisor.public import PublicServer
+from supervisor.serving.gates import TokenGate
+from supervisor.serving.public import PublicServer
 from tests.test_fuzz import documents, odd_values
 
 LIMITS = {"api.max_dimension": 256, "api.max_steps": 50}
@@ -358,9 +358,10 @@ def test_constants_are_scalars_so_client_generators_take_the_document():
 def test_result_schema_has_every_field_a_result_carries():
     """The answer schemas are strict (no other fields): a field added to results must be
     documented, or this fails (and so do the contract tests, on the wire)."""
-    from api.jobs import FailureKind, Job, JobStatus
-    from api.request import GenerateRequest
-    from api.schemas import TIMINGS
+    from api.contract.request import GenerateRequest
+    from api.contract.result import FailureKind, JobStatus
+    from api.contract.schemas import TIMINGS
+    from api.wrapper.jobs import Job
 
     components = WRAPPER["components"]["schemas"]
     job = Job(GenerateRequest(request_id="r1"))

@@ -19,9 +19,9 @@ import pytest
 from jsonschema import Draft202012Validator
 from openapi_spec_validator import validate
 
-from api.schemas import standalone
+from api.contract.schemas import standalone
 from simulator.testing import start_simulator
-from tests.procs import get_json, start_wrapper
+from tests.support.procs import get_json, start_wrapper
 from tests.test_api_wrapper import TINY
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

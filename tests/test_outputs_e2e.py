@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from simulator.testing import start_simulator
-from tests.moto_server import REGION, moto_server  # noqa: F401  (the fixture)
-from tests.procs import free_port, post_json, start_wrapper, wait_until
+from tests.support.moto_server import REGION, moto_server  # noqa: F401  (the fixture)
+from tests.support.procs import free_port, post_json, start_wrapper, wait_until
 
 SECRET = "hook-secret-123"
 

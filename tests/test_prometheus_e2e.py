@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.procs import free_port, start_daemon, wait_until
+from tests.support.procs import free_port, start_daemon, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 RULES = ROOT / "misc" / "prometheus" / "comfy-worker-rules.yml"

@@ -6,12 +6,12 @@ import asyncio
 import os
 import re
 
-from benchmark.perf.fileserver import FileServer
 from api.modelstore.download import Downloader
 from api.modelstore.manifest import parse_entries
 from api.modelstore.store import ModelStore
-from supervisor.provisioning import ItemState, Provisioner
+from supervisor.checks.provisioning import ItemState, Provisioner
 from supervisor.state import Level
+from tests.support.fileserver import FileServer
 
 BIG = os.urandom(2 * 1024 * 1024)
 SMALL = os.urandom(100_000)

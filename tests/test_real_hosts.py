@@ -1,7 +1,7 @@
 """Untidy real hosts: someone else's wrapper, a stranger on a port (issue 11, defects 1 and 3).
 
 Real processes and sockets throughout: the daemon, the simulator as ComfyUI, and as `[wrapper]` a
-stand-in that speaks only the ai-dock wrapper's formats (tests/aidock_standin.py).
+stand-in that speaks only the ai-dock wrapper's formats (tests/support/aidock_standin.py).
 """
 
 from __future__ import annotations
@@ -17,7 +17,15 @@ import urllib.request
 import pytest
 
 from benchmark.graph import build_graph
-from tests.procs import ROOT, base_env, free_port, get_json, post_json, start_daemon, wait_until
+from tests.support.procs import (
+    ROOT,
+    base_env,
+    free_port,
+    get_json,
+    post_json,
+    start_daemon,
+    wait_until,
+)
 from tests.test_benchmark_e2e import bench_env, settled
 
 TINY = {"1": {"class_type": "EmptyImage",
@@ -47,7 +55,7 @@ def child_reason(worker, name: str, needle: str) -> str | None:
 
 
 def aidock_env(tmp_path, wrapper_port: int, **extra) -> dict:
-    command = [sys.executable, "-m", "tests.aidock_standin", "--port", str(wrapper_port)]
+    command = [sys.executable, "-m", "tests.support.aidock_standin", "--port", str(wrapper_port)]
     return {"WRAPPER_COMMAND": json.dumps(command), "WRAPPER_CWD": str(ROOT),
             "COMFYUI_INSTALL_PATH": str(tmp_path / "comfy"), **extra}
 
@@ -150,7 +158,7 @@ def test_stranger_on_comfyuis_port_is_never_adopted(tmp_path):
             assert f"held by pid {stranger.pid}" in shown.output, shown.output
             # Logged once per holder and child, not once per probe (every 0.5 s here).
             time.sleep(3)
-            said = [line.split(" supervisor.child: ", 1)[-1] for line in worker.log().splitlines()
+            said = [line.split(" supervisor.children.child: ", 1)[-1] for line in worker.log().splitlines()
                     if "ERROR" in line and f"held by pid {stranger.pid}" in line]
             assert said and len(said) == len(set(said)), said
     finally:

@@ -11,7 +11,7 @@ import signal
 import threading
 import time
 
-from tests.procs import get_json, start_daemon, wait_until
+from tests.support.procs import get_json, start_daemon, wait_until
 
 
 def text2image(steps: int, request_id: str) -> dict:
@@ -86,7 +86,7 @@ async def test_an_idle_wrapper_is_told_comfyui_died_and_never_feeds_a_stranger(t
     import asyncio
 
     from tests.soak.stack import Stranger
-    from tests.procs import post_json
+    from tests.support.procs import post_json
 
     with start_daemon(tmp_path, "--step-seconds", "0.05", extra_env={
             "SUPERVISOR_BACKOFF_INITIAL": "3", "SUPERVISOR_BACKOFF_MAX": "3"}) as worker:

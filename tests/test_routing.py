@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from supervisor.routing import Aborted, NotServing, Router
+from supervisor.serving.routing import Aborted, NotServing, Router
 
 
 class Spot:

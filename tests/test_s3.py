@@ -11,14 +11,20 @@ import aiohttp
 import pytest
 from yarl import URL
 
-from api.s3 import (
+from api.wrapper.s3 import (
     RequestFieldError,
     S3Settings,
     S3Uploader,
     UploadItem,
     merge,
 )
-from tests.moto_server import ANY_KEY_ID, ANY_SECRET, MotoServer, free_port, moto_server  # noqa: F401
+from tests.support.moto_server import (  # noqa: F401
+    ANY_KEY_ID,
+    ANY_SECRET,
+    MotoServer,
+    free_port,
+    moto_server,
+)
 
 
 def bucket_name() -> str:

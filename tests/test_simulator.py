@@ -16,7 +16,13 @@ import aiohttp
 import pytest
 
 from simulator.images import read_image_info, read_png_text, write_png
-from simulator.testing import SimulatorHandle, launch_simulator, start_simulator, stop_process, wait_ready
+from simulator.testing import (
+    SimulatorHandle,
+    launch_simulator,
+    start_simulator,
+    stop_process,
+    wait_ready,
+)
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -6,7 +6,7 @@ import json
 import os
 import time
 
-from api.store import ResultStore
+from api.wrapper.store import ResultStore
 
 
 def record(request_id: str, status: str = "completed") -> dict:

@@ -13,7 +13,7 @@ import time
 import psutil
 import pytest
 
-from tests.procs import ROOT, get_json, start_daemon, wait_until
+from tests.support.procs import ROOT, get_json, start_daemon, wait_until
 
 TINY = {"1": {"class_type": "EmptyImage",
               "inputs": {"width": 32, "height": 32, "batch_size": 1, "color": 0}},
@@ -179,7 +179,7 @@ def test_sd_notify_messages_arrive_in_order(tmp_path):
 
 def test_stop_stages_fit_in_the_units_timeout():
     from config import load_settings
-    from supervisor.daemon import stop_budget
+    from supervisor.daemon.daemon import stop_budget
     from tests.test_systemd_unit import unit_timeout_stop_sec
 
     assert stop_budget(load_settings(None, environ={})) < unit_timeout_stop_sec()

@@ -15,9 +15,9 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from api.netcheck import GuardedResolver, TargetRefused
-from api.s3 import RequestFieldError
-from api.webhooks import (
+from api.host.netcheck import GuardedResolver, TargetRefused
+from api.wrapper.s3 import RequestFieldError
+from api.wrapper.webhooks import (
     DELIVERY_HEADER,
     SIGNATURE_HEADER,
     DeliveryState,
@@ -28,7 +28,7 @@ from api.webhooks import (
     parse_retry_after,
     sign,
 )
-from tests.moto_server import free_port
+from tests.support.moto_server import free_port
 
 PAYLOAD = {
     "id": "req-42",

@@ -27,7 +27,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Awaitable, BinaryIO, Callable
+from typing import Awaitable, BinaryIO, Callable
 from urllib.parse import urljoin, urlsplit
 
 import aiohttp

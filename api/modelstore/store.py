@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from api.comfy import folders as comfy_folders
 from api.modelstore.digests import DigestRecord
 from api.modelstore.download import Downloader, Fetched
 from api.modelstore.manifest import ModelEntry
@@ -110,5 +111,5 @@ def build_store(settings: Any, environ: Mapping[str, str], *,
     downloader = downloader or Downloader(retries=m.retries, backoff_initial=m.backoff_initial,
                                           backoff_max=min(m.backoff_max, 60.0),
                                           read_timeout=m.read_timeout)
-    return ModelStore(settings.comfyui_models_dir, settings.worker.state_dir, downloader,
+    return ModelStore(comfy_folders.from_settings(settings).models.path, settings.worker.state_dir, downloader,
                       environ=environ, s3_defaults=settings.s3, parallel=m.parallel)

@@ -17,6 +17,7 @@ from typing import Any
 import aiohttp
 import click
 
+from api.comfy import folders as comfy_folders
 from benchmark import (
     BenchmarkReport,
     ComfyTarget,
@@ -26,7 +27,7 @@ from benchmark import (
     run_benchmark,
 )
 from config import Settings
-from supervisor.admin import admin_request
+from supervisor.reporting.admin import admin_request
 
 EXIT_OK, EXIT_SLOW, EXIT_ERROR, EXIT_UNKNOWN = 0, 1, 2, 3
 
@@ -95,7 +96,7 @@ def run_benchmark_command(settings: Settings, *, comfyui_url: str | None, output
     interactive = sys.stderr.isatty() and not as_json
     started = time.monotonic()
     if comfyui_url:
-        folder = Path(output_dir) if output_dir else settings.comfyui_output_dir
+        folder = Path(output_dir) if output_dir else comfy_folders.from_settings(settings).output.path
         report = asyncio.run(_direct(settings, comfyui_url.rstrip("/"), folder, interactive))
         body = report.to_dict()
     else:

@@ -86,9 +86,8 @@ def config_show(ctx: click.Context, as_json: bool) -> None:
 @click.argument("file", type=click.Path(dir_okay=False))
 def config_check(file: str) -> None:
     """Validate a settings file on its own (the environment is ignored)."""
-    from supervisor.instance_plan import collisions
-
     from api.modelstore import ManifestError, load_manifest
+    from supervisor.instances.plan import collisions
 
     try:
         settings = check_file(file)
@@ -126,9 +125,9 @@ def api_command(ctx: click.Context, port: int | None, host: str | None) -> None:
 
 # --- run / demo ----------------------------------------------------------------------------------
 def _run_daemon(settings) -> None:
-    from supervisor import preflight
-    from supervisor.daemon import Daemon, DaemonStartError
-    from supervisor.wiring import build_components, WiringError
+    from supervisor.daemon import preflight
+    from supervisor.daemon.daemon import Daemon, DaemonStartError
+    from supervisor.daemon.wiring import WiringError, build_components
 
     setup_logging(settings.worker.log_level, settings.secrets(), name="[supervisor]")
     problems = preflight.check(settings)
@@ -175,8 +174,11 @@ def demo_command(ctx: click.Context, port: int, state_dir: str, gpus: int) -> No
     for key, value in env.items():
         os.environ.setdefault(key, value)
     settings = _load(ctx.obj["config_path"])
-    from supervisor.commands.admin_locate import announce_demo_socket, forget_demo_socket
-    from supervisor.ports import holders, local_port
+    from api.host.ports import holders, local_port
+    from supervisor.commands.admin_locate import (
+        announce_demo_socket,
+        forget_demo_socket,
+    )
 
     ports = [("the public port (--port)", settings.worker.port)]
     for offset in range(gpus):
@@ -238,9 +240,8 @@ def _admin_action(ctx: click.Context, route: str, socket_path: str | None,
                   instance: int | None = None) -> None:
     import aiohttp
 
-    from supervisor.admin import admin_request
-
     from supervisor.commands.admin_locate import locate
+    from supervisor.reporting.admin import admin_request
 
     settings = _load(ctx.obj["config_path"])
     socket = locate(settings, socket_path)

@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from config import Settings
-from supervisor.gpu_monitor import GpuMonitor
+from supervisor.gpu.monitor import GpuMonitor
 
 
 async def collect(settings: Settings, seconds: float, interval: float) -> dict[str, Any]:

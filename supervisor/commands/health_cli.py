@@ -44,7 +44,7 @@ class DaemonUnreachable(HealthCliError):
 # --- asking the daemon ----------------------------------------------------------------------------
 def fetch_status(socket: Path, timeout: float = 5.0) -> dict[str, Any]:
     """The daemon's snapshot (admin ``GET /status``); raises `DaemonUnreachable`."""
-    from supervisor.admin import admin_request
+    from supervisor.reporting.admin import admin_request
 
     try:
         status = asyncio.run(admin_request(socket, "GET", "/status", timeout=timeout))
@@ -121,7 +121,7 @@ def find_comfyui(settings: Settings) -> dict[str, Any]:
     While the daemon is down nothing supervises them; an orphan holding the GPU and the port is
     a common reason why a restarted daemon cannot bring ComfyUI up.
     """
-    from supervisor.instance_plan import fixed_prefix
+    from supervisor.instances.plan import fixed_prefix
 
     # A templated command (one instance per GPU) is compared up to its first placeholder.
     command = fixed_prefix([str(part) for part in settings.comfyui.command])

@@ -19,7 +19,13 @@ from typing import Any
 
 import click
 
-from api.modelstore import DownloadError, FileProgress, ManifestError, ModelEntry, load_manifest
+from api.modelstore import (
+    DownloadError,
+    FileProgress,
+    ManifestError,
+    ModelEntry,
+    load_manifest,
+)
 from api.modelstore.manifest import load_manifest_file
 from api.modelstore.progress import human_bytes, pair
 from api.modelstore.sources import redact

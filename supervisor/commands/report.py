@@ -20,8 +20,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import click
 
-from supervisor.gpu.model import ClockEventReason
 from supervisor.commands.sparkline import sparkline
+from supervisor.gpu.model import ClockEventReason
 
 
 class Health(enum.IntEnum):

@@ -20,10 +20,10 @@ from typing import Any
 import aiohttp
 import psutil
 
+from supervisor.commands.client_cli import Target, run_load
 from tests.soak import checks
 from tests.soak.faults import Injector, plan
 from tests.soak.stack import BUCKET, Moto, TcpProxy, WebhookReceiver, Worker
-from supervisor.commands.client_cli import Target, run_load
 
 logger = logging.getLogger("soak")
 

@@ -319,7 +319,7 @@ class Worker:
             return process.wait(10)
 
     async def status(self) -> dict[str, Any] | None:
-        from supervisor.admin import admin_request
+        from supervisor.reporting.admin import admin_request
 
         try:
             return await admin_request(self.admin_socket, "GET", "/status", timeout=5)
