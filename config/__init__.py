@@ -9,10 +9,12 @@ from config.loader import (
     check_file,
     load_settings,
     render_example,
+    render_settings_docs,
 )
 from config.settings import BY_NAME, SETTINGS, Setting
 
 __all__ = [
     "BY_NAME", "DEFAULT_CONFIG_PATH", "MASK", "SETTINGS", "Setting", "Settings", "SettingsError",
     "Source", "check_file", "load_settings", "render_example",
+    "render_settings_docs",
 ]

@@ -291,3 +291,44 @@ def render_example() -> str:
         lines.append(f"# type: {setting.type.expected}")
         lines.append(f"{setting.key} = {setting.type.to_toml(setting.default)}")
     return "\n".join(lines) + "\n"
+
+
+def render_settings_docs() -> str:
+    """docs/settings.md: every setting as one table per section, generated from the declarations."""
+    from config.settings import SECTION_DOCS
+
+    sections = list(dict.fromkeys(setting.section for setting in SETTINGS))
+
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|")
+
+    lines = [
+        "# Settings",
+        "",
+        "**Who it is for:** operators writing `worker.toml` or a worker's environment, and anyone "
+        "looking up what a setting does. It lists every setting comfy-worker reads, one table per "
+        "TOML section: the key, the environment variables that set it (the first is the canonical "
+        "one, later ones are aliases), its type, its default and what it does.",
+        "",
+        "<!-- Generated from config/settings.py by `comfy-worker config docs > docs/settings.md`; "
+        "a test fails when it drifts. Do not edit by hand. -->",
+        "",
+        "Where the file is found, the precedence (default < file < environment < request "
+        "fields) and the `comfy-worker config` commands: [operations](operations.md#settings).",
+        "",
+        "Sections: " + ", ".join(f"[`[{name}]`](#{name})" for name in sections) + ".",
+    ]
+    section = None
+    for setting in SETTINGS:
+        if setting.section != section:
+            section = setting.section
+            lines += ["", f"## [{section}]", "", SECTION_DOCS[section], "",
+                      "| key | environment | type | default | what it does |",
+                      "|---|---|---|---|---|"]
+        env = ", ".join(f"`{name}`" for name in setting.env) or "—"
+        default = setting.type.to_toml(setting.default)
+        secret = " Secret: masked in `config show`, logs and errors." if setting.secret else ""
+        doc = setting.doc + secret
+        lines.append(f"| `{setting.name}` | {env} | {cell(setting.type.expected)} | "
+                     f"`{cell(default)}` | {cell(doc)} |")
+    return "\n".join(lines) + "\n"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from config import SettingsError, check_file, load_settings, render_example
+from config import SettingsError, check_file, load_settings, render_example, render_settings_docs
 from config.logsetup import setup_logging
 
 
@@ -109,6 +109,12 @@ def config_check(file: str) -> None:
 def config_example() -> None:
     """Print a settings file that documents every key with its default."""
     click.echo(render_example(), nl=False)
+
+
+@config_group.command("docs")
+def config_docs() -> None:
+    """Print docs/settings.md: every setting as a table, generated from the declarations."""
+    click.echo(render_settings_docs(), nl=False)
 
 
 # --- api -----------------------------------------------------------------------------------------
