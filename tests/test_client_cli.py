@@ -95,10 +95,6 @@ def test_generate_as_a_subprocess_takes_the_token_from_the_environment(worker, t
 
 
 def test_generate_through_the_main_command(worker, tmp_path):
-    from supervisor.commands.cli import main
-
-    if "client" not in main.commands:
-        pytest.skip("supervisor/commands/cli.py does not register the client group yet")
     proc = subprocess.run([sys.executable, "-m", "supervisor.commands.cli", "client", "generate", "--url",
                            worker.url, "--token", TOKEN, "--workflow", str(tiny_file(tmp_path)),
                            "-q"], cwd=ROOT, env=base_env(), capture_output=True, text=True,

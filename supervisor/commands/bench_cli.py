@@ -2,7 +2,9 @@
 
 Through the daemon, the run is the daemon's own (same path as real requests, same cache and
 history); this command asks for it over the admin socket and follows its progress. With
-`--comfyui-url` no daemon is needed: the graph goes straight to that ComfyUI.
+`--comfyui-url` no daemon is needed: the graph goes straight to that ComfyUI. The exit status is
+the verdict of the report (of the worst instance on a multi-GPU host): 0 pass, 1 slow, 2 error,
+3 no report (the daemon is not reachable, or refused the run).
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import click
 
 from api.comfy import folders as comfy_folders
@@ -27,17 +28,20 @@ from benchmark import (
     run_benchmark,
 )
 from config import Settings
-from supervisor.reporting.admin import admin_request
+from config.logsetup import setup_logging
+from supervisor.commands import app
+from supervisor.commands.admin_socket import locate, request
+from supervisor.commands.app import Verdict
 
-EXIT_OK, EXIT_SLOW, EXIT_ERROR, EXIT_UNKNOWN = 0, 1, 2, 3
+NOT_REACHABLE_HINT = "; use --comfyui-url to run straight against a ComfyUI"
 
 
-def _exit_code(report: BenchmarkReport) -> int:
+def verdict(report: BenchmarkReport) -> Verdict:
     if report.status.value == "error":
-        return EXIT_ERROR
+        return Verdict.UNHEALTHY
     if report.status.value == "slow":
-        return EXIT_SLOW
-    return EXIT_OK
+        return Verdict.DEGRADED
+    return Verdict.HEALTHY
 
 
 def _show_progress(text: str, interactive: bool) -> None:
@@ -56,13 +60,13 @@ def _benchmarks(status: dict[str, Any]) -> list[dict[str, Any]]:
 
 async def _through_daemon(socket: Path, interactive: bool) -> list[dict[str, Any]]:
     """Ask for a run on every instance and follow it; each instance's report body."""
-    answer = await admin_request(socket, "POST", "/benchmark")
+    answer = await request(socket, "POST", "/benchmark")
     if not answer.get("ok"):
-        raise click.ClickException(answer.get("message", "the daemon refused"))
+        raise app.Failed(str(answer.get("message", "the daemon refused the benchmark")))
     seen_running = False
     while True:
         await asyncio.sleep(0.5)
-        status = await admin_request(socket, "GET", "/status")
+        status = await request(socket, "GET", "/status")
         benches = _benchmarks(status)
         running = [b for b in benches if b.get("running")]
         if running:
@@ -91,8 +95,19 @@ async def _direct(settings: Settings, url: str, output_dir: Path, interactive: b
     return report
 
 
-def run_benchmark_command(settings: Settings, *, comfyui_url: str | None, output_dir: str | None,
-                          as_json: bool, socket_path: str | None) -> int:
+@app.verdict_command("benchmark")
+@click.option("--comfyui-url", default=None,
+              help="Run straight against this ComfyUI instead of through the running daemon.")
+@click.option("--output-dir", type=click.Path(file_okay=False), default=None,
+              help="ComfyUI's output folder, with --comfyui-url (default: from the settings).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--socket", "socket_path", default=None, help="Admin socket of the daemon.")
+@click.pass_context
+def benchmark(ctx: click.Context, comfyui_url: str | None, output_dir: str | None,
+              as_json: bool, socket_path: str | None) -> Verdict:
+    """Run the benchmark now and print seconds, it/s, expected time, verdict and causes."""
+    settings = app.settings(ctx)
+    setup_logging("WARNING", settings.secrets())
     interactive = sys.stderr.isatty() and not as_json
     started = time.monotonic()
     if comfyui_url:
@@ -100,15 +115,11 @@ def run_benchmark_command(settings: Settings, *, comfyui_url: str | None, output
         report = asyncio.run(_direct(settings, comfyui_url.rstrip("/"), folder, interactive))
         body = report.to_dict()
     else:
-        from supervisor.commands.admin_locate import locate
-
         socket = locate(settings, socket_path)
         try:
             bodies = asyncio.run(_through_daemon(socket, interactive))
-        except (OSError, aiohttp.ClientError) as exc:
-            click.echo(f"comfy-worker benchmark: the daemon is not reachable at {socket} ({exc}); "
-                       "use --comfyui-url to run straight against a ComfyUI", err=True)
-            return EXIT_UNKNOWN
+        except app.DaemonUnreachable as exc:
+            raise app.DaemonUnreachable(f"{exc}{NOT_REACHABLE_HINT}") from None
         if len(bodies) > 1:
             return _several(bodies, as_json, started)
         body = bodies[0]
@@ -118,12 +129,12 @@ def run_benchmark_command(settings: Settings, *, comfyui_url: str | None, output
     else:
         click.echo(render_report(report))
         click.echo(f"(took {time.monotonic() - started:.1f} s)")
-    return _exit_code(report)
+    return verdict(report)
 
 
-def _several(bodies: list[dict[str, Any]], as_json: bool, started: float) -> int:
-    """A multi-GPU host: every instance's report; the exit code of the worst."""
-    codes = [_exit_code(BenchmarkReport.from_dict(body)) for body in bodies]
+def _several(bodies: list[dict[str, Any]], as_json: bool, started: float) -> Verdict:
+    """A multi-GPU host: every instance's report; the verdict of the worst."""
+    verdicts = [verdict(BenchmarkReport.from_dict(body)) for body in bodies]
     if as_json:
         click.echo(json.dumps({"instances": bodies}, indent=2, default=str))
     else:
@@ -131,4 +142,4 @@ def _several(bodies: list[dict[str, Any]], as_json: bool, started: float) -> int
             click.echo(f"== {body.get('instance_label')}: {body.get('reason')}")
             click.echo(render_report(BenchmarkReport.from_dict(body)))
         click.echo(f"(took {time.monotonic() - started:.1f} s)")
-    return max(codes)
+    return max(verdicts)

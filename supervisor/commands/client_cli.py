@@ -10,7 +10,8 @@ Two ways to reach a worker:
   answer without a `url` (no worker ready yet) carries a `request_idx`; the client asks again
   with it until a worker is assigned or the time runs out.
 
-Exit status: 0 done, 1 the request failed (the worker's own message is printed), 2 usage error.
+Exit status (app.py's policy): 0 done, 1 the request failed (the worker's own message is
+printed), 2 a wrong option.
 All network work is asyncio + aiohttp; files are written in a thread.
 """
 
@@ -32,6 +33,8 @@ from typing import Any, Callable
 
 import aiohttp
 import click
+
+from supervisor.commands import app
 
 ROUTE_COST = 1                  # every request is one unit of work for this worker
 ROUTE_RETRY_MAX = 2.0           # seconds between /route/ retries while no worker is ready
@@ -612,7 +615,7 @@ def make_target(url: str | None, token: str | None, autoscaler: str | None,
     return Target(url=url.rstrip("/"), token=token or None)
 
 
-@click.group("client", context_settings={"help_option_names": ["-h", "--help"]})
+@app.group("client", context_settings={"help_option_names": ["-h", "--help"]})
 def client() -> None:
     """Send requests to a worker, directly or through the autoscaler."""
 
@@ -627,7 +630,8 @@ def client() -> None:
               help="Ask for outputs as base64 (default: when --out is given).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress display.")
 def generate_command(url, token, autoscaler, endpoint, api_key, modifier, assignments, workflow,
-                     request_id, timeout, as_json, stream, out_dir, want_base64, quiet) -> None:
+                     request_id, timeout, as_json, stream, out_dir, want_base64, quiet
+                     ) -> app.Outcome:
     """Send one request, follow it, save its outputs and print its timings."""
     target = make_target(url, token, autoscaler, endpoint, api_key)
     if stream and target.via_autoscaler:
@@ -635,16 +639,15 @@ def generate_command(url, token, autoscaler, endpoint, api_key, modifier, assign
                                "port (and so the autoscaler) offers only /generate/sync")
     payload = build_payload(modifier, assignments, workflow, request_id)
     base64_outputs = bool(out_dir) if want_base64 is None else want_base64
-    code = asyncio.run(_generate(target, payload, stream=stream, timeout=timeout,
+    return asyncio.run(_generate(target, payload, stream=stream, timeout=timeout,
                                  out_dir=Path(out_dir) if out_dir else None,
                                  base64_outputs=base64_outputs, as_json=as_json,
                                  show_progress=not quiet))
-    sys.exit(code)
 
 
 async def _generate(target: Target, payload: dict[str, Any], *, stream: bool, timeout: float,
                     out_dir: Path | None, base64_outputs: bool, as_json: bool,
-                    show_progress: bool) -> int:
+                    show_progress: bool) -> app.Outcome:
     progress = Progress(show_progress)
     async with aiohttp.ClientSession() as session:
         progress.start()
@@ -666,8 +669,7 @@ async def _generate(target: Target, payload: dict[str, Any], *, stream: bool, ti
                                "saved": [str(s.path) for s in saved if s.path],
                                "result": _without_data(outcome.body)}, indent=2))
     if not outcome.ok:
-        click.echo(f"comfy-worker client: request failed: {outcome.message()}", err=True)
-        return 1
+        raise app.Failed(f"request failed: {outcome.message()}")
     if not as_json:
         body = outcome.body
         click.echo(f"{body.get('status', 'completed')} {body.get('id', '')} "
@@ -681,7 +683,7 @@ async def _generate(target: Target, payload: dict[str, Any], *, stream: bool, ti
                 if isinstance(entry, dict):
                     where = entry.get("url") or entry.get("local_path") or ""
                     click.echo(f"  output {entry.get('filename')}: {where}")
-    return 1 if any(item.path is None for item in saved) else 0
+    return app.Outcome.FAILED if any(item.path is None for item in saved) else app.Outcome.OK
 
 
 @client.command("load")
@@ -693,7 +695,7 @@ async def _generate(target: Target, payload: dict[str, Any], *, stream: bool, ti
 @click.option("--concurrency", type=click.IntRange(min=1), default=4, show_default=True,
               help="Most requests in flight at once.")
 def load_command(url, token, autoscaler, endpoint, api_key, modifier, assignments, workflow,
-                 request_id, timeout, as_json, count, rps, concurrency) -> None:
+                 request_id, timeout, as_json, count, rps, concurrency) -> app.Outcome:
     """Replay one request COUNT times at a rate; print status counts and latency percentiles.
 
     Exits 1 when any request did not complete.
@@ -726,7 +728,7 @@ def load_command(url, token, autoscaler, endpoint, api_key, modifier, assignment
                                                 for k in ("p50", "p90", "p99", "max")))
         for label, text in summary["first_errors"].items():
             click.echo(f"  first {label}: {text}", err=True)
-    sys.exit(1 if report.failed else 0)
+    return app.Outcome.FAILED if report.failed else app.Outcome.OK
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -2,7 +2,8 @@
 
 No daemon needed: it runs the same reader, XID watcher, sampler and policy the daemon runs, so an
 operator (or a one-off check on a new host) sees exactly what the worker would decide, with the
-telemetry of the sampling window.
+telemetry of the sampling window. The exit status is the verdict: 0 ok, 1 degraded, 2 unhealthy,
+3 unknown (no verdict: a setting or an option is wrong).
 """
 
 from __future__ import annotations
@@ -15,7 +16,15 @@ from typing import Any
 import click
 
 from config import Settings
+from config.logsetup import setup_logging
+from supervisor.commands import app
+from supervisor.commands.app import Verdict
+from supervisor.gpu.model import HealthLevel
 from supervisor.gpu.monitor import GpuMonitor
+
+#: The GPU policy's level -> the command's verdict.
+LEVEL_VERDICT = {HealthLevel.OK: Verdict.HEALTHY, HealthLevel.DEGRADED: Verdict.DEGRADED,
+                 HealthLevel.UNHEALTHY: Verdict.UNHEALTHY}
 
 
 async def collect(settings: Settings, seconds: float, interval: float) -> dict[str, Any]:
@@ -35,24 +44,16 @@ async def collect(settings: Settings, seconds: float, interval: float) -> dict[s
         await monitor.stop()
 
 
-@click.command("gpu")
+@app.verdict_command("gpu")
 @click.option("--seconds", type=float, default=3.0, show_default=True,
               help="How long to sample.")
 @click.option("--interval", type=float, default=0.5, show_default=True,
               help="Seconds between samples.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
-def gpu(ctx: click.Context, seconds: float, interval: float, as_json: bool) -> None:
+def gpu(ctx: click.Context, seconds: float, interval: float, as_json: bool) -> Verdict:
     """Read the GPUs through NVML (no daemon needed) and print the verdict and telemetry."""
-    from config import SettingsError, load_settings
-
-    root = ctx.find_root().obj or {}
-    try:
-        settings = load_settings(root.get("config_path"))
-    except SettingsError as exc:
-        raise click.ClickException(str(exc)) from None
-    from config.logsetup import setup_logging
-
+    settings = app.settings(ctx)
     setup_logging("ERROR", settings.secrets())  # the verdict says it all; no log noise
     data = asyncio.run(collect(settings, seconds, interval))
     if as_json:
@@ -75,5 +76,4 @@ def gpu(ctx: click.Context, seconds: float, interval: float, as_json: bool) -> N
                        f"{', '.join(tele['reasons_seen']) or 'none'}, "
                        f"energy {tele['energy_j']} J")
         click.echo(f"  XID watch: {data['event_watch']}")
-    level = data["verdict"]["level"]
-    ctx.exit({"ok": 0, "degraded": 1, "unhealthy": 2}.get(level, 3))
+    return LEVEL_VERDICT[HealthLevel(data["verdict"]["level"])]

@@ -5,13 +5,12 @@ GPUs, ComfyUI and the wrapper, the queue, the last benchmark and recent events. 
 cannot be asked it still reads what it can directly (NVML, a ComfyUI process left running),
 says that the daemon is down and exits 3.
 
-Exit codes, for monitoring (Nagios style): 0 healthy, 1 degraded, 2 unhealthy, 3 unknown.
-The lead registers the command on the main group: ``main.add_command(health)``.
+Exit codes, for monitoring (Nagios style): 0 healthy, 1 degraded, 2 unhealthy, 3 unknown (the
+daemon is not reachable, or a setting or an option is wrong: no verdict).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import sys
@@ -20,60 +19,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import click
 import psutil
 
-from config import Settings, SettingsError, load_settings
-from supervisor.commands.admin_locate import locate
+from config import Settings
+from supervisor.commands import app
+from supervisor.commands.admin_socket import ask, locate
+from supervisor.commands.app import DaemonUnreachable
 from supervisor.commands.report import Health, HealthReport, render_json, render_table
+from supervisor.gpu import GpuPolicyThresholds, evaluate, read_local_snapshot
 
 #: Seconds to wait for NVML when reading it directly; a GPU in a bad state can hang the driver.
 LOCAL_GPU_TIMEOUT = 10.0
 DEFAULT_WATCH_SECONDS = 2.0
-
-
-class HealthCliError(Exception):
-    """Base of this command's errors; only `health` turns them into exit codes."""
-
-
-class DaemonUnreachable(HealthCliError):
-    """The admin socket gave no snapshot; the message says why in an operator's words."""
-
-
-# --- asking the daemon ----------------------------------------------------------------------------
-def fetch_status(socket: Path, timeout: float = 5.0) -> dict[str, Any]:
-    """The daemon's snapshot (admin ``GET /status``); raises `DaemonUnreachable`."""
-    from supervisor.reporting.admin import admin_request
-
-    try:
-        status = asyncio.run(admin_request(socket, "GET", "/status", timeout=timeout))
-    except aiohttp.ClientConnectorError as exc:
-        raise DaemonUnreachable(_connect_problem(socket, exc.os_error)) from None
-    except aiohttp.ClientResponseError as exc:
-        raise DaemonUnreachable(f"the daemon answered HTTP {exc.status} on {socket}") from None
-    except asyncio.TimeoutError:
-        raise DaemonUnreachable(f"the daemon did not answer on {socket} within {timeout:g} s "
-                                "(is its event loop stuck?)") from None
-    except aiohttp.ContentTypeError:
-        raise DaemonUnreachable(f"the daemon's answer on {socket} was not JSON") from None
-    except (aiohttp.ClientError, OSError) as exc:
-        raise DaemonUnreachable(f"cannot talk to the daemon on {socket}: "
-                                f"{exc.__class__.__name__} {exc}".rstrip()) from None
-    if not isinstance(status, dict):
-        raise DaemonUnreachable(f"the daemon's answer on {socket} was not a status object")
-    return status
-
-
-def _connect_problem(socket: Path, error: OSError) -> str:
-    if isinstance(error, FileNotFoundError):
-        return f"the daemon is not running (no admin socket at {socket})"
-    if isinstance(error, ConnectionRefusedError):
-        return f"the daemon is not running ({socket} refuses connections: a stale socket)"
-    if isinstance(error, PermissionError):
-        return (f"permission denied on {socket}: the socket is mode 0660, run as root or as a "
-                "member of its group")
-    return f"cannot connect to {socket}: {error}"
 
 
 # --- what the host shows without the daemon -------------------------------------------------------
@@ -82,8 +40,6 @@ def read_local_gpu(settings: Settings, timeout: float = LOCAL_GPU_TIMEOUT) -> di
 
     Runs NVML in a daemon thread with a deadline: a wedged driver must not hang a health check.
     """
-    from supervisor.gpu import GpuPolicyThresholds, evaluate, read_local_snapshot
-
     result: dict[str, Any] = {}
 
     def read() -> None:
@@ -121,6 +77,7 @@ def find_comfyui(settings: Settings) -> dict[str, Any]:
     While the daemon is down nothing supervises them; an orphan holding the GPU and the port is
     a common reason why a restarted daemon cannot bring ComfyUI up.
     """
+    # Only when the daemon is down: asking a running daemon needs none of the ComfyUI client.
     from supervisor.instances.plan import fixed_prefix
 
     # A templated command (one instance per GPU) is compared up to its first placeholder.
@@ -167,17 +124,11 @@ def _looks_like_comfyui(proc: psutil.Process, cmdline: list[str], command: list[
 # --- building one report --------------------------------------------------------------------------
 def build_report(settings: Settings, socket: Path, timeout: float) -> HealthReport:
     try:
-        status = fetch_status(socket, timeout)
+        status = ask(socket, "GET", "/status", timeout=timeout)
     except DaemonUnreachable as exc:
         return HealthReport.daemon_down(str(exc), str(socket), gpu=read_local_gpu(settings),
                                         comfyui=find_comfyui(settings))
     return HealthReport.from_daemon(status, str(socket))
-
-
-def _config_path(ctx: click.Context) -> str | None:
-    """The main group's --config; absent when the command is invoked on its own."""
-    obj = ctx.find_root().obj
-    return obj.get("config_path") if isinstance(obj, dict) else None
 
 
 def _use_colour(ctx: click.Context) -> bool:
@@ -187,7 +138,7 @@ def _use_colour(ctx: click.Context) -> bool:
     return "NO_COLOR" not in os.environ
 
 
-@click.command("health")
+@app.verdict_command("health")
 @click.option("--json", "as_json", is_flag=True,
               help="Print the snapshot as JSON (one line per refresh with --watch).")
 @click.option("--logs", is_flag=True, help="Show the last log lines of ComfyUI and the wrapper.")
@@ -201,7 +152,7 @@ def _use_colour(ctx: click.Context) -> bool:
               help="Seconds to wait for the daemon's answer.")
 @click.pass_context
 def health(ctx: click.Context, as_json: bool, logs: bool, watch: float | None,
-           socket_path: str | None, timeout: float) -> None:
+           socket_path: str | None, timeout: float) -> Health:
     """Report the worker's health: GPU, ComfyUI, the wrapper, queue, benchmark, events.
 
     Exit codes: 0 healthy, 1 degraded, 2 unhealthy, 3 unknown (the daemon is not reachable; what
@@ -210,11 +161,7 @@ def health(ctx: click.Context, as_json: bool, logs: bool, watch: float | None,
     if not logging.getLogger().handlers:
         # A CLI run: the report says everything; library warnings would only repeat it on stderr.
         logging.basicConfig(level=logging.ERROR, format="comfy-worker health: %(message)s")
-    try:
-        settings = load_settings(_config_path(ctx))
-    except SettingsError as exc:
-        click.echo(f"comfy-worker health: {exc}", err=True)
-        ctx.exit(int(Health.UNKNOWN))
+    settings = app.settings(ctx)
     socket = locate(settings, socket_path)
     colour = _use_colour(ctx)
     tty = sys.stdout.isatty()
@@ -244,7 +191,7 @@ def health(ctx: click.Context, as_json: bool, logs: bool, watch: float | None,
             time.sleep(watch)
     except KeyboardInterrupt:
         pass  # Ctrl-C ends --watch; the exit code is that of the last report
-    ctx.exit(int(code))
+    return code
 
 
 if __name__ == "__main__":  # pragma: no cover - `python -m supervisor.commands.health_cli`

@@ -30,6 +30,9 @@ from api.modelstore.manifest import load_manifest_file
 from api.modelstore.progress import human_bytes, pair
 from api.modelstore.sources import redact
 from api.modelstore.store import EntryState, EntryStatus, ModelStore, build_store
+from config.logsetup import setup_logging
+from supervisor.commands import app
+from supervisor.commands.app import Outcome
 
 BAR_WIDTH = 24
 
@@ -38,18 +41,15 @@ def _entries(settings: Any, manifest: str | None) -> list[ModelEntry]:
     try:
         return load_manifest_file(Path(manifest)) if manifest else load_manifest(settings)
     except ManifestError as exc:
-        click.echo(f"comfy-worker models: {exc}", err=True)
-        sys.exit(2)
+        raise app.BadSettings(str(exc)) from None
 
 
 def _store(settings: Any) -> ModelStore:
-    from config.logsetup import setup_logging
-
     setup_logging("WARNING", settings.secrets())  # retries are worth a line; tokens are masked
     return build_store(settings, dict(os.environ))
 
 
-@click.group("models")
+@app.group("models")
 def models() -> None:
     """Model files of the manifest: fetch them, or list what is on disk."""
 
@@ -60,11 +60,9 @@ def models() -> None:
               help="A manifest file ([[models]] tables) instead of the configured one.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
-def list_command(ctx: click.Context, manifest: str | None, as_json: bool) -> None:
+def list_command(ctx: click.Context, manifest: str | None, as_json: bool) -> Outcome:
     """Each manifest entry: verified, present, mismatch or missing."""
-    from supervisor.commands.cli import _load
-
-    settings = _load(ctx.obj["config_path"])
+    settings = app.settings(ctx)
     entries = _entries(settings, manifest)
     store = _store(settings)
 
@@ -81,7 +79,7 @@ def list_command(ctx: click.Context, manifest: str | None, as_json: bool) -> Non
     else:
         click.echo(render_list(statuses, store.models_dir))
     good = (EntryState.VERIFIED, EntryState.PRESENT)
-    sys.exit(0 if all(s.state in good for s in statuses) else 1)
+    return Outcome.OK if all(s.state in good for s in statuses) else Outcome.FAILED
 
 
 def render_list(statuses: list[EntryStatus], models_dir: Path) -> str:
@@ -105,15 +103,13 @@ def render_list(statuses: list[EntryStatus], models_dir: Path) -> str:
 @click.option("--manifest", type=click.Path(dir_okay=False), default=None,
               help="A manifest file ([[models]] tables) instead of the configured one.")
 @click.pass_context
-def pull_command(ctx: click.Context, manifest: str | None) -> None:
+def pull_command(ctx: click.Context, manifest: str | None) -> Outcome:
     """Fetch every manifest file that is missing or wrong, with a progress bar per file."""
-    from supervisor.commands.cli import _load
-
-    settings = _load(ctx.obj["config_path"])
+    settings = app.settings(ctx)
     entries = _entries(settings, manifest)
     if not entries:
         click.echo("no manifest entries: nothing to pull")
-        return
+        return Outcome.OK
     store = _store(settings)
     bars = Bars(entries, sys.stdout.isatty())
     outcomes = asyncio.run(_pull(store, entries, bars))
@@ -123,7 +119,7 @@ def pull_command(ctx: click.Context, manifest: str | None) -> None:
         click.echo(f"FAILED {text}", err=True)
     click.echo(f"{len(entries) - len(failed)} of {len(entries)} model files in place "
                f"under {store.models_dir}")
-    sys.exit(1 if failed else 0)
+    return Outcome.FAILED if failed else Outcome.OK
 
 
 async def _pull(store: ModelStore, entries: list[ModelEntry], bars: "Bars"

@@ -12,7 +12,6 @@ host that reads over the whole host: 0 every instance serves, 1 some are out, 2 
 
 from __future__ import annotations
 
-import enum
 import json
 import time
 from dataclasses import dataclass, field
@@ -20,17 +19,13 @@ from typing import Any, Callable, Iterable, Sequence
 
 import click
 
+from api.modelstore.progress import human_bytes
+from supervisor.commands.app import Verdict
 from supervisor.commands.sparkline import sparkline
 from supervisor.gpu.model import ClockEventReason
 
-
-class Health(enum.IntEnum):
-    """The report's verdict; the value is the command's exit code."""
-
-    HEALTHY = 0
-    DEGRADED = 1
-    UNHEALTHY = 2
-    UNKNOWN = 3
+#: The report's verdict; its value is the exit code of `comfy-worker health` (app.py's policy).
+Health = Verdict
 
 
 #: Worker state (supervisor.state.WorkerState values) -> verdict. A worker that is starting,
@@ -555,8 +550,6 @@ def _models_section(models: Any, style: Style) -> list[str]:
 
 
 def human_size(count: Any) -> str:
-    from api.modelstore.progress import human_bytes
-
     return human_bytes(count) if isinstance(count, (int, float)) else "?"
 
 
