@@ -178,6 +178,13 @@ def test_help_lists_the_exit_codes():
         assert f"  {row.code}  {row.judging.split()[0]}" in text
 
 
+def test_the_docs_hold_the_exit_code_table():
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    holding = [page for page in pages if app.exit_codes_markdown() in page.read_text()]
+    assert holding, ("the docs' \"Exit codes\" table drifted from supervisor/commands/app.py: "
+                     "paste app.exit_codes_markdown() there")
+
+
 def test_exactly_the_commands_named_as_judging_exit_with_a_verdict():
     ctx = click.Context(main)
     judging = {name for name in COMMANDS
