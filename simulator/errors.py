@@ -21,6 +21,29 @@ class KnobError(SimulatorError):
         self.reason = message
 
 
+class StartupFailed(SimulatorError):
+    """Start-up stops; the CLI logs the message and exits with ``exit_code``."""
+
+    exit_code = 1
+
+
+class AssetsStartupFailed(StartupFailed):
+    """The newest ComfyUI's asset database could not be opened (or its packages are missing).
+
+    ``kind`` is the word after ``ASSETS_STARTUP_FAILED:`` in the log (``in_use``,
+    ``missing_packages``, ``unsupported_url``, ``not_writable``...); ``advice`` the lines after it.
+    """
+
+    def __init__(self, kind: str, advice: str) -> None:
+        super().__init__(f"ASSETS_STARTUP_FAILED: {kind}\n{advice}")
+        self.kind = kind
+        self.advice = advice
+
+
+class PortInUse(StartupFailed):
+    """The newest ComfyUI says so in one line and exits 1 (0.3.64 dies of the OSError)."""
+
+
 class InterruptProcessing(SimulatorError):
     """Raised inside a running prompt when ``POST /interrupt`` asked it to stop.
 
