@@ -25,6 +25,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
+from simulator.assets import Assets, NoAssets
 from simulator.caching import OutputCache, compute_signatures
 from simulator.errors import InterruptProcessing
 from simulator.faults import FaultInjector
@@ -219,8 +220,12 @@ class PromptExecutor:
     """Executes one prompt at a time and reports it as ComfyUI does."""
 
     def __init__(self, env: NodeEnv, sink: EventSink, classes: dict[str, type[SimNode]] | None = None,
-                 cache_enabled: bool = True) -> None:
+                 cache_enabled: bool = True, assets: Assets | None = None) -> None:
         self.env = env
+        # With the newest ComfyUI's assets on, output files are registered as they are
+        # reported, and the reports (events and history) carry their asset ids.
+        self.assets: Assets = assets if assets is not None else NoAssets()
+        self._reported: dict[str, Any] = {}
         self.sink = sink
         self.classes = classes if classes is not None else NODE_CLASSES
         self.cache_enabled = cache_enabled
@@ -245,6 +250,7 @@ class PromptExecutor:
         self.interrupt.set(False)
         self.client_id = extra_data.get("client_id")
         self._messages = []
+        self._reported = {}
         self._add_message("execution_start", {"prompt_id": prompt_id}, broadcast=False)
 
         progress = ProgressRegistry(prompt_id, lambda e, d: self.sink.send_sync(e, d, self.client_id))
@@ -287,7 +293,7 @@ class PromptExecutor:
         for node_id in prompt:
             ui_info = self.cache.ui(node_id)
             if ui_info is not None:
-                ui_outputs[node_id] = ui_info["output"]
+                ui_outputs[node_id] = self._reported.get(node_id, ui_info["output"])
                 meta_outputs[node_id] = ui_info["meta"]
         self.last_node_id = None
         return ExecutionOutcome(success, {"outputs": ui_outputs, "meta": meta_outputs}, list(self._messages))
@@ -300,10 +306,11 @@ class PromptExecutor:
         class_type = node["class_type"]
         cls = self.classes[class_type]
         if self.cache.has_output(node_id):
+            cached_ui = self.cache.ui(node_id) or {}
+            output = await self._report(node_id, prompt_id, cached_ui.get("output"))
             if self.client_id is not None:
-                cached_ui = self.cache.ui(node_id) or {}
                 self.sink.send_sync("executed", {"node": node_id, "display_node": node_id,
-                                                 "output": cached_ui.get("output"), "prompt_id": prompt_id},
+                                                 "output": output, "prompt_id": prompt_id},
                                     self.client_id)
             progress.finish(node_id)
             return ExecutionResult.SUCCESS, None, None
@@ -328,8 +335,9 @@ class PromptExecutor:
                              "real_node_id": node_id},
                     "output": result.ui,
                 })
+                output = await self._report(node_id, prompt_id, result.ui)
                 if self.client_id is not None:
-                    self.sink.send_sync("executed", {"node": node_id, "display_node": node_id, "output": result.ui,
+                    self.sink.send_sync("executed", {"node": node_id, "display_node": node_id, "output": output,
                                                      "prompt_id": prompt_id}, self.client_id)
             self.cache.set_output(node_id, result.outputs)
         except InterruptProcessing as iex:
@@ -353,6 +361,13 @@ class PromptExecutor:
         progress.finish(node_id)
         executed.add(node_id)
         return ExecutionResult.SUCCESS, None, None
+
+    async def _report(self, node_id: str, prompt_id: str, output: Any) -> Any:
+        """The UI output as reported: with asset ids when the assets system is on."""
+        if not self.assets.enabled or not isinstance(output, dict):
+            return output
+        self._reported[node_id] = await self.assets.enrich_outputs(output, prompt_id)
+        return self._reported[node_id]
 
     def _gather_inputs(self, node: dict[str, Any], cls: type[SimNode], prompt: dict[str, Any],
                        extra_data: dict[str, Any]) -> dict[str, Any]:

@@ -103,13 +103,17 @@ class Knobs:
     device_type: DeviceType = DeviceType.CPU
     device_name: str | None = None
     vram_total_mb: int = 24576
+    # POST /prompt: seconds to wait after the prompt was queued, before answering; and whether
+    # to drop the connection instead of answering (a POST that "timed out" after ComfyUI took it).
+    post_prompt_delay: float = 0.0
+    post_prompt_drop: bool = False
     # Start-up only: shown by GET, refused by POST.
     startup_delay: float = 0.0
     crash_at_start: Fault | None = None
 
     RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = ("step_seconds", "slow_factor", "load_seconds", "crash_during_prompt",
                       "hang_during_prompt", "fail_node", "checkpoints", "device_type", "device_name",
-                      "vram_total_mb")
+                      "vram_total_mb", "post_prompt_delay", "post_prompt_drop")
 
     def step_delay(self) -> float:
         """Seconds one sampler step takes now."""
@@ -134,6 +138,8 @@ class Knobs:
             "device_type": self.device_type.value,
             "device_name": self.device_name,  # null: the default name for device_type
             "vram_total_mb": self.vram_total_mb,
+            "post_prompt_delay": self.post_prompt_delay,
+            "post_prompt_drop": self.post_prompt_drop,
             "startup_delay": self.startup_delay,
             "crash_at_start": self.crash_at_start.describe() if self.crash_at_start else None,
         }
@@ -220,6 +226,14 @@ def parse_optional_str(name: str, value: Any) -> str | None:
     return value
 
 
+def parse_flag(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if value in (0, 1):
+        return bool(value)
+    raise KnobError(name, f"expected true or false, got {value!r}")
+
+
 def parse_megabytes(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise KnobError(name, f"expected a whole number of MiB, got {value!r}")
@@ -243,4 +257,6 @@ _PARSERS = {
     "device_type": parse_device_type,
     "device_name": parse_optional_str,
     "vram_total_mb": parse_megabytes,
+    "post_prompt_delay": parse_seconds,
+    "post_prompt_drop": parse_flag,
 }

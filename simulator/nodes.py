@@ -18,6 +18,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
+from simulator.api_version import ApiVersion
 from simulator.images import (
     PREVIEW_COMPRESS_LEVEL,
     SAVE_COMPRESS_LEVEL,
@@ -33,7 +34,7 @@ from simulator.images import (
     write_png,
 )
 from simulator.knobs import Knobs
-from simulator.paths import Directories, save_target
+from simulator.paths import Directories, SaveTarget, save_target
 
 MAX_RESOLUTION = 16384
 
@@ -62,9 +63,16 @@ class NodeEnv:
     dirs: Directories
     knobs: Knobs
     disable_metadata: bool = False
+    api_version: ApiVersion = ApiVersion.V0_3_64
+    # --date-based-output (newest ComfyUI): strftime format of the dated output subfolder.
+    date_output_format: str | None = None
+
+    def save_target(self, filename_prefix: str, folder: str, width: int = 0, height: int = 0) -> SaveTarget:
+        return save_target(filename_prefix, folder, width, height, date_format=self.date_output_format,
+                           newer=self.api_version.is_newer)
 
     def checkpoint_names(self) -> list[str]:
-        """The configured checkpoints plus files in ``<base>/models/checkpoints``, sorted."""
+        """The configured checkpoints plus files in ``<models>/checkpoints``, sorted."""
         return sorted(set(self.knobs.checkpoints) | set(self.dirs.checkpoint_files()))
 
 
@@ -166,8 +174,8 @@ class SaveImage(SimNode):
 
     async def run(self, ctx, images, filename_prefix="ComfyUI", prompt=None, extra_pnginfo=None):
         text = _png_metadata(ctx.env, prompt, extra_pnginfo)
-        target = save_target(filename_prefix + self.prefix_append(), self.folder(ctx.env),
-                             images.width, images.height)
+        target = ctx.env.save_target(filename_prefix + self.prefix_append(), self.folder(ctx.env),
+                                     images.width, images.height)
         results = []
         counter = target.counter
         for batch_number in range(images.batch):
@@ -415,7 +423,7 @@ class SaveLatent(SimNode):
                 "hidden": dict(_OUTPUT_HIDDEN)}
 
     async def run(self, ctx, samples, filename_prefix="ComfyUI", prompt=None, extra_pnginfo=None):
-        target = save_target(filename_prefix, ctx.env.dirs.output)
+        target = ctx.env.save_target(filename_prefix, ctx.env.dirs.output)
         metadata = None
         if not ctx.env.disable_metadata:
             metadata = {"prompt": json.dumps(prompt) if prompt is not None else ""}
@@ -535,9 +543,14 @@ def node_info(cls: type[SimNode], env: NodeEnv) -> dict[str, Any]:
             "experimental": False,
             "api_node": False,
         }
+    newer = env.api_version.is_newer
     info: dict[str, Any] = {
         "input": inputs,
         "input_order": {key: list(value) for key, value in inputs.items()},
+    }
+    if newer:
+        info["is_input_list"] = False
+    info.update({
         "output": outputs,
         "output_is_list": [False] * len(outputs),
         "output_name": list(cls.RETURN_NAMES or outputs),
@@ -547,7 +560,11 @@ def node_info(cls: type[SimNode], env: NodeEnv) -> dict[str, Any]:
         "python_module": cls.PYTHON_MODULE,
         "category": cls.CATEGORY,
         "output_node": cls.OUTPUT_NODE,
-    }
+    })
+    if newer:
+        info["has_intermediate_output"] = False
     if cls.OUTPUT_TOOLTIPS is not None:
         info["output_tooltips"] = list(cls.OUTPUT_TOOLTIPS)
+    if newer:
+        info["search_aliases"] = []
     return info

@@ -25,11 +25,15 @@ class Directories:
     temp: str
     user: str
     checkpoints: str
+    # --models-directory (newest ComfyUI only): the operator's folder, not created or filled here.
+    models_given: bool = False
 
     @classmethod
     def from_options(cls, base: str, output: str | None = None, input_dir: str | None = None,
-                     temp: str | None = None, user: str | None = None) -> "Directories":
+                     temp: str | None = None, user: str | None = None,
+                     models: str | None = None) -> "Directories":
         base = os.path.abspath(base)
+        models_dir = os.path.abspath(models) if models else os.path.join(base, "models")
         return cls(
             base=base,
             output=os.path.abspath(output) if output else os.path.join(base, "output"),
@@ -37,14 +41,18 @@ class Directories:
             # ComfyUI puts its temp files in a "temp" folder *inside* --temp-directory.
             temp=os.path.join(os.path.abspath(temp), "temp") if temp else os.path.join(base, "temp"),
             user=os.path.abspath(user) if user else os.path.join(base, "user"),
-            checkpoints=os.path.join(base, "models", "checkpoints"),
+            checkpoints=os.path.join(models_dir, "checkpoints"),
+            models_given=bool(models),
         )
 
     def prepare(self) -> None:
         """Create the folders and empty the temp folder, as ComfyUI does at start."""
         if os.path.exists(self.temp):
             shutil.rmtree(self.temp, ignore_errors=True)
-        for path in (self.output, self.input, self.temp, self.user, self.checkpoints):
+        folders = [self.output, self.input, self.temp, self.user]
+        if not self.models_given:
+            folders.append(self.checkpoints)
+        for path in folders:
             os.makedirs(path, exist_ok=True)
 
     def by_type(self, type_name: str | None) -> str | None:
@@ -71,7 +79,7 @@ class Directories:
         return sorted(f for f in names if is_image_name(f))
 
     def checkpoint_files(self) -> list[str]:
-        """Checkpoint files placed in ``<base>/models/checkpoints`` (relative, sorted)."""
+        """Checkpoint files placed in ``<models>/checkpoints`` (relative, sorted)."""
         found: list[str] = []
         for root, _dirs, files in os.walk(self.checkpoints, followlinks=True):
             for name in files:
@@ -97,24 +105,31 @@ class SaveTarget:
     prefix: str
 
 
-def save_target(filename_prefix: str, output_dir: str, width: int = 0, height: int = 0) -> SaveTarget:
+def save_target(filename_prefix: str, output_dir: str, width: int = 0, height: int = 0,
+                date_format: str | None = None, newer: bool = False) -> SaveTarget:
     """Where the next file for ``filename_prefix`` goes, following ComfyUI's naming.
 
     The prefix may hold a subfolder ("sub/name") and %width%/%height%/%year%... variables;
     the counter is one more than the highest ``<name>_NNNNN_`` already in the folder.
-    Raises ``Exception`` (ComfyUI's wording) when the prefix leaves the output folder.
+    ``date_format`` (the newest ComfyUI's --date-based-output) puts the file in a dated
+    subfolder first. Raises ``Exception`` (ComfyUI's wording) when the prefix leaves the output
+    folder; ``newer`` gives the newest ComfyUI's message, which lacks the commonpath line.
     """
     if "%" in filename_prefix:
         filename_prefix = _expand_variables(filename_prefix, width, height)
     subfolder = os.path.dirname(os.path.normpath(filename_prefix))
     filename = os.path.basename(os.path.normpath(filename_prefix))
+    if date_format:
+        dated = time.strftime(date_format, time.localtime())
+        subfolder = os.path.join(dated, subfolder) if subfolder else dated
     folder = os.path.join(output_dir, subfolder)
     common = os.path.commonpath((output_dir, os.path.abspath(folder)))
     if common != output_dir:
         message = ("**** ERROR: Saving image outside the output folder is not allowed."
                    f"\n full_output_folder: {os.path.abspath(folder)}"
-                   f"\n         output_dir: {output_dir}"
-                   f"\n         commonpath: {common}")
+                   f"\n         output_dir: {output_dir}")
+        if not newer:
+            message += f"\n         commonpath: {common}"
         logger.error(message)
         # A bare Exception on purpose: clients read exception_type "Exception", as from ComfyUI.
         raise Exception(message)

@@ -84,6 +84,21 @@ class PromptQueue:
         """Pending items in heap order, as ComfyUI lists them (not necessarily sorted)."""
         return list(self._pending)
 
+    def interrupt_if_running(self, prompt_id: str, interrupt: Callable[[], None]) -> bool:
+        """Signal ``interrupt`` only if ``prompt_id`` is the prompt running now; True if it was.
+
+        The check and the signal happen in one step (no await between them, as ComfyUI does
+        them under its queue lock), so a prompt that just finished cannot hand the interrupt
+        to the next one: the executor clears the flag when a prompt starts.
+        """
+        if any(item.prompt_id == prompt_id for item in self._running.values()):
+            interrupt()
+            return True
+        return False
+
+    def is_busy(self) -> bool:
+        return bool(self._running)
+
     def tasks_remaining(self) -> int:
         return len(self._pending) + len(self._running)
 

@@ -79,15 +79,20 @@ class PromptValidator:
         that is not an object) raises here too; the HTTP layer turns that into a 500.
         """
         outputs: list[str] = []
+        newer = self.env.api_version.is_newer
         for node_id in prompt:
             node = prompt[node_id]
             if "class_type" not in node:
+                if newer:
+                    return ValidationResult(False, _missing_node_type(node_id, node, None), [])
                 return ValidationResult(False, _prompt_error(
                     "invalid_prompt", "Cannot execute because a node is missing the class_type property.",
                     f"Node ID '#{node_id}'"), [])
             class_type = node["class_type"]
             cls = self.classes.get(class_type)  # an unhashable class_type raises: a 500, as in ComfyUI
             if cls is None:
+                if newer:
+                    return ValidationResult(False, _missing_node_type(node_id, node, class_type), [])
                 return ValidationResult(False, _prompt_error(
                     "invalid_prompt", f"Cannot execute because node {class_type} does not exist.",
                     f"Node ID '#{node_id}'"), [])
@@ -232,7 +237,9 @@ class PromptValidator:
                 errors.append({
                     "type": "value_not_in_list",
                     "message": "Value not in list",
-                    "details": f"{name}: '{val}' not in {list_info}",
+                    # The newest ComfyUI shows the value's repr (the same for a string).
+                    "details": (f"{name}: {val!r} not in {list_info}" if self.env.api_version.is_newer
+                                else f"{name}: '{val}' not in {list_info}"),
                     "extra_info": {"input_name": name, "input_config": input_config, "received_value": val},
                 })
                 continue
@@ -294,6 +301,20 @@ class PromptValidator:
             errors.append({"type": "custom_validation_failed", "message": "Custom validation failed for node",
                            "details": details, "extra_info": {"input_name": name}})
         return errors
+
+
+def _missing_node_type(node_id: str, node: dict[str, Any], class_type: Any) -> dict[str, Any]:
+    """The newest ComfyUI's error for an unknown ``class_type`` (or none at all)."""
+    meta = node.get("_meta")
+    title = meta.get("title") if isinstance(meta, dict) else None
+    if class_type is None:
+        message = (f"Node '{title or f'ID #{node_id}'}' has no class_type. The workflow may be corrupted or a "
+                   "custom node is missing.")
+    else:
+        title = title if title is not None else class_type
+        message = f"Node '{title}' not found. The custom node may not be installed."
+    return {"type": "missing_node_type", "message": message, "details": f"Node ID '#{node_id}'",
+            "extra_info": {"node_id": node_id, "class_type": class_type, "node_title": title}}
 
 
 def _prompt_error(kind: str, message: str, details: str) -> dict[str, Any]:
