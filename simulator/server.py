@@ -1,15 +1,18 @@
 """ComfyUI's HTTP and WebSocket API, served by aiohttp over the simulated executor.
 
-Routes, status codes and bodies follow ComfyUI 0.3.64's ``server.py``; every route is also
-served under ``/api``. Two simulator-only routes, ``GET/POST /__sim__/knobs``, read and change
-the knobs. What is *not* simulated: the web UI, ``/upload/mask``, ``/view``'s ``preview`` and
-``channel`` conversions (the stored file is returned as is), users, models management,
-internal routes and binary preview frames.
+Routes, status codes and bodies follow ComfyUI 0.3.64's ``server.py``, or with
+``--api-version 0.38.1`` the newest one read (jobs API, asset ids, canonical prompt ids,
+cross-site refusal); every route is also served under ``/api``. Simulator-only routes:
+``GET/POST /__sim__/knobs`` read and change the knobs, ``GET /__sim__/assets`` counts the asset
+catalog. What is *not* simulated: the web UI, ``/upload/mask``, ``/view``'s ``preview`` and
+``channel`` conversions (the stored file is returned as is), users, models management, the
+assets API, internal routes and binary preview frames.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import ipaddress
 import json
@@ -28,12 +31,15 @@ import aiohttp
 import psutil
 from aiohttp import web
 
-from simulator import COMFYUI_VERSION
+from simulator import jobs
+from simulator.api_version import ApiVersion
+from simulator.assets import AssetRoot, Assets, NoAssets
 from simulator.errors import KnobError
 from simulator.execution import ExecutionOutcome, PromptExecutor
+from simulator.feature_flags import server_features
 from simulator.knobs import DeviceType
 from simulator.nodes import NODE_CLASSES, NodeEnv, node_info
-from simulator.prompt_queue import ExecutionStatus, PromptQueue, QueueItem
+from simulator.prompt_queue import SENSITIVE_EXTRA_DATA_KEYS, ExecutionStatus, PromptQueue, QueueItem
 from simulator.validation import PromptValidator
 
 logger = logging.getLogger(__name__)
@@ -47,6 +53,20 @@ _MODEL_FOLDERS = ["checkpoints", "configs", "loras", "vae", "text_encoders", "di
                   "style_models", "embeddings", "diffusers", "vae_approx", "controlnet", "gligen", "upscale_models",
                   "latent_upscale_models", "hypernetworks", "photomaker", "classifiers", "model_patches",
                   "audio_encoders"]
+_NEWER_MODEL_FOLDERS = [*_MODEL_FOLDERS, "background_removal", "frame_interpolation", "geometry_estimation",
+                        "optical_flow", "detection"]
+# What /system_stats lists as comfy_package_versions in the newest mode (simulated versions).
+_COMFY_PACKAGES = [{"name": "comfyui-frontend-package", "installed": _FRONTEND_VERSION, "required": _FRONTEND_VERSION},
+                   {"name": "comfyui-workflow-templates", "installed": _TEMPLATES_VERSION,
+                    "required": _TEMPLATES_VERSION}]
+# Types a browser could render or run: the newest /view sends them as downloads.
+_RENDERABLE_TYPES = {"text/html", "text/html-sandboxed", "application/xhtml+xml", "text/javascript",
+                     "application/javascript", "application/x-javascript", "application/ecmascript", "text/css",
+                     "image/svg+xml", "application/xml", "text/xml", "message/rfc822"}
+_OFFLINE_CSP = ("default-src 'self'; script-src 'self' 'unsafe-inline' 'unsafe-eval' blob:; "
+                "style-src 'self' 'unsafe-inline'; img-src 'self' data: blob:; font-src 'self'; "
+                "connect-src 'self' data:; frame-src 'self'; object-src 'self';")
+ASSETS_GC_SECONDS = 10.0
 
 
 @dataclass
@@ -54,21 +74,30 @@ class ServerOptions:
     max_upload_size_mb: float = 100
     enable_cors_header: str | None = None
     cache_enabled: bool = True
+    api_version: ApiVersion = ApiVersion.V0_3_64
+    # Newest mode only:
+    offline: bool = False  # --offline: a restrictive Content-Security-Policy on every answer
+    cli_feature_flags: dict[str, Any] | None = None  # --feature-flag extras
+    assets_gc_seconds: float = ASSETS_GC_SECONDS  # the tick after prompts that walks the output folder
 
 
 class SimulatorServer:
     """Holds the sockets, the queue and the executor, and answers the routes."""
 
-    def __init__(self, env: NodeEnv, options: ServerOptions) -> None:
+    def __init__(self, env: NodeEnv, options: ServerOptions, assets: Assets | None = None) -> None:
         self.env = env
         self.options = options
+        self.newer = options.api_version.is_newer
+        self.assets: Assets = assets if assets is not None else NoAssets()
         self.sockets: dict[str, web.WebSocketResponse] = {}
         self.sockets_metadata: dict[str, dict[str, Any]] = {}
         self.number = 0
         self._messages: asyncio.Queue[tuple[str, dict[str, Any], str | None]] = asyncio.Queue()
         self.queue = PromptQueue(self.queue_updated)
-        self.executor = PromptExecutor(env, self, cache_enabled=options.cache_enabled)
+        self.executor = PromptExecutor(env, self, cache_enabled=options.cache_enabled, assets=self.assets)
         self.validator = PromptValidator(env)
+        self._gc_due = asyncio.Event()
+        self._scan: asyncio.Task[None] | None = None
         self.app = self._build_app()
 
     # --- events ----------------------------------------------------------------------------
@@ -123,15 +152,51 @@ class SimulatorServer:
                 if self.executor.client_id is not None:
                     self.send_sync("executing", {"node": None, "prompt_id": item.prompt_id}, self.executor.client_id)
                 logger.info("Prompt executed in %.2f seconds", time.perf_counter() - started)
+                self._gc_due.set()
             flags = self.queue.take_flags()
             if flags.get("free_memory"):
                 self.executor.reset_caches()
 
+    async def assets_loop(self) -> None:
+        """ComfyUI's garbage-collection tick after prompts: at most every ``assets_gc_seconds``
+        (the first one right after the first prompt), between prompts, a full walk of the
+        output folder records every file found there."""
+        last: float | None = None
+        while True:
+            await self._gc_due.wait()
+            if last is not None:
+                wait = self.options.assets_gc_seconds - (time.monotonic() - last)
+                if wait > 0:
+                    await asyncio.sleep(wait)
+            while self.queue.is_busy():  # the walk is paused while a prompt runs
+                await asyncio.sleep(0.05)
+            self._gc_due.clear()
+            last = time.monotonic()
+            try:
+                await self.assets.walk((AssetRoot.OUTPUT,))
+            except Exception:
+                logger.exception("Asset scan of the output folder failed")
+
+    def start_scan(self, roots: tuple[AssetRoot, ...]) -> None:
+        """A background scan (at start, on /object_info), unless one is running."""
+        if not self.assets.enabled or (self._scan is not None and not self._scan.done()):
+            return
+
+        async def scan() -> None:
+            try:
+                await self.assets.walk(roots)
+            except Exception:
+                logger.exception("Asset scan failed")
+
+        self._scan = asyncio.create_task(scan())
+
     # --- app -------------------------------------------------------------------------------
 
     def _build_app(self) -> web.Application:
-        middlewares = [_cors_middleware(self.options.enable_cors_header)] if self.options.enable_cors_header \
-            else [_origin_only_middleware]
+        middlewares: list[Any] = [_cors_middleware(self.options.enable_cors_header, self.newer)] \
+            if self.options.enable_cors_header else [_origin_middleware(refuse_cross_site=self.newer)]
+        if self.newer and self.options.offline:
+            middlewares.append(_offline_middleware)
         app = web.Application(client_max_size=round(self.options.max_upload_size_mb * 1024 * 1024),
                               middlewares=middlewares)
         app[SERVER_KEY] = self
@@ -158,11 +223,20 @@ class SimulatorServer:
             ("POST", "/free", self.post_free),
             ("POST", "/history", self.post_history),
         ]
+        if self.newer:
+            # Registered with their /api prefix only; the /api copy makes /api/api/jobs too.
+            routes += [
+                ("GET", "/api/jobs", self.get_jobs),
+                ("GET", "/api/jobs/{job_id}", self.get_job),
+                ("POST", "/api/jobs/{job_id}/cancel", self.cancel_job),
+                ("POST", "/api/jobs/cancel", self.cancel_jobs),
+            ]
         # ComfyUI registers the /api copies first, then the plain paths.
         app.router.add_routes([web.route(m, "/api" + p, h) for m, p, h in routes if p != "/"])
         app.router.add_routes([web.route(m, p, h) for m, p, h in routes])
         app.router.add_get("/__sim__/knobs", self.get_knobs)
         app.router.add_post("/__sim__/knobs", self.post_knobs)
+        app.router.add_get("/__sim__/assets", self.get_assets)
         return app
 
     # --- WebSocket -------------------------------------------------------------------------
@@ -202,8 +276,8 @@ class SimulatorServer:
         return ws
 
     def _server_features(self) -> dict[str, Any]:
-        size = self.options.max_upload_size_mb * 1024 * 1024
-        return {"supports_preview_metadata": True, "max_upload_size": int(size) if size == int(size) else size}
+        return server_features(self.options.api_version, self.options.max_upload_size_mb, self.assets.enabled,
+                               self.options.cli_feature_flags)
 
     # --- small routes ----------------------------------------------------------------------
 
@@ -215,12 +289,15 @@ class SimulatorServer:
     async def embeddings(self, request: web.Request) -> web.StreamResponse:
         return web.json_response([])
 
+    def _model_folders(self) -> list[str]:
+        return _NEWER_MODEL_FOLDERS if self.newer else _MODEL_FOLDERS
+
     async def model_folders(self, request: web.Request) -> web.StreamResponse:
-        return web.json_response(_MODEL_FOLDERS)
+        return web.json_response(self._model_folders())
 
     async def models(self, request: web.Request) -> web.StreamResponse:
         folder = request.match_info["folder"]
-        if folder not in _MODEL_FOLDERS:
+        if folder not in self._model_folders():
             return web.Response(status=404)
         return web.json_response(self.env.checkpoint_names() if folder == "checkpoints" else [])
 
@@ -234,6 +311,8 @@ class SimulatorServer:
         return web.json_response(self.queue_info())
 
     async def object_info(self, request: web.Request) -> web.StreamResponse:
+        # The newest ComfyUI starts an asset scan of every root when it serves the node list.
+        self.start_scan((AssetRoot.MODELS, AssetRoot.INPUT, AssetRoot.OUTPUT))
         return web.json_response({name: node_info(cls, self.env) for name, cls in NODE_CLASSES.items()})
 
     async def object_info_node(self, request: web.Request) -> web.StreamResponse:
@@ -254,24 +333,26 @@ class SimulatorServer:
             device = {"name": knobs.resolved_device_name(), "type": "cuda", "index": 0,
                       "vram_total": total, "vram_free": total - 512 * 1024 * 1024,
                       "torch_vram_total": reserved, "torch_vram_free": reserved}
-        return web.json_response({
-            "system": {
-                "os": os.name,
-                "ram_total": memory.total,
-                "ram_free": memory.available,
-                "comfyui_version": COMFYUI_VERSION,
-                "required_frontend_version": _FRONTEND_VERSION,
-                "installed_templates_version": _TEMPLATES_VERSION,
-                "required_templates_version": _TEMPLATES_VERSION,
-                "python_version": sys.version,
-                "pytorch_version": "2.8.0+sim",
-                "embedded_python": False,
-                "argv": sys.argv,
-                "simulator": True,
-                "platform": platform.platform(),
-            },
-            "devices": [device],
+        system: dict[str, Any] = {
+            "os": sys.platform if self.newer else os.name,
+            "ram_total": memory.total,
+            "ram_free": memory.available,
+            "comfyui_version": self.options.api_version.label,
+            "required_frontend_version": _FRONTEND_VERSION,
+            "installed_templates_version": _TEMPLATES_VERSION,
+            "required_templates_version": _TEMPLATES_VERSION,
+        }
+        if self.newer:
+            system["comfy_package_versions"] = [dict(p) for p in _COMFY_PACKAGES]
+        system.update({
+            "python_version": sys.version,
+            "pytorch_version": "2.8.0+sim",
+            "embedded_python": False,
         })
+        if self.newer:
+            system["deploy_environment"] = "local-git"
+        system.update({"argv": sys.argv, "simulator": True, "platform": platform.platform()})
+        return web.json_response({"system": system, "devices": [device]})
 
     # --- files -----------------------------------------------------------------------------
 
@@ -298,12 +379,21 @@ class SimulatorServer:
         if os.path.commonpath((upload_dir, filepath)) != upload_dir:
             return web.Response(status=400)
         name = await asyncio.to_thread(_store_upload, folder, filename, image.file, overwrite in ("true", "1"))
-        return web.json_response({"name": name, "subfolder": subfolder, "type": upload_type})
+        answer: dict[str, Any] = {"name": name, "subfolder": subfolder, "type": upload_type}
+        asset = await self.assets.register_upload(os.path.join(folder, name), name, upload_type)
+        if asset is not None:
+            answer["asset"] = asset
+        return web.json_response(answer)
 
     async def view(self, request: web.Request) -> web.StreamResponse:
         query = request.rel_url.query
         if "filename" not in query:
             return web.Response(status=404)
+        if self.newer and query["filename"].startswith("blake3:"):
+            resolved = await self.assets.resolve_hash(query["filename"])
+            if resolved is None:
+                return web.Response(status=404)
+            return self._file_answer(request, resolved.path, resolved.name, resolved.mime_type)
         filename, folder = self.env.dirs.annotated(query["filename"])
         if not filename:
             return web.Response(status=400)
@@ -322,12 +412,33 @@ class SimulatorServer:
         path = os.path.join(folder, filename)
         if not os.path.isfile(path):
             return web.Response(status=404)
+        if self.newer:
+            return self._file_answer(request, path, filename, None)
         content_type = mimetypes.guess_type(filename)[0] or "application/octet-stream"
         if content_type in {"text/html", "text/html-sandboxed", "application/xhtml+xml", "text/javascript",
                             "text/css"}:
             content_type = "application/octet-stream"
         return web.FileResponse(path, headers={"Content-Disposition": f'filename="{filename}"',
                                                "Content-Type": content_type})
+
+    def _file_answer(self, request: web.Request, path: str, filename: str,
+                     content_type: str | None) -> web.StreamResponse:
+        """The newest /view answer: nosniff always; types a browser would render or run are sent
+        as downloads (except an SVG an <img> asks for), and not cached."""
+        content_type = content_type or mimetypes.guess_type(filename)[0] or "application/octet-stream"
+        safe = filename.replace("\\", "\\\\").replace('"', '\\"')
+        disposition = f'filename="{safe}"'
+        headers = {"X-Content-Type-Options": "nosniff"}
+        normalized = content_type.split(";", 1)[0].strip().lower()
+        if normalized in _RENDERABLE_TYPES or normalized.endswith(("+xml", "/xml")):
+            headers["Vary"] = "Sec-Fetch-Dest"
+            headers["Cache-Control"] = "no-store"
+            if not (normalized == "image/svg+xml" and request.headers.get("Sec-Fetch-Dest") == "image"):
+                content_type = "application/octet-stream"
+                disposition = f'attachment; filename="{safe}"'
+        headers["Content-Disposition"] = disposition
+        headers["Content-Type"] = content_type
+        return web.FileResponse(path, headers=headers)
 
     # --- queue and history -----------------------------------------------------------------
 
@@ -361,17 +472,48 @@ class SimulatorServer:
             return web.json_response({"error": error, "node_errors": {}}, status=400)
 
         prompt = json_data["prompt"]
-        prompt_id = str(json_data.get("prompt_id", uuid.uuid4()))
+        if self.newer:
+            client_prompt_id = json_data.get("prompt_id")
+            if client_prompt_id is None:  # absent or null: the server makes one
+                prompt_id = str(uuid.uuid4())
+            elif jobs.is_canonical_uuid(client_prompt_id):
+                prompt_id = client_prompt_id
+            else:
+                error = {"type": "invalid_prompt_id", "message": "prompt_id must be a valid UUID",
+                         "details": "prompt_id must be a UUID string in canonical lowercase hyphenated form; "
+                                    "omit it to let the server generate one",
+                         "extra_info": {}}
+                return web.json_response({"error": error, "node_errors": {}}, status=400)
+        else:
+            prompt_id = str(json_data.get("prompt_id", uuid.uuid4()))
         partial = json_data.get("partial_execution_targets") if "partial_execution_targets" in json_data else None
         valid = self.validator.validate_prompt(prompt, partial)
         extra_data = json_data["extra_data"] if "extra_data" in json_data else {}
         if "client_id" in json_data:
             extra_data["client_id"] = json_data["client_id"]
+        if self.newer and "comfy_usage_source" not in extra_data and request.headers.get("Comfy-Usage-Source"):
+            extra_data["comfy_usage_source"] = request.headers["Comfy-Usage-Source"]
         if valid.ok:
+            if self.newer:
+                # Sensitive keys travel beside the queue item, never in it (nodes here use none).
+                for key in SENSITIVE_EXTRA_DATA_KEYS:
+                    extra_data.pop(key, None)
+                extra_data["create_time"] = int(time.time() * 1000)
             self.queue.put(QueueItem(number, prompt_id, prompt, extra_data, valid.good_outputs))
-            return web.json_response({"prompt_id": prompt_id, "number": number, "node_errors": valid.node_errors})
+            answer = web.json_response({"prompt_id": prompt_id, "number": number, "node_errors": valid.node_errors})
+            return await self._after_queueing(request, answer)
         logger.warning("invalid prompt: %s", valid.error)
         return web.json_response({"error": valid.error, "node_errors": valid.node_errors}, status=400)
+
+    async def _after_queueing(self, request: web.Request, answer: web.StreamResponse) -> web.StreamResponse:
+        """The post_prompt_delay / post_prompt_drop knobs: the prompt is queued already."""
+        knobs = self.env.knobs
+        if knobs.post_prompt_delay > 0:
+            await asyncio.sleep(knobs.post_prompt_delay)
+        if knobs.post_prompt_drop and request.transport is not None:
+            logger.info("Dropping the POST /prompt answer (post_prompt_drop knob)")
+            request.transport.abort()
+        return answer
 
     async def post_queue(self, request: web.Request) -> web.StreamResponse:
         json_data = await request.json()
@@ -381,6 +523,86 @@ class SimulatorServer:
             for prompt_id in json_data["delete"]:
                 self.queue.delete_queue_item(prompt_id)
         return web.Response(status=200)
+
+    # --- jobs (newest mode) -----------------------------------------------------------------
+
+    async def get_jobs(self, request: web.Request) -> web.StreamResponse:
+        query = request.rel_url.query
+        statuses = list(jobs.JobStatus)
+        if query.get("status"):
+            wanted = [s.strip().lower() for s in query["status"].split(",") if s.strip()]
+            invalid = [s for s in wanted if s not in jobs.ALL_STATUSES]
+            if invalid:
+                return _error(f"Invalid status value(s): {', '.join(invalid)}. "
+                              f"Valid values: {', '.join(jobs.ALL_STATUSES)}")
+            statuses = [jobs.JobStatus(s) for s in wanted]
+        sort_by = query.get("sort_by", "created_at").lower()
+        if sort_by not in {k.value for k in jobs.SortKey}:
+            return _error("sort_by must be 'created_at' or 'execution_duration'")
+        sort_order = query.get("sort_order", "desc").lower()
+        if sort_order not in ("asc", "desc"):
+            return _error("sort_order must be 'asc' or 'desc'")
+        limit: int | None = None
+        if "limit" in query:
+            try:
+                limit = int(query["limit"])
+            except ValueError:
+                return _error("limit must be an integer")
+            if limit <= 0:
+                return _error("limit must be a positive integer")
+        offset = 0
+        if "offset" in query:
+            try:
+                offset = max(0, int(query["offset"]))
+            except ValueError:
+                return _error("offset must be an integer")
+        running, pending = self.queue.running(), self.queue.pending()
+        found, total = jobs.list_jobs(running, pending, self.queue.get_history(), statuses,
+                                      query.get("workflow_id"), jobs.SortKey(sort_by), sort_order == "desc",
+                                      limit, offset)
+        return web.json_response({"jobs": found, "pagination": {
+            "offset": offset, "limit": limit, "total": total, "has_more": offset + len(found) < total}})
+
+    async def get_job(self, request: web.Request) -> web.StreamResponse:
+        job_id = request.match_info["job_id"]
+        # Running and pending first, history after: a prompt finishing in between is not lost.
+        running, pending = self.queue.running(), self.queue.pending()
+        job = jobs.find_job(job_id, running, pending, self.queue.get_history(prompt_id=job_id))
+        if job is None:
+            return web.json_response({"error": "Job not found"}, status=404)
+        return web.json_response(job)
+
+    def _cancel(self, job_id: str) -> bool:
+        """Interrupt it if it runs, drop it if it waits; finished or unknown: nothing (False)."""
+        def interrupt() -> bool:
+            logger.info("Cancelling running prompt %s", job_id)
+            return self.queue.interrupt_if_running(job_id, self.executor.interrupt.set)
+
+        if any(item.prompt_id == job_id for item in self.queue.running()):
+            return interrupt()
+        if any(item.prompt_id == job_id for item in self.queue.pending()):
+            logger.info("Cancelling pending prompt %s", job_id)
+            return self.queue.delete_queue_item(job_id) or interrupt()
+        return False
+
+    async def cancel_job(self, request: web.Request) -> web.StreamResponse:
+        return web.json_response({"cancelled": self._cancel(request.match_info["job_id"])})
+
+    async def cancel_jobs(self, request: web.Request) -> web.StreamResponse:
+        try:
+            json_data = await request.json()
+        except json.JSONDecodeError:
+            return _error("Request body must be valid JSON")
+        job_ids = json_data.get("job_ids") if isinstance(json_data, dict) else None
+        if not isinstance(job_ids, list):
+            return _error("job_ids must be a list")
+        invalid = [j if isinstance(j, str) else repr(j) for j in job_ids if not jobs.is_canonical_uuid(j)]
+        if invalid:
+            return web.json_response({"error": "job_ids contains invalid id(s)", "invalid_ids": invalid}, status=400)
+        cancelled = False
+        for job_id in job_ids:
+            cancelled = self._cancel(job_id) or cancelled
+        return web.json_response({"cancelled": cancelled})
 
     async def post_interrupt(self, request: web.Request) -> web.StreamResponse:
         try:
@@ -421,6 +643,10 @@ class SimulatorServer:
     async def get_knobs(self, request: web.Request) -> web.StreamResponse:
         return web.json_response(self.env.knobs.to_json())
 
+    async def get_assets(self, request: web.Request) -> web.StreamResponse:
+        counts = await self.assets.counts()
+        return web.json_response({"enabled": self.assets.enabled, **counts.to_json()})
+
     async def post_knobs(self, request: web.Request) -> web.StreamResponse:
         try:
             changes = await request.json()
@@ -434,6 +660,14 @@ class SimulatorServer:
 
 
 SERVER_KEY = web.AppKey("simulator_server", SimulatorServer)
+
+
+def _error(message: str) -> web.Response:
+    return web.json_response({"error": message}, status=400)
+
+
+def is_address_in_use(error: OSError) -> bool:
+    return error.errno == errno.EADDRINUSE
 
 
 def _store_upload(folder: str, filename: str, source: Any, overwrite: bool) -> str:
@@ -459,8 +693,28 @@ def _store_upload(folder: str, filename: str, source: Any, overwrite: bool) -> s
     return filename
 
 
+def _origin_middleware(refuse_cross_site: bool) -> Callable[..., Awaitable[web.StreamResponse]]:
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        # The newest ComfyUI first refuses anything a browser marks as cross-site (exact match).
+        if refuse_cross_site and request.headers.get("Sec-Fetch-Site") == "cross-site":
+            logger.warning("WARNING: cross-site request to %s refused (Sec-Fetch-Site: cross-site), returning 403",
+                           request.path)
+            return web.Response(status=403)
+        return await _origin_only(request, handler)
+
+    return middleware
+
+
 @web.middleware
-async def _origin_only_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+async def _offline_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """--offline: the frontend may talk to nothing but this server."""
+    response = web.Response() if request.method == "OPTIONS" else await handler(request)
+    response.headers["Content-Security-Policy"] = _OFFLINE_CSP
+    return response
+
+
+async def _origin_only(request: web.Request, handler: Handler) -> web.StreamResponse:
     """ComfyUI refuses (403) browser requests to a loopback host from a different origin."""
     if "Host" in request.headers and "Origin" in request.headers:
         host = request.headers["Host"].lower()
@@ -492,12 +746,14 @@ def _is_loopback(host: str | None) -> bool:
         return False
 
 
-def _cors_middleware(allowed_origin: str) -> Callable[..., Awaitable[web.StreamResponse]]:
+def _cors_middleware(allowed_origin: str, newer: bool) -> Callable[..., Awaitable[web.StreamResponse]]:
+    methods = "POST, GET, DELETE, PUT, OPTIONS, PATCH" if newer else "POST, GET, DELETE, PUT, OPTIONS"
+
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         response = web.Response() if request.method == "OPTIONS" else await handler(request)
         response.headers["Access-Control-Allow-Origin"] = allowed_origin
-        response.headers["Access-Control-Allow-Methods"] = "POST, GET, DELETE, PUT, OPTIONS"
+        response.headers["Access-Control-Allow-Methods"] = methods
         response.headers["Access-Control-Allow-Headers"] = "Content-Type, Authorization"
         response.headers["Access-Control-Allow-Credentials"] = "true"
         return response

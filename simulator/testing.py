@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Iterator, Mapping
 
+from simulator.api_version import ApiVersion, default_api_version
 from simulator.errors import SimulatorError
 
 _REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -48,6 +49,7 @@ class SimulatorHandle:
     input_dir: Path
     temp_dir: Path
     log_path: Path
+    api_version: ApiVersion = ApiVersion.V0_3_64
 
     @property
     def ws_url(self) -> str:
@@ -100,22 +102,42 @@ def _probe(url: str, timeout: float) -> bool:
         return False
 
 
+def _version_for(api_version: ApiVersion | str | None, args: tuple[str, ...], env: Mapping[str, str]) -> ApiVersion:
+    """The version the child will speak: the argument, else an --api-version among ``args``,
+    else the ``SIM_API_VERSION`` of the environment it is given."""
+    if api_version is not None:
+        return ApiVersion(api_version)
+    for index, arg in enumerate(args):
+        if arg == "--api-version" and index + 1 < len(args):
+            return ApiVersion(args[index + 1])
+        if arg.startswith("--api-version="):
+            return ApiVersion(arg.split("=", 1)[1])
+    return default_api_version(env)
+
+
 def launch_simulator(tmp_path: os.PathLike[str] | str, *args: str, env: Mapping[str, str] | None = None,
-                     port: int | None = None) -> SimulatorHandle:
-    """Start the process without waiting for it (for tests of start-up failures)."""
+                     port: int | None = None, api_version: ApiVersion | str | None = None) -> SimulatorHandle:
+    """Start the process without waiting for it (for tests of start-up failures).
+
+    ``api_version`` passes ``--api-version``; None leaves it to ``SIM_API_VERSION`` (0.3.64
+    when unset), so a whole test run can switch.
+    """
     base = Path(tmp_path) / "comfyui"
     base.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     log_path = Path(tmp_path) / f"simulator-{port}.log"
-    command = [sys.executable, "-m", "simulator", "--port", str(port), "--base-directory", str(base), *args]
     child_env = dict(os.environ if env is None else env)
+    version = _version_for(api_version, args, child_env)
+    chosen = ["--api-version", version.value] if api_version is not None else []
+    command = [sys.executable, "-m", "simulator", "--port", str(port), "--base-directory", str(base), *chosen,
+               *args]
     # The package must import even when the test runs from another working directory.
     child_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_REPO_ROOT), child_env.get("PYTHONPATH", "")) if p)
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=child_env, cwd=str(base))
     return SimulatorHandle(url=f"http://127.0.0.1:{port}", port=port, process=process, base_dir=base,
                            output_dir=base / "output", input_dir=base / "input", temp_dir=base / "temp",
-                           log_path=log_path)
+                           log_path=log_path, api_version=version)
 
 
 def wait_ready(handle: SimulatorHandle, timeout: float) -> None:
@@ -134,22 +156,26 @@ def wait_ready(handle: SimulatorHandle, timeout: float) -> None:
 
 @contextlib.contextmanager
 def start_simulator(tmp_path: os.PathLike[str] | str, *args: str, env: Mapping[str, str] | None = None,
-                    ready_timeout: float = 20.0) -> Iterator[SimulatorHandle]:
+                    ready_timeout: float = 20.0, api_version: ApiVersion | str | None = None
+                    ) -> Iterator[SimulatorHandle]:
     """Run ``python -m simulator`` on a free port with its folders under ``tmp_path``; yield
     once ``/system_stats`` answers; stop it (SIGTERM, then SIGKILL) on exit.
 
-    ``args`` are extra command-line options (``"--step-seconds", "0.01"``...). A port taken
-    between choosing and binding is retried with another port.
+    ``args`` are extra command-line options (``"--step-seconds", "0.01"``...); ``api_version``
+    as for ``launch_simulator``. A port taken between choosing and binding is retried with
+    another port.
     """
     handle: SimulatorHandle | None = None
     for attempt in range(3):
-        handle = launch_simulator(tmp_path, *args, env=env)
+        handle = launch_simulator(tmp_path, *args, env=env, api_version=api_version)
         try:
             wait_ready(handle, ready_timeout)
             break
         except SimulatorStartError:
             stop_process(handle.process)
-            if attempt < 2 and "address already in use" in handle.log_text().lower():
+            log = handle.log_text().lower()
+            # 0.3.64 dies of the OSError; the newest ComfyUI says "Port N is already in use...".
+            if attempt < 2 and ("address already in use" in log or "is already in use on address" in log):
                 continue
             raise
     assert handle is not None
@@ -162,9 +188,10 @@ def start_simulator(tmp_path: os.PathLike[str] | str, *args: str, env: Mapping[s
 @contextlib.asynccontextmanager
 async def async_start_simulator(tmp_path: os.PathLike[str] | str, *args: str,
                                 env: Mapping[str, str] | None = None,
-                                ready_timeout: float = 20.0) -> AsyncIterator[SimulatorHandle]:
+                                ready_timeout: float = 20.0,
+                                api_version: ApiVersion | str | None = None) -> AsyncIterator[SimulatorHandle]:
     """``start_simulator`` for ``async with``: starting and stopping run in a thread."""
-    manager = start_simulator(tmp_path, *args, env=env, ready_timeout=ready_timeout)
+    manager = start_simulator(tmp_path, *args, env=env, ready_timeout=ready_timeout, api_version=api_version)
     handle = await asyncio.to_thread(manager.__enter__)
     try:
         yield handle
