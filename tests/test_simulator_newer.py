@@ -205,8 +205,8 @@ def test_list_feature_flags_prints_json_and_exits_before_anything_else(tmp_path)
         "show_signin_button": ("bool", False), "enable_telemetry": ("bool", False),
         "partner_run_gate_enabled": ("bool", True)}
     assert not (tmp_path / "base").exists()  # no folders made, nothing started
-    old = subprocess.run([sys.executable, "-m", "simulator", "--list-feature-flags"], cwd=REPO,
-                         capture_output=True, text=True, timeout=30)
+    old = subprocess.run([sys.executable, "-m", "simulator", "--api-version", "0.3.64", "--list-feature-flags"],
+                         cwd=REPO, capture_output=True, text=True, timeout=30)
     assert old.returncode == 2 and "unrecognized arguments: --list-feature-flags" in old.stderr
 
 
