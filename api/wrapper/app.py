@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import signal
@@ -15,13 +16,20 @@ from aiohttp import web
 
 from api.comfy import ClientTimeouts, ComfyClient
 from api.comfy import folders as comfy_folders
-from api.comfy.folders import SUPERVISOR_PID_ENV, OutputFolderGuide
+from api.comfy.folders import SUPERVISOR_PID_ENV, Folder, OutputFolderGuide
 from api.contract.modifiers import registry_from_settings
+from api.wrapper.background import Background
+from api.wrapper.delivery import OutputDelivery
+from api.wrapper.execution import ComfyGuard, PromptExecution, stop_prompt
+from api.wrapper.finish import Finisher
 from api.wrapper.inputs import InputFetcher
+from api.wrapper.job_queue import JobQueue
 from api.wrapper.metrics import WrapperMetrics
+from api.wrapper.prefetch import Prefetcher
+from api.wrapper.preparation import InputPreparer
 from api.wrapper.s3 import S3Settings, S3Uploader
 from api.wrapper.server import build_app
-from api.wrapper.service import GenerationService
+from api.wrapper.service import GenerationService, Parts, RequestDefaults
 from api.wrapper.store import ResultStore
 from api.wrapper.webhooks import WebhookDispatcher, WebhookSettings
 from config import Settings
@@ -84,11 +92,9 @@ class WrapperRuntime:
     async def start(self) -> None:
         s = self.settings
         state = Path(s.worker.state_dir)
-        folders = comfy_folders.from_settings(s)
-        output = folders.output
-        output_dir = output.path
+        output = comfy_folders.from_settings(s).output
         self.session = aiohttp.ClientSession()
-        self.client = ComfyClient(s.comfyui.url, output_dir=output_dir,
+        self.client = ComfyClient(s.comfyui.url, output_dir=output.path,
                                   timeouts=ClientTimeouts(ws_idle=s.api.ws_idle_timeout))
         self.uploader = S3Uploader(max_parallel=s.s3.max_parallel, retries=s.s3.retries,
                                    presign_expiry=s.s3.presign_expiry)
@@ -104,19 +110,7 @@ class WrapperRuntime:
         model_urls = self._model_urls()
         if model_urls is not None:
             self.metrics.bind_model_cache(model_urls.cache)
-        self.service = GenerationService(
-            client=self.client, registry=registry_from_settings(s),
-            store=ResultStore(state / "results", s.api.result_ttl, s.api.result_max),
-            fetcher=InputFetcher(self.session, s.api.input_max_bytes, s.api.input_timeout,
-                                 s.api.allow_private_inputs),
-            uploader=self.uploader, webhooks=self.webhooks, s3_defaults=s3_defaults(s),
-            webhook_defaults=webhook_defaults(s), output_dir=output_dir,
-            queue_size=s.api.queue_size, request_timeout=s.api.request_timeout,
-            base64_max_bytes=s.api.base64_max_bytes,
-            allow_private_webhooks=s.webhook.allow_private_targets, output_dir_why=output.why,
-            comfy_is_ours=comfy_owner_check(s),
-            metrics=self.metrics, model_urls=model_urls,
-            output_guide=OutputFolderGuide(s, self.client))
+        self.service = self._service(output, model_urls)
         webhooks, service = self.webhooks, self.service
         self.metrics.bind(spool=lambda: webhooks.pending, queue=service.queue_depth)
         await self.service.start()
@@ -129,6 +123,35 @@ class WrapperRuntime:
         await site.start()
         logger.info("API wrapper listening on http://%s:%d (ComfyUI at %s)", self.host, self.port,
                     s.comfyui.url)
+
+    def _service(self, output: Folder, model_urls: "ModelUrlResolver | None"
+                 ) -> GenerationService:
+        """The generation service and its parts, wired from the settings."""
+        s = self.settings
+        assert self.client is not None and self.session is not None
+        client = self.client
+        store = ResultStore(Path(s.worker.state_dir) / "results", s.api.result_ttl,
+                            s.api.result_max)
+        defaults = RequestDefaults(s3_defaults(s), webhook_defaults(s),
+                                   s.webhook.allow_private_targets)
+        queue, background, active = JobQueue(), Background(), {}
+        fetcher = InputFetcher(self.session, s.api.input_max_bytes, s.api.input_timeout,
+                               s.api.allow_private_inputs)
+        prefetcher = Prefetcher(client, queue, functools.partial(stop_prompt, client))
+        guard = ComfyGuard(comfy_owner_check(s))
+        parts = Parts(
+            client=client, registry=registry_from_settings(s), store=store, queue=queue,
+            background=background, active=active, model_urls=model_urls,
+            preparer=InputPreparer(client, fetcher, model_urls),
+            prefetcher=prefetcher, guard=guard,
+            execution=PromptExecution(client, prefetcher, guard, s.api.request_timeout),
+            delivery=OutputDelivery(client, output, base64_max_bytes=s.api.base64_max_bytes,
+                                    s3_defaults=defaults.s3, uploader=self.uploader,
+                                    guide=OutputFolderGuide(s, client), metrics=self.metrics),
+            finisher=Finisher(store, background, active, webhooks=self.webhooks,
+                              webhook_defaults=defaults.webhook, metrics=self.metrics,
+                              model_urls=model_urls))
+        return GenerationService(parts, queue_size=s.api.queue_size, defaults=defaults)
 
     def _model_urls(self) -> "ModelUrlResolver | None":
         """Model URLs in requests, when the operator turned them on (models.allow_request_urls)."""

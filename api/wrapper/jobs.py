@@ -90,6 +90,10 @@ class Job:
         body.update(self.detail)
         return body
 
+    def elapsed(self) -> float:
+        """Seconds since it was accepted."""
+        return round((now_ms() - self.queued_at_ms) / 1000, 3)
+
     def publish(self, event: dict[str, Any]) -> None:
         for queue in list(self.listeners):
             queue.put_nowait(event)

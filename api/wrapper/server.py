@@ -70,11 +70,12 @@ async def _read_request(request: web.Request, service: GenerationService, max_de
     raw = await request.read()  # over client_max_size: 413, answered by the middleware
     data = parse_json_body(raw, max_depth)
     parsed = parse_request(data, headers=dict(request.headers))
-    problems, hook = merge_blocks(parsed, service.s3_defaults, service.webhook_defaults)
+    defaults = service.defaults
+    problems, hook = merge_blocks(parsed, defaults.s3, defaults.webhook)
     if hook is not None:
         if parsed.webhook and parsed.webhook.get("url"):
-            trusted = {service.webhook_defaults.url} if service.webhook_defaults.url else set()
-            reason = await check_webhook_url(hook.url, service.allow_private_webhooks, trusted)
+            trusted = {defaults.webhook.url} if defaults.webhook.url else set()
+            reason = await check_webhook_url(hook.url, defaults.allow_private_webhooks, trusted)
             if reason:
                 problems["input.webhook.url"] = reason
     if problems:
@@ -132,7 +133,7 @@ async def generate_stream(request: web.Request) -> web.StreamResponse:
                                            "Cache-Control": "no-cache",
                                            "X-Accel-Buffering": "no"})
     await response.prepare(request)
-    first = {"event": "queued", **service._status_event(job)}
+    first = {"event": "queued", **service.status_event(job)}
     try:
         await _send_event(response, first)
         while True:

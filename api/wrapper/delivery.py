@@ -1,0 +1,87 @@
+"""Stage 3 of a request, in a task of its own so that the runner moves on at once: the files
+ComfyUI wrote are collected into the request's folder, inlined as base64 when asked for and
+uploaded to S3 when configured. Outputs, uploads and webhooks never hold ComfyUI."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from api.comfy import ComfyClient, ComfyError, OutputFile, PromptResult
+from api.comfy.folders import Folder, OutputFolderGuide
+from api.wrapper.jobs import Job
+from api.wrapper.metrics import WrapperMetrics
+from api.wrapper.outputs import collect, inline_base64, missing
+from api.wrapper.s3 import S3Settings, S3Uploader, UploadItem
+from api.wrapper.s3 import merge as merge_s3
+
+logger = logging.getLogger(__name__)
+
+
+class OutputDelivery:
+    def __init__(self, client: ComfyClient, folder: Folder, *, base64_max_bytes: int,
+                 s3_defaults: S3Settings, uploader: S3Uploader | None,
+                 guide: OutputFolderGuide | None = None, metrics: WrapperMetrics | None = None):
+        self._client = client
+        self.folder = folder  # ComfyUI's output folder as this process sees it
+        self._guide = guide
+        self._base64_max_bytes = base64_max_bytes
+        self._s3_defaults = s3_defaults
+        self._uploader = uploader
+        self._metrics = metrics
+
+    async def learn_folder(self) -> None:
+        """Before a prompt runs: replace a guessed output folder by the one ComfyUI uses."""
+        if self._guide is not None:
+            self.folder = await self._guide.learn()
+
+    async def deliver(self, job: Job, result: PromptResult) -> int:
+        """Fill `job.output`; the number of files whose upload failed (they stay on disk)."""
+        fetched = await self._fetch_missing(result.outputs)
+        entries = await asyncio.to_thread(collect, result.outputs, self.folder.path, job.id,
+                                          fetched, self.folder.why)
+        entries += [{"node_id": t.node_id, "output_type": t.output_type, "text": t.text,
+                     "type": "text"} for t in result.texts]
+        if job.request.return_base64:
+            await asyncio.to_thread(inline_base64, entries, self._base64_max_bytes)
+        await self._upload(job, entries)
+        job.output = entries
+        return sum(1 for e in entries if e.get("upload_error"))
+
+    async def _fetch_missing(self, outputs: list[OutputFile]) -> dict[int, bytes | str]:
+        """Files ComfyUI reported that are not in our view of its output folder (ComfyUI on
+        another host or container, or a folder we got wrong): fetched through `GET /view`."""
+        gone = await asyncio.to_thread(missing, outputs, self.folder.path)
+        fetched: dict[int, bytes | str] = {}
+        for index in gone:
+            try:
+                fetched[index] = await self._client.view(outputs[index])
+            except ComfyError as exc:
+                fetched[index] = str(exc)
+        if gone:
+            logger.warning("%d output file(s) not under %s (%s); fetched through ComfyUI's "
+                           "GET /view: %d", len(gone), self.folder.path, self.folder.why,
+                           sum(1 for v in fetched.values() if isinstance(v, bytes)))
+        return fetched
+
+    async def _upload(self, job: Job, entries: list[dict[str, Any]]) -> None:
+        settings = merge_s3(self._s3_defaults, job.request.s3)
+        if not settings.enabled or self._uploader is None:
+            return
+        files = [e for e in entries if e.get("local_path") and not e.get("error")
+                 and e.get("type") != "text"]
+        items = [UploadItem(Path(e["local_path"]), e["filename"], e["mimetype"]) for e in files]
+        started = time.monotonic()
+        outcomes = await self._uploader.upload(settings, job.id, items)
+        if self._metrics and items:
+            self._metrics.stage.labels("upload").observe(time.monotonic() - started)
+        for entry, outcome in zip(files, outcomes):
+            if outcome.url:
+                entry["url"] = outcome.url
+            else:
+                entry["upload_error"] = outcome.error
+            if self._metrics:
+                self._metrics.uploads.labels("uploaded" if outcome.url else "failed").inc()

@@ -1,0 +1,80 @@
+"""The end of every request, whatever ended it: the job takes its outcome, its waiting client is
+answered, its result becomes readable at /result/{id} and is written to disk, and its webhook
+goes out."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from typing import Any
+
+from api.contract.result import JobStatus, now_ms
+from api.wrapper.background import Background
+from api.wrapper.jobs import Job
+from api.wrapper.metrics import WrapperMetrics
+from api.wrapper.model_urls import ModelUrlResolver
+from api.wrapper.outcomes import Outcome
+from api.wrapper.store import ResultStore
+from api.wrapper.webhooks import WebhookDispatcher, WebhookSettings
+from api.wrapper.webhooks import merge as merge_webhook
+
+logger = logging.getLogger(__name__)
+
+
+class Finisher:
+    def __init__(self, store: ResultStore, background: Background, active: dict[str, Job], *,
+                 webhooks: WebhookDispatcher | None, webhook_defaults: WebhookSettings,
+                 metrics: WrapperMetrics | None = None,
+                 model_urls: ModelUrlResolver | None = None):
+        self._store = store
+        self._background = background
+        self._active = active  # the jobs accepted and not finished, by id
+        self.webhooks = webhooks
+        self._webhook_defaults = webhook_defaults
+        self._metrics = metrics
+        self._model_urls = model_urls
+        self.served: collections.Counter[str] = collections.Counter()  # by final status
+
+    def finish(self, job: Job, outcome: Outcome) -> None:
+        status = outcome.status
+        job.status = status
+        job.message = outcome.message
+        job.failure = outcome.failure if status is JobStatus.FAILED else None
+        job.detail = dict(outcome.detail)
+        job.completed_at_ms = now_ms()
+        if job.model_leases and self._model_urls:  # the cache may evict its models from now on
+            self._model_urls.release(job.model_leases)
+            job.model_leases = []
+        if job.generated_at_ms is None and job.started_at_ms:
+            job.generated_at_ms = job.completed_at_ms
+        self.served[status.value] += 1
+        if self._metrics:
+            kind = job.failure.value if job.failure else status.value
+            self._metrics.job_finished(kind, job.timings(), job.started_at_ms is not None)
+        level = logging.INFO if status is JobStatus.COMPLETED else logging.WARNING
+        logger.log(level, "request %s %s: %s", job.id, status.value, outcome.message)
+        record = job.to_record()
+        self._store.remember(record)  # readable at /result/{id} from now on
+        self._active.pop(job.id, None)
+        job.publish({"event": "final_result", "request_id": job.id, "status": "final_result",
+                     "result": job.result(), "elapsed_time": job.elapsed()})
+        job.done.set()  # the waiting client is answered without waiting for the disk
+        self._background.spawn(self._persist(job, record), f"persist-final-{job.id}")
+        self._send_webhook(job)
+
+    async def _persist(self, job: Job, record: dict[str, Any]) -> None:
+        if job.persisting is not None:  # the "queued" record must not land after this one
+            await asyncio.gather(job.persisting, return_exceptions=True)
+        await self._store.write(record)
+
+    def _send_webhook(self, job: Job) -> None:
+        if self.webhooks is None:
+            return
+        settings = merge_webhook(self._webhook_defaults, job.request.webhook)
+        if not settings.enabled:
+            return
+        payload = {"id": job.id, "status": job.status.value, "message": job.message,
+                   "output": job.output, "timings": job.timings(),
+                   "extra": settings.extra_params or {}}
+        self.webhooks.submit(settings, payload, job.id)

@@ -1,0 +1,81 @@
+"""Stage 1 of a request, right after it is accepted and in parallel with other requests: its
+model URLs downloaded (or found cached) and its input images fetched and uploaded to ComfyUI, so
+that downloads never keep ComfyUI idle. The outcome is the job's `prepared` future: the graph to
+run, or the error that ends the request when its turn comes."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from api.comfy import ComfyClient, ComfyConnectionError
+from api.wrapper.inputs import InputError, InputFetcher, looks_like_image_reference
+from api.wrapper.jobs import Job
+from api.wrapper.model_urls import ModelRef, ModelUrlResolver
+
+logger = logging.getLogger(__name__)
+
+
+class InputPreparer:
+    def __init__(self, client: ComfyClient, fetcher: InputFetcher,
+                 model_urls: ModelUrlResolver | None = None):
+        self._client = client
+        self._fetcher = fetcher
+        self._model_urls = model_urls
+
+    async def prepare(self, job: Job, graph: dict[str, Any], refs: list[ModelRef],
+                      ready: Callable[[], None]) -> None:
+        """Fill `job.prepared`; `ready` is told when the job's models or inputs are in (it may
+        run, or be handed ahead to ComfyUI, now)."""
+        assert job.prepared is not None
+        started = time.monotonic()
+        try:
+            if refs:
+                await self._fetch_models(job, graph, refs, ready)
+            graph = await self._upload_inputs(job, graph)
+        except (InputError, ComfyConnectionError) as exc:
+            job.prepared.set_exception(exc)
+        except Exception as exc:  # a bug: report it as such, keep serving
+            logger.exception("preparing %s failed", job.id)
+            job.prepared.set_exception(exc)
+        else:
+            job.prepared.set_result(graph)
+            ready()
+        job.preprocess_ms = int((time.monotonic() - started) * 1000) - job.model_download_ms
+
+    async def _fetch_models(self, job: Job, graph: dict[str, Any], refs: list[ModelRef],
+                            ready: Callable[[], None]) -> None:
+        """Download (or find cached) the job's model URLs; the runner serves others meanwhile."""
+        assert self._model_urls is not None
+        started = time.monotonic()
+        try:
+            leases = await self._model_urls.resolve(graph, refs)
+            if job.status.terminal:  # cancelled while it waited: nothing holds the files now
+                self._model_urls.release(leases)
+            else:
+                job.model_leases = leases
+        finally:
+            job.model_download_ms = int((time.monotonic() - started) * 1000)
+            job.awaiting_models = False
+            ready()
+
+    async def _upload_inputs(self, job: Job, graph: dict[str, Any]) -> dict[str, Any]:
+        count = 0
+        for node_id, node in graph.items():
+            inputs = node.get("inputs") or {}
+            for name, value in list(inputs.items()):
+                if not looks_like_image_reference(value) and not (
+                        name == "image" and isinstance(value, str) and len(value) > 256):
+                    continue
+                try:
+                    image = await self._fetcher.load(value)
+                except InputError as exc:
+                    raise InputError(f"node {node_id} input '{name}': {exc}") from None
+                count += 1
+                uploaded = await self._client.upload_image(
+                    image.data, f"{job.id}_{count}.{image.extension}", overwrite=True)
+                inputs[name] = (f"{uploaded.subfolder}/{uploaded.name}" if uploaded.subfolder
+                                else uploaded.name)
+        return graph
