@@ -1,10 +1,13 @@
-"""Shared test hygiene."""
+"""Shared test hygiene, and the fixtures of tests/support registered as plugins (so a test
+names a fixture and no test module imports another)."""
 
 from __future__ import annotations
 
 import logging
 
 import pytest
+
+pytest_plugins = ["tests.support.moto_server", "tests.support.fake_autoscaler"]
 
 
 @pytest.fixture(autouse=True)

@@ -14,10 +14,9 @@ import pytest
 
 from simulator.testing import start_simulator
 from tests.support.procs import get_json, post_json, start_wrapper, wait_until
+from tests.support.workflows import tiny_workflow
 
-TINY = {"1": {"class_type": "EmptyImage",
-              "inputs": {"width": 64, "height": 48, "batch_size": 1, "color": 0}},
-        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "t"}}}
+TINY = tiny_workflow("t", 64, 48)
 
 
 def png_size(path: str) -> tuple[int, int]:

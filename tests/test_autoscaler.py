@@ -24,16 +24,15 @@ from supervisor.autoscaler import (
     verify,
 )
 from supervisor.autoscaler.failures import FailureLog
-from tests.support.fake_autoscaler import (  # noqa: F401  (fixture)
+from tests.support.fake_autoscaler import (
     FakeAutoscaler,
     Outage,
     canonical,
-    fake_autoscaler,
-    free_port,
     new_private_key,
     public_pem,
     sign,
 )
+from tests.support.net import free_port
 
 WORKER_URL = "http://203.0.113.7:41234"
 

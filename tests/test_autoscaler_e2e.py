@@ -2,90 +2,39 @@
 
 One worker runs for the whole module (REPORT_ADDR points at the fake; no WORKER_AUTH_TOKEN, no
 UNSECURED), the fake autoscaler runs in a thread with its own event loop so the tests can stay
-synchronous and the worker can report to it between tests. `start_worker` is also used by
-tests/test_client_cli.py and tests/test_fuzz.py.
+synchronous and the worker can report to it between tests.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
 
 from supervisor.commands.client_cli import client
-from tests.support.fake_autoscaler import FakeAutoscaler, Outage, new_private_key
+from tests.support.fake_autoscaler import (
+    CONTAINER_ID,
+    MASTER_TOKEN,
+    FakeAutoscaler,
+    Outage,
+    ThreadedAutoscaler,
+    autoscaler_env,
+    new_private_key,
+)
 from tests.support.procs import (
     Daemon,
     free_port,
     http_status,
     post_json,
-    start_daemon,
+    start_worker,
     wait_until,
 )
-
-TINY = {"1": {"class_type": "EmptyImage",
-              "inputs": {"width": 32, "height": 32, "batch_size": 1, "color": 0}},
-        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "e"}}}
-CONTAINER_ID = 4242
-MASTER_TOKEN = "mt-e2e-secret"
-
-
-@contextlib.contextmanager
-def start_worker(tmp_path: Path, *sim_args: str, env: dict[str, Any] | None = None,
-                 port: int | None = None, wait_ready: bool = True) -> Iterator[Daemon]:
-    """`procs.start_daemon` with no authentication variable set by default: pass
-    WORKER_AUTH_TOKEN, UNSECURED or the autoscaler's variables in `env` (None removes one)."""
-    no_auth = {"WORKER_AUTH_TOKEN": None, "UNSECURED": None}
-    with start_daemon(tmp_path, *sim_args, port=port, wait_ready=wait_ready,
-                      extra_env={**no_auth, **(env or {})}) as worker:
-        yield worker
-
-
-def autoscaler_env(report_addr: str, port: int, **extra: Any) -> dict[str, Any]:
-    return {"REPORT_ADDR": report_addr, "CONTAINER_ID": CONTAINER_ID,
-            "MASTER_TOKEN": MASTER_TOKEN, "PUBLIC_IPADDR": "127.0.0.1",
-            f"VAST_TCP_PORT_{port}": port, "AUTOSCALER_REPORT_INTERVAL": "1", **extra}
-
-
-# --- the fake autoscaler in its own thread -------------------------------------------------------
-class ThreadedAutoscaler:
-    """A FakeAutoscaler served by an event loop in a background thread."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True,
-                                        name="fake-autoscaler")
-        self._thread.start()
-        self.fakes: list[FakeAutoscaler] = []
-
-    def call(self, coro, timeout: float = 30.0):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def new(self, **kwargs: Any) -> FakeAutoscaler:
-        async def make() -> FakeAutoscaler:
-            fake = FakeAutoscaler(**kwargs)
-            # All fakes sign with the same key and the signature covers only the URL, so each
-            # needs its own reqnum range or the worker rightly refuses a "replay".
-            fake._reqnum = 100_000 * len(self.fakes)
-            await fake.start()
-            return fake
-
-        fake = self.call(make())
-        self.fakes.append(fake)
-        return fake
-
-    def close(self) -> None:
-        for fake in self.fakes:
-            self.call(fake.stop())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(5)
+from tests.support.workflows import TINY
 
 
 @pytest.fixture(scope="module")

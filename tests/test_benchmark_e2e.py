@@ -6,26 +6,8 @@ import json
 
 from click.testing import CliRunner
 
-from tests.support.procs import get_json, start_daemon, wait_until
-
-STEPS, STEP_SECONDS = 20, 0.1
-NOMINAL = STEPS * STEP_SECONDS  # what the simulator takes at slow factor 1
-
-
-def bench_env(**extra: str) -> dict[str, str]:
-    return {"BENCHMARK_ENABLED": "true", "BENCHMARK_TEST_WIDTH": "64",
-            "BENCHMARK_TEST_HEIGHT": "64", "BENCHMARK_TEST_STEPS": str(STEPS),
-            "BENCHMARK_RUNS": "1", "BENCHMARK_EXPECTED_SECONDS": str(NOMINAL), **extra}
-
-
-def settled(worker):
-    def check():
-        status, body = get_json(worker.url + "/health")
-        if body.get("state") in ("ready", "degraded", "unhealthy") and \
-                worker.status()["benchmark"]["status"] != "pending":
-            return status, body
-        return None
-    return wait_until(check, 60, "the benchmark verdict")
+from tests.support.bench import NOMINAL, STEP_SECONDS, bench_env, settled
+from tests.support.procs import start_daemon
 
 
 def test_node_25_percent_slow_is_flagged_and_refused(tmp_path):

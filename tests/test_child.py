@@ -26,6 +26,7 @@ from supervisor.children.child import (
     ProbeFailed,
 )
 from supervisor.children.childlog import LineSplitter
+from tests.support.systemd_unit import unit_timeout_stop_sec
 
 PY = sys.executable
 ROOT = Path(__file__).resolve().parents[1]
@@ -431,7 +432,6 @@ async def test_stop_escalates_to_sigkill_for_the_whole_group(supervise, caplog):
 
 
 def test_stop_budget_fits_systemd_timeout():
-    from tests.test_systemd_unit import unit_timeout_stop_sec
 
     # Default child stop alone must leave most of TimeoutStopSec for the other stages.
     assert ChildSpec("comfyui", ["x"]).stop_budget() <= unit_timeout_stop_sec() / 2

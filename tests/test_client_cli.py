@@ -9,7 +9,6 @@ import asyncio
 import base64
 import json
 import struct
-import subprocess
 import sys
 from pathlib import Path
 
@@ -24,8 +23,9 @@ from supervisor.commands.client_cli import (
     run_load,
     save_outputs,
 )
-from tests.support.procs import ROOT, base_env, free_port
-from tests.test_autoscaler_e2e import TINY, start_worker
+from tests.support import procs
+from tests.support.procs import ROOT, base_env, free_port, start_worker
+from tests.support.workflows import TINY
 
 TOKEN = "client-t0ken"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -84,10 +84,10 @@ def test_generate_json_output_has_the_result_without_base64(worker, tmp_path):
 def test_generate_as_a_subprocess_takes_the_token_from_the_environment(worker, tmp_path):
     out = tmp_path / "out"
     env = base_env(WORKER_AUTH_TOKEN=TOKEN)
-    proc = subprocess.run([sys.executable, "-m", "supervisor.commands.client_cli", "generate", "--url",
+    proc = procs.run([sys.executable, "-m", "supervisor.commands.client_cli", "generate", "--url",
                            worker.url, "--workflow", str(tiny_file(tmp_path)), "--out", str(out),
                            "--request-id", "from-a-file"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+                     cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("completed from-a-file")
     (saved,) = out.iterdir()
@@ -95,10 +95,10 @@ def test_generate_as_a_subprocess_takes_the_token_from_the_environment(worker, t
 
 
 def test_generate_through_the_main_command(worker, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "supervisor.commands.cli", "client", "generate", "--url",
-                           worker.url, "--token", TOKEN, "--workflow", str(tiny_file(tmp_path)),
-                           "-q"], cwd=ROOT, env=base_env(), capture_output=True, text=True,
-                          timeout=60)
+    proc = procs.run([sys.executable, "-m", "supervisor.commands.cli", "client", "generate", "--url",
+                      worker.url, "--token", TOKEN, "--workflow", str(tiny_file(tmp_path)),
+                      "-q"], cwd=ROOT, env=base_env(), capture_output=True, text=True,
+                     timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("completed ")
 

@@ -50,6 +50,7 @@ from api.comfy import (
     Queued,
 )
 from api.comfy.models import parse_node_outputs
+from tests.support.net import free_port
 
 # A client bug tends to show as a hang: fail in a minute, not at the global timeout.
 pytestmark = pytest.mark.timeout(60)
@@ -663,16 +664,8 @@ async def test_wait_follows_a_submitted_prompt(comfy_target: Target) -> None:
 # --------------------------------------------------------------------------- tests: no ComfyUI needed
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 async def test_nothing_listening_is_unreachable_at_once() -> None:
-    url = f"http://127.0.0.1:{_free_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     async with ComfyClient(url, timeouts=FAST) as client:
         started = time.monotonic()
         with pytest.raises(ComfyUnreachable) as caught:

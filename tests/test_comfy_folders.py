@@ -7,7 +7,6 @@ Regression for issue 11, defect 2: with ComfyUI started as `main.py --base-direc
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,12 +16,12 @@ from api.comfy.models import OutputFile
 from api.wrapper.outputs import collect
 from config import load_settings
 from simulator.testing import start_simulator
+from tests.support import procs
+from tests.support.bench import bench_env, settled
 from tests.support.procs import ROOT, base_env, post_json, start_daemon, start_wrapper
-from tests.test_benchmark_e2e import bench_env, settled
+from tests.support.workflows import tiny_workflow
 
-TINY = {"1": {"class_type": "EmptyImage",
-              "inputs": {"width": 32, "height": 32, "batch_size": 1, "color": 0}},
-        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "f"}}}
+TINY = tiny_workflow("f")
 
 
 def test_folders_follow_comfyuis_command_line(tmp_path):
@@ -89,9 +88,9 @@ def test_benchmark_against_a_remote_comfyui_needs_no_output_dir(tmp_path):
                        BENCHMARK_TEST_WIDTH="64", BENCHMARK_TEST_HEIGHT="64",
                        BENCHMARK_TEST_STEPS="3", BENCHMARK_RUNS="1",
                        WORKER_STATE_DIR=str(tmp_path / "state"))
-        done = subprocess.run([sys.executable, "-m", "supervisor.commands.cli", "benchmark",
+        done = procs.run([sys.executable, "-m", "supervisor.commands.cli", "benchmark",
                                "--comfyui-url", comfy.url, "--json"], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stdout + done.stderr
         assert '"status": "no_reference"' in done.stdout or '"status": "pass"' in done.stdout
     assert not os.path.exists(tmp_path / "no-such-folder")

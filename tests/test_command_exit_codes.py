@@ -12,7 +12,6 @@ import ast
 import asyncio
 import os
 import socket
-import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -24,6 +23,7 @@ from click.testing import CliRunner
 from supervisor.commands import app
 from supervisor.commands.cli import COMMANDS, main
 from supervisor.reporting.admin import AdminServer
+from tests.support import procs
 from tests.support.procs import ROOT, base_env
 
 BAD_PORT = {"WORKER_PORT": "70000"}
@@ -79,9 +79,9 @@ def test_a_wrong_setting_file_is_2_naming_file_key_and_line(invoke, tmp_path):
 
 def test_the_demo_with_a_wrong_setting_is_2_and_starts_nothing(tmp_path):
     env = base_env(WORKER_PORT="70000", XDG_RUNTIME_DIR=str(tmp_path))
-    done = subprocess.run([sys.executable, "-m", "supervisor.commands.cli", "demo", "--state",
+    done = procs.run([sys.executable, "-m", "supervisor.commands.cli", "demo", "--state",
                            str(tmp_path / "demo")], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=60)
+                     text=True, timeout=60)
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith("comfy-worker: ") and "WORKER_PORT" in done.stderr
     assert "Traceback" not in done.stderr and not (tmp_path / "demo" / "logs").exists()
@@ -220,8 +220,8 @@ def test_health_imports_neither_the_daemon_the_wrapper_nor_the_benchmark(tmp_pat
              "except SystemExit as exc:\n    print('exit', exc.code)\n"
              "print(sorted(m for m in sys.modules if m.startswith(('supervisor.daemon', "
              "'api.wrapper', 'benchmark', 'supervisor.commands.'))))\n")
-    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True,
-                          text=True, timeout=60, env=base_env(GPU_REQUIRED="false"))
+    done = procs.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True,
+                     text=True, timeout=60, env=base_env(GPU_REQUIRED="false"))
     last = done.stdout.splitlines()[-2:]
     assert last[0] == "exit 3", done.stdout + done.stderr  # no daemon: unknown
     loaded = set(ast.literal_eval(last[1]))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from click.testing import CliRunner
 from api.comfy import folders as comfy_folders
 from config import SETTINGS, SettingsError, check_file, load_settings, render_example
 from supervisor.commands.cli import main
+from tests.support import procs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -148,8 +148,8 @@ def test_config_check_reports_bad_file_with_exit_code(tmp_path):
 
 def test_bad_setting_stops_startup_without_traceback(tmp_path):
     env = dict(os.environ, WORKER_PORT="70000")
-    proc = subprocess.run([sys.executable, "-m", "supervisor.commands.cli", "api"], env=env,
-                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    proc = procs.run([sys.executable, "-m", "supervisor.commands.cli", "api"], env=env,
+                     capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert "WORKER_PORT" in proc.stderr and "from 1 to 65535" in proc.stderr

@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from simulator.testing import start_simulator
+from tests.support import procs
 from tests.support.procs import (
     ROOT,
     base_env,
@@ -33,8 +34,7 @@ from tests.support.procs import (
     start_daemon,
     start_wrapper,
 )
-from tests.test_api_wrapper import TINY
-from tests.test_openapi_e2e import OPERATOR_MODIFIER
+from tests.support.workflows import OPERATOR_MODIFIER, TINY
 
 TOKEN = "contract-t0ken"
 EXAMPLES = os.environ.get("CONTRACT_EXAMPLES", "15")
@@ -58,8 +58,8 @@ def schemathesis(url: str, *extra: str) -> subprocess.CompletedProcess:
                "--phases", PHASES, "--workers", "1", "--generation-database", "none",
                "--request-timeout", "60", "--max-failures", "20", *extra]
     env = {**base_env(), "SCHEMATHESIS_HOOKS": "tests.support.contract_hooks", "PYTHONPATH": str(ROOT)}
-    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=TIMEOUT)
+    return procs.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                     timeout=TIMEOUT)
 
 
 def assert_passed(run: subprocess.CompletedProcess) -> None:

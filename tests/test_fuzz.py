@@ -10,15 +10,15 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import string
 from urllib.parse import urlsplit
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.support.procs import get_json, post_json
-from tests.test_autoscaler_e2e import TINY, start_worker
+from tests.support.bodies import documents
+from tests.support.procs import get_json, post_json, start_worker
+from tests.support.workflows import TINY
 
 TOKEN = "fuzz-t0ken"
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "150"))  # raise it for a longer hunt
@@ -27,9 +27,6 @@ FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None,
                                        HealthCheck.filter_too_much])
 # What a malformed or refused request may get; 500 (a bug), 502 (a child lost) never.
 ALLOWED = {200, 400, 401, 404, 409, 413, 417, 422}
-MODIFIER_KEYS = ["prompt", "negative_prompt", "width", "height", "steps", "seed", "cfg",
-                 "cfg_scale", "sampler_name", "scheduler", "denoise", "ckpt_name", "batch_size",
-                 "filename_prefix", "image", "w"]
 
 
 @pytest.fixture(scope="module")
@@ -50,66 +47,7 @@ def pids(worker) -> tuple[int, int | None, int | None]:
     return (worker.process.pid, worker.child_pid("comfyui"), worker.child_pid("wrapper"))
 
 
-# --- strategies ----------------------------------------------------------------------------------
-scalars = (st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False)
-           | st.text(max_size=40))
-json_values = st.recursive(
-    scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
-        st.text(max_size=10), inner, max_size=4), max_leaves=20)
-odd_values = json_values | st.sampled_from(
-    ["Text2Image", "RawWorkflow", "Image2Image", "", " ", "__RANDOM_INT__", -1, 0, 2**64,
-     -(2**63), 1e308, [], {}, "../../etc/passwd", "\x00", "data:image/png;base64,AAAA",
-     "http://127.0.0.1:1/x.png", "ftp://x", "\u202e\ufeff"])
-small_ints = st.integers(min_value=-8, max_value=160)
-graphs = st.dictionaries(
-    st.text(max_size=4) | st.sampled_from(["1", "2", "9"]),
-    st.fixed_dictionaries(
-        {"class_type": st.sampled_from(["EmptyImage", "SaveImage", "KSampler", "LoadImage",
-                                        "ImageInvert", "NoSuchNode", ""]) | odd_values},
-        optional={"inputs": st.dictionaries(
-            st.sampled_from(["width", "height", "batch_size", "color", "images",
-                             "filename_prefix", "image", "seed"]) | st.text(max_size=6),
-            small_ints | st.just(["1", 0]) | odd_values, max_size=5) | odd_values})
-    | odd_values, max_size=4)
-modifications = st.dictionaries(st.sampled_from(MODIFIER_KEYS) | st.text(max_size=8),
-                                small_ints | odd_values, max_size=6)
-blocks = {
-    "s3": st.dictionaries(st.sampled_from(["access_key_id", "secret_access_key",
-                                           "endpoint_url", "bucket_name", "region", "x"]),
-                          st.text(max_size=30) | odd_values, max_size=6),
-    "webhook": st.dictionaries(st.sampled_from(["url", "extra_params", "secret", "timeout", "y"]),
-                               st.sampled_from(["http://127.0.0.1:1/", "https://no.invalid/",
-                                                "not a url", "file:///etc/passwd"])
-                               | odd_values, max_size=4),
-}
-inputs = st.fixed_dictionaries({}, optional={
-    "request_id": st.text(alphabet=string.ascii_letters + string.digits + "-_.", max_size=140)
-    | odd_values,
-    "modifier": st.sampled_from(["Text2Image", "RawWorkflow", "Image2Image"]) | odd_values,
-    "modifications": modifications | odd_values,
-    "workflow_json": graphs | odd_values,
-    "s3": blocks["s3"] | odd_values,
-    "webhook": blocks["webhook"] | odd_values,
-    "return_outputs_as_base64": st.booleans() | odd_values,
-    "handler": odd_values,
-})
-# Nearly valid requests, so that the fuzzing also reaches ComfyUI's own validation and runs.
-nearly_valid = st.one_of(
-    st.builds(lambda g, b: {"input": {"workflow_json": g, "return_outputs_as_base64": b}},
-              graphs, st.booleans()),
-    st.builds(lambda m, name: {"input": {"modifier": name, "modifications": m}}, modifications,
-              st.sampled_from(["Text2Image", "RawWorkflow", "Image2Image"])),
-)
-documents = st.one_of(
-    nearly_valid,
-    json_values,
-    st.builds(lambda i: {"input": i}, inputs),
-    st.builds(lambda v: {"input": v}, odd_values),
-    st.builds(lambda a, i: {"auth_data": a, "payload": {"input": i}}, json_values, inputs),
-    st.builds(lambda p: {"payload": p}, odd_values),
-)
-
-
+# --- strategies: the bodies (tests/support/bodies.py), cut, nested and padded; the headers --------
 def deep(depth: int, opener: bytes, closer: bytes) -> bytes:
     return opener * depth + closer * depth
 

@@ -22,11 +22,10 @@ from click.testing import CliRunner
 
 from supervisor.commands.health_cli import health
 from tests.support.procs import get_json, start_daemon, wait_until
+from tests.support.workflows import tiny_workflow
 
 HEALTHY = {"gpus": [{"preset": "h100_sxm"}]}
-TINY = {"1": {"class_type": "EmptyImage",
-              "inputs": {"width": 32, "height": 32, "batch_size": 1, "color": 0}},
-        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "g"}}}
+TINY = tiny_workflow("g")
 
 
 def warm(temperature: int) -> dict:

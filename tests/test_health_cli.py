@@ -28,11 +28,11 @@ from supervisor.commands.report import (
     render_json,
     render_table,
 )
+from tests.support import procs
 from tests.support.procs import ROOT, base_env, start_daemon, wait_until
+from tests.support.workflows import tiny_workflow
 
-TINY = {"1": {"class_type": "EmptyImage",
-              "inputs": {"width": 32, "height": 32, "batch_size": 1, "color": 0}},
-        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "h"}}}
+TINY = tiny_workflow("h")
 HEALTHY_H100 = {"gpus": [{"preset": "h100_sxm"}]}
 ENTRY = "from supervisor.commands.health_cli import health; health()"
 
@@ -134,7 +134,7 @@ def test_watch_refreshes_until_interrupted(worker, tmp_path):
     out_path = tmp_path / "watch.out"
     headline = "HEALTHY: ComfyUI and the wrapper are ready"
     with open(out_path, "w") as out_file:
-        process = subprocess.Popen(
+        process = procs.popen(
             [sys.executable, "-c", ENTRY, "--socket", str(worker.admin_socket), "--watch", "0.3"],
             cwd=ROOT, env=base_env(), stdout=out_file, stderr=subprocess.PIPE, text=True)
     try:
@@ -230,14 +230,14 @@ def test_daemon_down_prints_the_local_gpu_and_comfyui_and_exits_3(tmp_path):
     comfy_dir = tmp_path / "ComfyUI"
     comfy_dir.mkdir()
     (comfy_dir / "main.py").write_text("import time\ntime.sleep(60)\n")
-    orphan = subprocess.Popen([sys.executable, "main.py", "--port", "18188"], cwd=comfy_dir)
+    orphan = procs.popen([sys.executable, "main.py", "--port", "18188"], cwd=comfy_dir)
     env = base_env(GPU_FAKE_SOURCE=str(fake), COMFYUI_CWD=str(comfy_dir),
                    WORKER_ADMIN_SOCKET=str(tmp_path / "admin.sock"))
     try:
-        run = subprocess.run([sys.executable, "-c", ENTRY], cwd=ROOT, env=env,
-                             capture_output=True, text=True, timeout=30)
-        as_json = subprocess.run([sys.executable, "-c", ENTRY, "--json"], cwd=ROOT, env=env,
-                                 capture_output=True, text=True, timeout=30)
+        run = procs.run([sys.executable, "-c", ENTRY], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=30)
+        as_json = procs.run([sys.executable, "-c", ENTRY, "--json"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=30)
     finally:
         orphan.kill()
         orphan.wait()

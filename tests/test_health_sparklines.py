@@ -17,6 +17,7 @@ from pathlib import Path
 
 from supervisor.commands.report import HealthReport, render_table
 from supervisor.commands.sparkline import BLOCKS, sparkline
+from tests.support import procs
 from tests.support.procs import ROOT, base_env, start_daemon, wait_until
 
 ENTRY = "from supervisor.commands.health_cli import health; health()"
@@ -63,7 +64,7 @@ def test_watch_draws_a_gpu_warming_to_its_slowdown_line(tmp_path):
         time.sleep(0.4)
         out_path = tmp_path / "watch.out"
         with open(out_path, "w") as out_file:
-            process = subprocess.Popen(
+            process = procs.popen(
                 [sys.executable, "-c", ENTRY, "--socket", str(worker.admin_socket),
                  "--watch", "0.3"], cwd=ROOT, env=base_env(), stdout=out_file,
                 stderr=subprocess.PIPE, text=True)

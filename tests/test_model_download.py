@@ -25,7 +25,7 @@ from api.modelstore.manifest import parse_entries
 from api.modelstore.progress import FileProgress
 from api.modelstore.store import EntryState, ModelStore
 from tests.support.fileserver import FileServer
-from tests.support.moto_server import ANY_KEY_ID, ANY_SECRET, moto_server  # noqa: F401 (fixture)
+from tests.support.moto_server import ANY_KEY_ID, ANY_SECRET
 
 DATA = os.urandom(3 * 1024 * 1024 + 123)
 SHA = hashlib.sha256(DATA).hexdigest()

@@ -20,7 +20,16 @@ import urllib.request
 from click.testing import CliRunner
 
 from supervisor.commands.health_cli import health
-from tests.support.procs import fake_gpus, get_json, start_multi, wait_until
+from tests.support.fake_autoscaler import ThreadedAutoscaler, autoscaler_env
+from tests.support.procs import (
+    ROOT,
+    fake_gpus,
+    free_port,
+    get_json,
+    start_multi,
+    wait_until,
+)
+from tests.support.workflows import sampler_graph
 
 GPUS = 4
 STEP_SECONDS = 0.1
@@ -260,9 +269,6 @@ def test_the_aidock_wrapper_serves_as_each_instances_wrapper(tmp_path):
     """Someone else's wrapper (the ai-dock stand-in), templated: its port, its ComfyUI, and an
     install path whose output/ is its own ComfyUI's ({instance_folders} puts that at
     <base>/instances/<i>/output)."""
-    from tests.support.procs import ROOT
-    from tests.test_real_hosts import sampler_graph
-
     base = tmp_path / "comfy"
     env = {"WRAPPER_COMMAND": json.dumps([sys.executable, "-m", "tests.support.aidock_standin",
                                           "--port", "{port}"]),
@@ -282,9 +288,6 @@ def test_the_aidock_wrapper_serves_as_each_instances_wrapper(tmp_path):
 
 
 def test_the_autoscaler_sees_one_worker_with_the_sum_of_the_instances_max_perf(tmp_path):
-    from tests.support.procs import free_port
-    from tests.test_autoscaler_e2e import ThreadedAutoscaler, autoscaler_env
-
     scaler = ThreadedAutoscaler()
     try:
         fake = scaler.new()

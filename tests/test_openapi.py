@@ -30,7 +30,7 @@ from api.wrapper.webhooks import WebhookSettings
 from supervisor.autoscaler import REQUIRED_AUTH_FIELDS
 from supervisor.serving.gates import TokenGate
 from supervisor.serving.public import PublicServer
-from tests.test_fuzz import documents, odd_values
+from tests.support.bodies import documents, odd_values
 
 LIMITS = {"api.max_dimension": 256, "api.max_steps": 50}
 # The shipped modifiers, plus one with the binding kinds they lack (choice, boolean, image).

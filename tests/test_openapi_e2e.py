@@ -21,18 +21,11 @@ from openapi_spec_validator import validate
 
 from api.contract.schemas import standalone
 from simulator.testing import start_simulator
+from tests.support import procs
 from tests.support.procs import get_json, start_wrapper
-from tests.test_api_wrapper import TINY
+from tests.support.workflows import OPERATOR_MODIFIER
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-OPERATOR_MODIFIER = {
-    "name": "Blank", "description": "A blank image of a size.",
-    "workflow": TINY,
-    "bindings": {"width": {"targets": [["1", "width"]], "type": "integer", "minimum": 8,
-                           "maximum": "api.max_dimension", "default": 64,
-                           "description": "Width in pixels."},
-                 "colour": {"targets": [["1", "color"]], "type": "choice",
-                            "choices": [0, 16777215]}}}
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +109,7 @@ def test_stream_events_match_their_documented_schemas(wrapper):
 
 # --- a real browser -------------------------------------------------------------------------------
 def chromium(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
+    return procs.run(
         [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--no-first-run", "--no-default-browser-check", f"--user-data-dir={tmp_path}",

@@ -14,17 +14,15 @@ from pathlib import Path
 import pytest
 
 from simulator.testing import start_simulator
-from tests.support.moto_server import REGION, moto_server  # noqa: F401  (the fixture)
+from tests.support.moto_server import REGION
 from tests.support.procs import free_port, post_json, start_wrapper, wait_until
+from tests.support.workflows import tiny_workflow
 
 SECRET = "hook-secret-123"
 
 
 def tiny(prefix: str) -> dict:
-    return {"1": {"class_type": "EmptyImage",
-                  "inputs": {"width": 40, "height": 24, "batch_size": 1, "color": 7}},
-            "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0],
-                                                        "filename_prefix": prefix}}}
+    return tiny_workflow(prefix, 40, 24, color=7)
 
 
 class Hooks:

@@ -24,14 +24,14 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.support import procs
 from tests.support.procs import free_port, start_daemon, wait_until
+from tests.support.workflows import tiny_workflow
 
 ROOT = Path(__file__).resolve().parents[1]
 RULES = ROOT / "misc" / "prometheus" / "comfy-worker-rules.yml"
 DASHBOARD = ROOT / "misc" / "grafana" / "comfy-worker.json"
-TINY = {"1": {"class_type": "EmptyImage",
-              "inputs": {"width": 32, "height": 32, "batch_size": 1, "color": 0}},
-        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "p"}}}
+TINY = tiny_workflow("p")
 NAME = re.compile(r"\b(comfy_worker[a-zA-Z0-9_:]*)")
 
 
@@ -118,8 +118,8 @@ def test_a_real_prometheus_scrapes_the_worker_and_every_query_works(tmp_path):
             status, body = worker.generate({"input": {"workflow_json": TINY}})
             assert status == 200, body
         scrape = urllib.request.urlopen(worker.metrics_url + "/metrics", timeout=10).read()
-        check = subprocess.run([promtool, "check", "metrics"], input=scrape,
-                               capture_output=True, timeout=60)
+        check = procs.run([promtool, "check", "metrics"], input=scrape,
+                          capture_output=True, timeout=60)
         assert check.returncode == 0, (check.stdout + check.stderr).decode()
 
         target = worker.metrics_url.split("://", 1)[1]
@@ -131,7 +131,7 @@ def test_a_real_prometheus_scrapes_the_worker_and_every_query_works(tmp_path):
             "scrape_configs": [{"job_name": "comfy-worker",
                                 "static_configs": [{"targets": [target]}]}]}))
         log = open(tmp_path / "prometheus.log", "wb")
-        server = subprocess.Popen(
+        server = procs.popen(
             [prometheus_bin, f"--config.file={config}",
              f"--storage.tsdb.path={tmp_path / 'tsdb'}",
              f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.support import procs
+
 ROOT = Path(__file__).resolve().parents[1]
 RULES = ROOT / "misc" / "prometheus" / "comfy-worker-rules.yml"
 RULE_TESTS = ROOT / "misc" / "prometheus" / "comfy-worker-rules.test.yml"
@@ -28,8 +30,8 @@ def promtool() -> str:
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([promtool(), *args], capture_output=True, text=True, timeout=120,
-                          cwd=ROOT)
+    return procs.run([promtool(), *args], capture_output=True, text=True, timeout=120,
+                     cwd=ROOT)
 
 
 def test_promtool_check_rules():

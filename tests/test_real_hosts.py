@@ -16,7 +16,8 @@ import urllib.request
 
 import pytest
 
-from benchmark.graph import build_graph
+from tests.support import procs
+from tests.support.bench import bench_env, settled
 from tests.support.procs import (
     ROOT,
     base_env,
@@ -26,16 +27,9 @@ from tests.support.procs import (
     start_daemon,
     wait_until,
 )
-from tests.test_benchmark_e2e import bench_env, settled
+from tests.support.workflows import sampler_graph, tiny_workflow
 
-TINY = {"1": {"class_type": "EmptyImage",
-              "inputs": {"width": 32, "height": 32, "batch_size": 1, "color": 0}},
-        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "t"}}}
-
-
-def sampler_graph(steps: int) -> dict:
-    return build_graph(width=64, height=64, steps=steps, checkpoint="v1-5-pruned-emaonly.safetensors",
-                       prompt="a lighthouse", seed=7)
+TINY = tiny_workflow("t")
 
 
 def set_knobs(comfy_url: str, **knobs) -> None:
@@ -132,7 +126,7 @@ def test_a_hung_comfyui_is_restarted_alone_and_the_aidock_wrapper_is_left_runnin
 def test_stranger_on_comfyuis_port_is_never_adopted(tmp_path):
     comfy_port = free_port()
     # A leftover ComfyUI (here the simulator, which answers every probe) on our ComfyUI's port.
-    stranger = subprocess.Popen(
+    stranger = procs.popen(
         [sys.executable, "-m", "simulator", "--listen", "127.0.0.1", "--port", str(comfy_port),
          "--base-directory", str(tmp_path / "stranger-base")],
         cwd=ROOT, env=base_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -193,8 +187,8 @@ def test_config_option_before_or_after_the_subcommand(tmp_path, order):
     path.write_text("[worker]\nport = 4321\n")
     args = ["--config", str(path), "config", "show", "--json"] if order == "before" else \
         ["config", "show", "--json", "--config", str(path)]
-    done = subprocess.run([sys.executable, "-m", "supervisor.commands.cli", *args], cwd=ROOT,
-                          env=base_env(), capture_output=True, text=True, timeout=60)
+    done = procs.run([sys.executable, "-m", "supervisor.commands.cli", *args], cwd=ROOT,
+                     env=base_env(), capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     rows = {row["name"]: row for row in json.loads(done.stdout)["settings"]}
     assert rows["worker.port"]["value"] == 4321
@@ -211,20 +205,20 @@ def test_health_finds_a_running_demo_and_a_second_demo_names_the_port_holder(tmp
                                     str(tmp_path / "comfy")]))
     (tmp_path / "run").mkdir()
     log = open(tmp_path / "demo.log", "wb")
-    demo = subprocess.Popen([sys.executable, "-m", "supervisor.commands.cli", "demo", "--port", str(public),
+    demo = procs.popen([sys.executable, "-m", "supervisor.commands.cli", "demo", "--port", str(public),
                              "--state", str(tmp_path / "demo")], cwd=ROOT, env=env, stdout=log,
-                            stderr=subprocess.STDOUT)
+                       stderr=subprocess.STDOUT)
     try:
         wait_until(lambda: get_json(f"http://127.0.0.1:{public}/health")[0] == 200, 60,
                    "the demo to be ready")
         # No WORKER_ADMIN_SOCKET, no --socket: the demo's own note leads there.
-        shown = subprocess.run([sys.executable, "-m", "supervisor.commands.cli", "health", "--json"],
-                               cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+        shown = procs.run([sys.executable, "-m", "supervisor.commands.cli", "health", "--json"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
         assert shown.returncode == 0, shown.stdout + shown.stderr
         assert json.loads(shown.stdout)["worker"]["pid"] == demo.pid
-        again = subprocess.run([sys.executable, "-m", "supervisor.commands.cli", "demo", "--port",
+        again = procs.run([sys.executable, "-m", "supervisor.commands.cli", "demo", "--port",
                                 str(public), "--state", str(tmp_path / "demo2")], cwd=ROOT,
-                               env=env, capture_output=True, text=True, timeout=60)
+                          env=env, capture_output=True, text=True, timeout=60)
         assert again.returncode == 1
         assert f"the public port (--port) {public} is held by pid {demo.pid} (" in again.stderr
     finally:
@@ -289,7 +283,7 @@ def test_a_wrapper_on_its_own_asks_system_stats_argv_for_the_output_folder(tmp_p
     comfy_port, wrapper_port = free_port(), free_port()
     checkout = tmp_path / "checkout"
     checkout.mkdir()
-    comfy = subprocess.Popen(
+    comfy = procs.popen(
         [sys.executable, "-m", "simulator", "--listen", "127.0.0.1", "--port", str(comfy_port),
          "--base-directory", "rel-base"],
         cwd=checkout, env=base_env(PYTHONPATH=str(ROOT)), stdout=subprocess.DEVNULL,
@@ -299,8 +293,8 @@ def test_a_wrapper_on_its_own_asks_system_stats_argv_for_the_output_folder(tmp_p
                    COMFYUI_COMMAND=json.dumps(["./start-comfyui.sh"]),
                    WORKER_STATE_DIR=str(tmp_path / "state"), API_PORT=str(wrapper_port))
     with open(log_path, "ab") as log:
-        wrapper = subprocess.Popen([sys.executable, "-m", "supervisor.commands.cli", "api"], cwd=ROOT,
-                                   env=env, stdout=log, stderr=subprocess.STDOUT)
+        wrapper = procs.popen([sys.executable, "-m", "supervisor.commands.cli", "api"], cwd=ROOT,
+                              env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         url = f"http://127.0.0.1:{wrapper_port}"
         wait_until(lambda: get_json(url + "/health")[0] == 200, 60, "the wrapper to be ready")

@@ -6,12 +6,14 @@ must run on the new one, in order, not come back as 502.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import threading
 import time
 
-from tests.support.procs import get_json, start_daemon, wait_until
+from tests.support.procs import get_json, post_json, start_daemon, wait_until
+from tests.support.stranger import Stranger
 
 
 def text2image(steps: int, request_id: str) -> dict:
@@ -51,9 +53,6 @@ def test_prompts_queued_in_comfyui_survive_its_restart_in_order(tmp_path):
 
 
 async def test_queued_prompts_never_go_to_a_stranger_that_took_comfyuis_port(tmp_path):
-    import asyncio
-
-    from tests.soak.stack import Stranger
 
     # ComfyUI comes back 3 s after the kill: by then the wrapper has noticed the loss and waits
     # to submit the queued prompt again, and the stranger holds the port.
@@ -83,10 +82,6 @@ async def test_queued_prompts_never_go_to_a_stranger_that_took_comfyuis_port(tmp
 async def test_an_idle_wrapper_is_told_comfyui_died_and_never_feeds_a_stranger(tmp_path):
     """Nothing was in flight when ComfyUI died, so the wrapper saw no error itself: the daemon's
     signal is what keeps the next prompt from the stranger now on ComfyUI's port."""
-    import asyncio
-
-    from tests.soak.stack import Stranger
-    from tests.support.procs import post_json
 
     with start_daemon(tmp_path, "--step-seconds", "0.05", extra_env={
             "SUPERVISOR_BACKOFF_INITIAL": "3", "SUPERVISOR_BACKOFF_MAX": "3"}) as worker:

@@ -18,13 +18,8 @@ from api.wrapper.s3 import (
     UploadItem,
     merge,
 )
-from tests.support.moto_server import (  # noqa: F401
-    ANY_KEY_ID,
-    ANY_SECRET,
-    MotoServer,
-    free_port,
-    moto_server,
-)
+from tests.support.moto_server import ANY_KEY_ID, ANY_SECRET, MotoServer
+from tests.support.net import free_port
 
 
 def bucket_name() -> str:

@@ -12,7 +12,6 @@ import os
 import signal
 import socket
 import sqlite3
-import subprocess
 import sys
 import time
 import uuid
@@ -25,6 +24,7 @@ import pytest
 from simulator.api_version import ApiVersion
 from simulator.cli import build_parser
 from simulator.testing import SimulatorHandle, launch_simulator, start_simulator, stop_process, wait_ready
+from tests.support import procs
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -195,9 +195,9 @@ def test_the_lock_waits_five_seconds_unless_told_otherwise():
 
 
 def test_list_feature_flags_prints_json_and_exits_before_anything_else(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "simulator", "--api-version", "0.38.1", "--list-feature-flags",
+    result = procs.run([sys.executable, "-m", "simulator", "--api-version", "0.38.1", "--list-feature-flags",
                              "--base-directory", str(tmp_path / "base")],
-                            cwd=REPO, capture_output=True, text=True, timeout=30)
+                       cwd=REPO, capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
     flags = json.loads(result.stdout)
     assert set(flags) == {"show_signin_button", "enable_telemetry", "partner_run_gate_enabled"}
@@ -205,8 +205,8 @@ def test_list_feature_flags_prints_json_and_exits_before_anything_else(tmp_path)
         "show_signin_button": ("bool", False), "enable_telemetry": ("bool", False),
         "partner_run_gate_enabled": ("bool", True)}
     assert not (tmp_path / "base").exists()  # no folders made, nothing started
-    old = subprocess.run([sys.executable, "-m", "simulator", "--api-version", "0.3.64", "--list-feature-flags"],
-                         cwd=REPO, capture_output=True, text=True, timeout=30)
+    old = procs.run([sys.executable, "-m", "simulator", "--api-version", "0.3.64", "--list-feature-flags"],
+                    cwd=REPO, capture_output=True, text=True, timeout=30)
     assert old.returncode == 2 and "unrecognized arguments: --list-feature-flags" in old.stderr
 
 
@@ -335,8 +335,9 @@ def test_a_busy_port(tmp_path, version):
 
 # --- POST /prompt -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("bad", ["ABCDEF00-0000-4000-8000-000000000000", uuid.uuid4().hex,
-                                 "{" + str(uuid.uuid4()) + "}", 5, "job-1"])
+# Fixed values: parallel workers (pytest-xdist) must collect the same test ids.
+@pytest.mark.parametrize("bad", ["ABCDEF00-0000-4000-8000-000000000000", "3f2b8c1e9a7d4e5f8b6c0d1e2f3a4b5c",
+                                 "{3f2b8c1e-9a7d-4e5f-8b6c-0d1e2f3a4b5c}", 5, "job-1"])
 async def test_a_prompt_id_must_be_a_canonical_uuid_in_the_newest(new_sim, http, bad):
     async with http.post(f"{new_sim.url}/prompt", json={"prompt": empty_to_save(), "prompt_id": bad}) as response:
         assert response.status == 400

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -13,11 +12,10 @@ import time
 import psutil
 import pytest
 
+from tests.support import procs
 from tests.support.procs import ROOT, get_json, start_daemon, wait_until
-
-TINY = {"1": {"class_type": "EmptyImage",
-              "inputs": {"width": 32, "height": 32, "batch_size": 1, "color": 0}},
-        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "e"}}}
+from tests.support.systemd_unit import unit_timeout_stop_sec
+from tests.support.workflows import TINY
 
 
 def slow(steps: int) -> dict:
@@ -180,7 +178,6 @@ def test_sd_notify_messages_arrive_in_order(tmp_path):
 def test_stop_stages_fit_in_the_units_timeout():
     from config import load_settings
     from supervisor.daemon.daemon import stop_budget
-    from tests.test_systemd_unit import unit_timeout_stop_sec
 
     assert stop_budget(load_settings(None, environ={})) < unit_timeout_stop_sec()
 
@@ -188,8 +185,8 @@ def test_stop_stages_fit_in_the_units_timeout():
 def test_comfyui_listening_publicly_is_refused(tmp_path):
     env = dict(os.environ, COMFYUI_COMMAND='["python", "main.py", "--listen"]',
                WORKER_AUTH_TOKEN="x", WORKER_STATE_DIR=str(tmp_path), GPU_REQUIRED="false")
-    proc = subprocess.run([sys.executable, "-m", "supervisor.commands.cli", "run"], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=60)
+    proc = procs.run([sys.executable, "-m", "supervisor.commands.cli", "run"], env=env, cwd=ROOT,
+                     capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "listens on 0.0.0.0" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -198,8 +195,8 @@ def test_no_auth_configured_refuses_to_start(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("WORKER_AUTH_TOKEN", "UNSECURED",
                                                             "REPORT_ADDR")}
     env.update(WORKER_STATE_DIR=str(tmp_path), GPU_REQUIRED="false")
-    proc = subprocess.run([sys.executable, "-m", "supervisor.commands.cli", "run"], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=60)
+    proc = procs.run([sys.executable, "-m", "supervisor.commands.cli", "run"], env=env, cwd=ROOT,
+                     capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "WORKER_AUTH_TOKEN" in proc.stderr and "UNSECURED=true" in proc.stderr
 
@@ -235,13 +232,13 @@ def test_drain_and_resume_from_the_command_line(tmp_path):
     with start_daemon(tmp_path, "--step-seconds", "0.01") as worker:
         command = [sys.executable, "-m", "supervisor.commands.cli", "drain", "--socket",
                    str(worker.admin_socket)]
-        done = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=ROOT)
+        done = procs.run(command, capture_output=True, text=True, timeout=60, cwd=ROOT)
         assert done.returncode == 0 and "draining" in done.stdout
         status, body = get_json(worker.url + "/health")
         assert status == 503 and body["reason"].startswith("draining")
         assert worker.generate({"input": {"workflow_json": TINY}})[0] == 503
         command[3] = "resume"
-        assert subprocess.run(command, capture_output=True, timeout=60, cwd=ROOT).returncode == 0
+        assert procs.run(command, capture_output=True, timeout=60, cwd=ROOT).returncode == 0
         wait_until(lambda: get_json(worker.url + "/health")[0] == 200, 10, "ready again")
         assert oct(worker.admin_socket.stat().st_mode & 0o777) == "0o660"
 

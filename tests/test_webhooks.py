@@ -28,7 +28,7 @@ from api.wrapper.webhooks import (
     parse_retry_after,
     sign,
 )
-from tests.support.moto_server import free_port
+from tests.support.net import free_port
 
 PAYLOAD = {
     "id": "req-42",

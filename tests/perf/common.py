@@ -34,6 +34,7 @@ from typing import (
 
 import aiohttp
 
+from tests.support import procs
 from tests.support.net import (  # noqa: F401
     PerfError,
     free_port,
@@ -91,8 +92,8 @@ class Service:
 def launch(name: str, argv: Sequence[str], env: Mapping[str, str], log_path: Path, url: str,
            *, new_session: bool = False) -> Service:
     with open(log_path, "ab") as log:
-        process = subprocess.Popen(list(argv), cwd=REPO_ROOT, env=dict(env), stdout=log,
-                                   stderr=subprocess.STDOUT, start_new_session=new_session)
+        process = procs.popen(list(argv), cwd=REPO_ROOT, env=dict(env), stdout=log,
+                              stderr=subprocess.STDOUT, start_new_session=new_session)
     return Service(name, process, url, log_path)
 
 

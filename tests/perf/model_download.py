@@ -40,6 +40,7 @@ from tests.perf.common import (
     table,
     wait_until,
 )
+from tests.support import procs
 
 MIB = 1024 * 1024
 BLOCK = 16 * MIB
@@ -70,7 +71,7 @@ def drop(path: Path) -> None:
 def timed_child(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, float, str]:
     """(wall seconds, peak RSS MiB, stdout) of one child process (peak RSS from wait4)."""
     started = time.monotonic()
-    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    process = procs.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     out, err = process.stdout.read(), process.stderr.read()  # type: ignore[union-attr]
     _pid, status, usage = os.wait4(process.pid, 0)
     seconds = time.monotonic() - started

@@ -21,7 +21,8 @@ from typing import Any
 
 import aiohttp
 
-from tests.soak.stack import Stranger, TcpProxy, WebhookReceiver, Worker
+from tests.soak.stack import TcpProxy, WebhookReceiver, Worker
+from tests.support.stranger import Stranger
 
 KINDS = ("kill_comfyui", "stop_comfyui", "kill_wrapper", "crash_at_start", "node_fails",
          "s3_down", "webhook_down", "daemon_restart", "stranger_on_port")

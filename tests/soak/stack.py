@@ -1,5 +1,6 @@
 """The soak's stack: the daemon (simulator as ComfyUI, our wrapper), a moto S3 server behind a
-proxy that can be cut, a webhook receiver that can be stopped, and a stranger for ComfyUI's port.
+proxy that can be cut, a webhook receiver that can be stopped (the stranger for ComfyUI's port is in
+tests/support/stranger.py).
 
 Everything listens on 127.0.0.1 on free ports; every process started here is stopped here.
 """
@@ -13,7 +14,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,17 +24,14 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from tests.support import procs
+from tests.support.net import free_port
+
 logger = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[2]
 BUCKET = "soak-outputs"
 KEY_ID, SECRET_KEY, REGION = "AKIASOAKTESTKEY00000", "soak-secret", "us-east-1"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # --- S3: moto, behind a proxy that can be cut ------------------------------------------------------
@@ -50,7 +47,7 @@ class Moto:
 
     def start(self) -> None:
         log = open(self.folder / "moto.log", "wb")
-        self.process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
+        self.process = procs.popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
                                          "-p", str(self.port)], stdout=log, stderr=log)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -174,60 +171,6 @@ class WebhookReceiver:
             await self.runner.cleanup()
 
 
-# --- a stranger on ComfyUI's port ---------------------------------------------------------------
-class Stranger:
-    """Answers ComfyUI's probes like a leftover ComfyUI would; counts prompts sent to it (the
-    daemon must never adopt it, so that count must stay 0)."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.prompts = 0
-        self.runner: web.AppRunner | None = None
-
-    async def _stats(self, request: web.Request) -> web.Response:
-        return web.json_response({"system": {"comfyui_version": "stranger"}, "devices": []})
-
-    async def _ws(self, request: web.Request) -> web.WebSocketResponse:
-        ws = web.WebSocketResponse()
-        await ws.prepare(request)
-        await ws.send_json({"type": "status", "data": {"status": {"exec_info": {
-            "queue_remaining": 0}}, "sid": "x"}})
-        async for _ in ws:
-            pass
-        return ws
-
-    async def _queue(self, request: web.Request) -> web.Response:
-        return web.json_response({"queue_running": [], "queue_pending": []})
-
-    async def _prompt(self, request: web.Request) -> web.Response:
-        self.prompts += 1
-        return web.json_response({"error": "stranger"}, status=500)
-
-    async def hold(self, seconds_to_bind: float = 2.0) -> bool:
-        """Bind the port as soon as it is free (within `seconds_to_bind`); True when held."""
-        app = web.Application()
-        app.router.add_get("/system_stats", self._stats)
-        app.router.add_get("/ws", self._ws)
-        app.router.add_post("/prompt", self._prompt)
-        app.router.add_get("/queue", self._queue)
-        # A short shutdown: open WebSockets (probes, the daemon's watch) must not hold release().
-        self.runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-        await self.runner.setup()
-        deadline = time.monotonic() + seconds_to_bind
-        while time.monotonic() < deadline:
-            try:
-                await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
-                return True
-            except OSError:
-                await asyncio.sleep(0.005)
-        return False
-
-    async def release(self) -> None:
-        if self.runner is not None:
-            await self.runner.cleanup()
-            self.runner = None
-
-
 # --- the daemon -------------------------------------------------------------------------------------
 @dataclass
 class Worker:
@@ -301,9 +244,9 @@ class Worker:
     def start(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         log = open(self.folder / "daemon.log", "ab")
-        self.process = subprocess.Popen([sys.executable, "-m", "supervisor.commands.cli", "run"],
-                                        cwd=ROOT, env=self.env(), stdout=log,
-                                        stderr=subprocess.STDOUT, start_new_session=True)
+        self.process = procs.popen([sys.executable, "-m", "supervisor.commands.cli", "run"],
+                                   cwd=ROOT, env=self.env(), stdout=log,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
         self.starts += 1
 
     def terminate(self, timeout: float = 60.0) -> int | None:

@@ -9,7 +9,9 @@ It speaks the worker-facing half of the protocol on 127.0.0.1 over real HTTP:
 
 It can go down in two ways: ``Outage.ERROR_503`` (answers every call with 503) and
 ``Outage.CLOSED`` (its port is closed and open connections dropped), and come back up on the
-same port. Use the ``fake_autoscaler`` fixture, or construct one and ``await start()``.
+same port. Use the ``fake_autoscaler`` fixture (tests/conftest.py registers this module as a plugin),
+or construct one and ``await start()``; ``ThreadedAutoscaler`` serves fakes from a thread for
+synchronous tests.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import base64
 import enum
 import functools
 import json
-import socket
+import threading
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -31,13 +33,6 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 LOOPBACK = "127.0.0.1"
-
-
-def free_port() -> int:
-    """A TCP port on loopback that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((LOOPBACK, 0))
-        return sock.getsockname()[1]
 
 
 def new_private_key() -> rsa.RSAPrivateKey:
@@ -249,6 +244,55 @@ class FakeAutoscaler:
         )
         auth["__request_id"] = uuid.uuid4().hex  # extra fields must not upset the worker
         return web.json_response(auth)
+
+
+# --- the environment that points a worker at a fake -------------------------------------------
+CONTAINER_ID = 4242
+MASTER_TOKEN = "mt-e2e-secret"
+
+
+def autoscaler_env(report_addr: str, port: int, **extra: Any) -> dict[str, Any]:
+    """The variables a Vast instance gives the worker, pointing at a fake on `report_addr`;
+    `port` is the worker's public port (mapped to itself)."""
+    return {"REPORT_ADDR": report_addr, "CONTAINER_ID": CONTAINER_ID,
+            "MASTER_TOKEN": MASTER_TOKEN, "PUBLIC_IPADDR": "127.0.0.1",
+            f"VAST_TCP_PORT_{port}": port, "AUTOSCALER_REPORT_INTERVAL": "1", **extra}
+
+
+# --- the fake autoscaler in its own thread -------------------------------------------------------
+class ThreadedAutoscaler:
+    """A FakeAutoscaler served by an event loop in a background thread."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True,
+                                        name="fake-autoscaler")
+        self._thread.start()
+        self.fakes: list[FakeAutoscaler] = []
+
+    def call(self, coro, timeout: float = 30.0):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def new(self, **kwargs: Any) -> FakeAutoscaler:
+        async def make() -> FakeAutoscaler:
+            fake = FakeAutoscaler(**kwargs)
+            # All fakes sign with the same key and the signature covers only the URL, so each
+            # needs its own reqnum range or the worker rightly refuses a "replay".
+            fake._reqnum = 100_000 * len(self.fakes)
+            await fake.start()
+            return fake
+
+        fake = self.call(make())
+        self.fakes.append(fake)
+        return fake
+
+    def close(self) -> None:
+        for fake in self.fakes:
+            self.call(fake.stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(5)
+
+
 
 
 @pytest_asyncio.fixture

@@ -1,8 +1,7 @@
 """A real moto S3 server in a child process, for tests that talk to S3 over HTTP.
 
-Usage in a test module::
-
-    from tests.support.moto_server import moto_server  # noqa: F401  (the fixture)
+The ``moto_server`` fixture (one server per test module; tests/conftest.py registers this
+module as a plugin, so a test just names it)::
 
     def test_x(moto_server):
         moto_server.create_bucket("b")
@@ -23,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -37,16 +35,13 @@ import boto3
 import pytest
 from botocore.config import Config
 
+from tests.support.net import free_port
+from tests.support.procs import popen
+
 # moto ignores credentials until auth is on, but boto3 still wants some to sign with.
 ANY_KEY_ID = "AKIAMOTOTESTANYKEY00"
 ANY_SECRET = "moto-test-any-secret"
 REGION = "us-east-1"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass(frozen=True)
@@ -79,7 +74,7 @@ class MotoServer:
         last_error = ""
         for _ in range(3):
             self.port = free_port()
-            self._process = subprocess.Popen(
+            self._process = popen(
                 [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
                 env=env,
                 stdout=subprocess.DEVNULL,

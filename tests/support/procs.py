@@ -1,4 +1,11 @@
-"""Start real comfy-worker processes for tests: the API wrapper and the whole daemon."""
+"""Start real processes for tests: any command (`popen`, `run`), the API wrapper and the whole
+daemon (`start_wrapper`, `start_daemon`, `start_worker`, `start_multi`).
+
+Every child starts with default signal dispositions and an empty signal mask, whatever the test
+runner inherited: a shell's background job has SIGINT and SIGQUIT ignored, `nohup` ignores SIGHUP,
+and an ignored signal stays ignored across fork and exec, so a test that stops a child with
+Ctrl-C's signal would wait in vain.
+"""
 
 from __future__ import annotations
 
@@ -12,11 +19,32 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator, Sequence
 
 from tests.support.net import free_port, free_port_run, http_status, wait_until  # noqa: F401  (shared)
 
 ROOT = Path(__file__).resolve().parents[2]
+#: The signals a test (or a user) sends to stop something; a child must not inherit them ignored.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGQUIT, signal.SIGHUP)
+
+
+def default_signals() -> None:
+    """`preexec_fn` for test children: default dispositions for STOP_SIGNALS, nothing blocked.
+    (In the forked child, before exec; it only makes two system calls, so the threads of the test
+    run cannot deadlock it.)"""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, ())
+
+
+def popen(argv: Sequence[str], **kwargs: Any) -> subprocess.Popen:
+    """subprocess.Popen with default signal dispositions in the child."""
+    return subprocess.Popen(argv, preexec_fn=default_signals, **kwargs)
+
+
+def run(argv: Sequence[str], **kwargs: Any) -> subprocess.CompletedProcess:
+    """subprocess.run with default signal dispositions in the child."""
+    return subprocess.run(argv, preexec_fn=default_signals, **kwargs)
 
 
 def base_env(**extra: str) -> dict[str, str]:
@@ -62,8 +90,8 @@ def start_wrapper(tmp_path: Path, comfy_url: str, output_dir: Path, *, port: int
                            WEBHOOK_ALLOW_PRIVATE_TARGETS="true", API_ALLOW_PRIVATE_INPUTS="true",
                            **env)
     with open(log_path, "ab") as log:
-        process = subprocess.Popen([sys.executable, "-m", "supervisor.commands.cli", "api"], cwd=ROOT,
-                                   env=environment, stdout=log, stderr=subprocess.STDOUT)
+        process = popen([sys.executable, "-m", "supervisor.commands.cli", "api"], cwd=ROOT,
+                        env=environment, stdout=log, stderr=subprocess.STDOUT)
     proc = Proc(process, f"http://127.0.0.1:{port}", log_path)
     try:
         wait_until(lambda: process.poll() is not None or http_status(proc.url + "/health"),
@@ -164,9 +192,8 @@ def start_daemon(tmp_path: Path, *sim_args: str, wait_ready: bool = True, token:
             env[name] = str(value)
     log_path = tmp_path / "daemon.log"
     with open(log_path, "ab") as log:
-        process = subprocess.Popen([sys.executable, "-m", "supervisor.commands.cli", "run"], cwd=ROOT,
-                                   env=env, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+        process = popen([sys.executable, "-m", "supervisor.commands.cli", "run"], cwd=ROOT,
+                        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     daemon = Daemon(process, f"http://127.0.0.1:{public_port}", log_path,
                     tmp_path / "admin.sock", f"http://127.0.0.1:{comfy_port}", state,
                     env.get("WORKER_AUTH_TOKEN", ""), wrapper_url=f"http://127.0.0.1:{wrapper_port}",
@@ -182,6 +209,17 @@ def start_daemon(tmp_path: Path, *sim_args: str, wait_ready: bool = True, token:
     finally:
         if stop:
             daemon.stop(30)
+
+
+@contextlib.contextmanager
+def start_worker(tmp_path: Path, *sim_args: str, env: dict[str, Any] | None = None,
+                 port: int | None = None, wait_ready: bool = True) -> Iterator[Daemon]:
+    """`start_daemon` with no authentication variable set by default: pass
+    WORKER_AUTH_TOKEN, UNSECURED or the autoscaler's variables in `env` (None removes one)."""
+    no_auth = {"WORKER_AUTH_TOKEN": None, "UNSECURED": None}
+    with start_daemon(tmp_path, *sim_args, port=port, wait_ready=wait_ready,
+                      extra_env={**no_auth, **(env or {})}) as worker:
+        yield worker
 
 
 def fake_gpus(path: Path, count: int, name: str | None = None, **overrides: dict) -> Path:
