@@ -113,6 +113,7 @@ class ComfyClient:
         self._session = session
         self._owns_session = session is None
         self._sockets: set[aiohttp.ClientWebSocketResponse[bool]] = set()
+        self._closing: set[asyncio.Task[None]] = set()  # sockets closing in the background
         self._closed = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -129,6 +130,8 @@ class ComfyClient:
         for ws in list(self._sockets):
             await ws.close()
         self._sockets.clear()
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
         if self._owns_session and self._session is not None:
             await self._session.close()
         self._session = None
@@ -447,6 +450,15 @@ class ComfyClient:
                     raise ComfyUnreachable(f"WebSocket {self.ws_url}: closed right after connecting ({msg.type.name})")
         return ws, early
 
+    def _close_ws_later(self, ws: aiohttp.ClientWebSocketResponse[bool] | None) -> None:
+        """Close ``ws`` in a task of its own (:meth:`close` waits for it)."""
+        if ws is None:
+            return
+        self._sockets.discard(ws)
+        task = asyncio.get_running_loop().create_task(self._close_ws(ws))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
     async def _close_ws(self, ws: aiohttp.ClientWebSocketResponse[bool] | None) -> None:
         if ws is None:
             return
@@ -558,7 +570,8 @@ class _Follower:
                     self._contact_failed(reason)
                     next_poll = loop.time()
         finally:
-            await self.client._close_ws(self.ws)
+            # The answer is known: the close handshake need not hold it up.
+            self.client._close_ws_later(self.ws)
             self.ws = None
 
     # -------------------------------------------------------------- contact bookkeeping
