@@ -14,7 +14,7 @@ from api.comfy import ComfyClient, ComfyError, OutputFile, PromptResult
 from api.comfy.folders import Folder, OutputFolderGuide
 from api.wrapper.jobs import Job
 from api.wrapper.metrics import WrapperMetrics
-from api.wrapper.outputs import collect, inline_base64, missing
+from api.wrapper.outputs import collect, inline_base64, link_outputs, missing
 from api.wrapper.s3 import S3Settings, S3Uploader, UploadItem
 from api.wrapper.s3 import merge as merge_s3
 
@@ -40,9 +40,12 @@ class OutputDelivery:
 
     async def deliver(self, job: Job, result: PromptResult) -> int:
         """Fill `job.output`; the number of files whose upload failed (they stay on disk)."""
-        fetched = await self._fetch_missing(result.outputs)
-        entries = await asyncio.to_thread(collect, result.outputs, self.folder.path, job.id,
-                                          fetched, self.folder.why)
+        folder = self.folder
+        entries = link_outputs(result.outputs, folder.path, job.id)
+        if entries is None:  # copies, or files not where the folder says (fetched first)
+            fetched = await self._fetch_missing(result.outputs)
+            entries = await asyncio.to_thread(collect, result.outputs, folder.path, job.id,
+                                              fetched, folder.why)
         entries += [{"node_id": t.node_id, "output_type": t.output_type, "text": t.text,
                      "type": "text"} for t in result.texts]
         if job.request.return_base64:

@@ -129,9 +129,12 @@ class PromptExecution:
                     await self._guard.until_ours(deadline)
                 run = asyncio.create_task(self._follow(submitted, graph, watch))
                 submitted = None
+                # Not wait_for: at the deadline the prompt is interrupted, then followed a while.
+                await asyncio.wait((run,), timeout=max(0.0, deadline - time.monotonic()))
+                if not run.done():
+                    raise asyncio.TimeoutError()
                 try:
-                    return await asyncio.wait_for(asyncio.shield(run),
-                                                  max(0.0, deadline - time.monotonic()))
+                    return run.result()
                 except (ComfyConnectionError, PromptVanished) as exc:
                     self._guard.lost()
                     if watch.executing or job.cancel_requested or \

@@ -1,5 +1,5 @@
 """The end of every request, whatever ended it: the job takes its outcome, its waiting client is
-answered, its result becomes readable at /result/{id} and is written to disk, and its webhook
+answered, its result stays readable at /result/{id} and is written to disk, and its webhook
 goes out."""
 
 from __future__ import annotations
@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-from typing import Any
 
 from api.contract.result import JobStatus, now_ms
 from api.wrapper.background import Background
@@ -37,6 +36,9 @@ class Finisher:
         self.served: collections.Counter[str] = collections.Counter()  # by final status
 
     def finish(self, job: Job, outcome: Outcome) -> None:
+        """End the job now. Its waiting client is answered first; the bookkeeping (metrics,
+        log line, result record, file, webhook) follows in a task of its own, which runs
+        before anything else can ask about the job (the client's next request included)."""
         status = outcome.status
         job.status = status
         job.message = outcome.message
@@ -48,22 +50,25 @@ class Finisher:
             job.model_leases = []
         if job.generated_at_ms is None and job.started_at_ms:
             job.generated_at_ms = job.completed_at_ms
+        if job.listeners:
+            job.publish({"event": "final_result", "request_id": job.id,
+                         "status": "final_result", "result": job.result(),
+                         "elapsed_time": job.elapsed()})
+        job.done.set()
+        self._background.spawn(self._settle(job), f"persist-final-{job.id}")
+
+    async def _settle(self, job: Job) -> None:
+        status = job.status
         self.served[status.value] += 1
         if self._metrics:
             kind = job.failure.value if job.failure else status.value
             self._metrics.job_finished(kind, job.timings(), job.started_at_ms is not None)
         level = logging.INFO if status is JobStatus.COMPLETED else logging.WARNING
-        logger.log(level, "request %s %s: %s", job.id, status.value, outcome.message)
+        logger.log(level, "request %s %s: %s", job.id, status.value, job.message)
         record = job.to_record()
         self._store.remember(record)  # readable at /result/{id} from now on
         self._active.pop(job.id, None)
-        job.publish({"event": "final_result", "request_id": job.id, "status": "final_result",
-                     "result": job.result(), "elapsed_time": job.elapsed()})
-        job.done.set()  # the waiting client is answered without waiting for the disk
-        self._background.spawn(self._persist(job, record), f"persist-final-{job.id}")
         self._send_webhook(job)
-
-    async def _persist(self, job: Job, record: dict[str, Any]) -> None:
         if job.persisting is not None:  # the "queued" record must not land after this one
             await asyncio.gather(job.persisting, return_exceptions=True)
         await self._store.write(record)

@@ -37,6 +37,57 @@ def missing(outputs: list[Any], output_dir: Path) -> list[int]:
             if not _source(item, output_dir).is_file()]
 
 
+#: Most output files `link_outputs` links on the event loop; more go to a thread.
+INLINE_LINKS = 8
+
+
+def link_outputs(outputs: list[Any], output_dir: Path, request_id: str
+                 ) -> list[dict[str, Any]] | None:
+    """The usual case, done where it is asked: every output is a file on the request folder's
+    own file system, so each is one hard link (no data is read or written: a few metadata
+    calls of fixed size). None when that is not so (a file missing or on another device, more
+    than INLINE_LINKS files, a link refused): `collect` then does it all in a thread.
+
+    A trip to a thread costs two wake-ups; on a busy 2-core host that was most of what the
+    wrapper added to a small request (see tests/perf/wrapper_latency.py)."""
+    if len(outputs) > INLINE_LINKS:
+        return None
+    folder = output_dir / request_id
+    try:
+        sources = [_source(item, output_dir) for item in outputs]
+        devices = {os.stat(source).st_dev for source in sources}
+        if not sources:
+            return []
+        folder.mkdir(parents=True, exist_ok=True)
+        if devices != {os.stat(folder).st_dev}:
+            return None
+        real = folder.resolve()
+    except OSError:
+        return None
+    taken: set[str] = set()
+    made: list[Path] = []
+    described = []
+    for item, source in zip(outputs, sources):
+        name = _unique(folder, item.filename, taken)
+        try:
+            os.link(source, folder / name)
+        except OSError:
+            for path in made:  # all or nothing: `collect` starts from a clean folder
+                path.unlink(missing_ok=True)
+            return None
+        made.append(folder / name)
+        described.append({**_describe(item), "filename": name, "local_path": str(real / name)})
+    return described
+
+
+def _describe(item: Any) -> dict[str, Any]:
+    return {"filename": item.filename, "local_path": None, "type": item.type,
+            "subfolder": item.subfolder, "node_id": item.node_id,
+            "output_type": item.output_type,
+            "mimetype": item.mimetype or mimetypes.guess_type(item.filename)[0]
+            or "application/octet-stream"}
+
+
 def _source(item: Any, output_dir: Path) -> Path:
     return Path(item.local_path) if item.local_path else output_dir / item.subfolder / item.filename
 
@@ -56,13 +107,7 @@ def collect(outputs: list[Any], output_dir: Path, request_id: str,
     taken: set[str] = set()
     described: list[dict[str, Any]] = []
     for index, item in enumerate(outputs):
-        entry: dict[str, Any] = {
-            "filename": item.filename, "local_path": None, "type": item.type,
-            "subfolder": item.subfolder, "node_id": item.node_id,
-            "output_type": item.output_type,
-            "mimetype": item.mimetype or mimetypes.guess_type(item.filename)[0]
-            or "application/octet-stream",
-        }
+        entry = _describe(item)
         source = _source(item, output_dir)
         if not source.is_file():
             got = fetched.get(index)

@@ -25,6 +25,12 @@ class InputPreparer:
         self._fetcher = fetcher
         self._model_urls = model_urls
 
+    @staticmethod
+    def needed(graph: dict[str, Any], refs: list[ModelRef]) -> bool:
+        """Whether the graph has anything to fetch or upload (else it runs as it is)."""
+        return bool(refs) or any(_is_image_input(name, value) for node in graph.values()
+                                 for name, value in (node.get("inputs") or {}).items())
+
     async def prepare(self, job: Job, graph: dict[str, Any], refs: list[ModelRef],
                       ready: Callable[[], None]) -> None:
         """Fill `job.prepared`; `ready` is told when the job's models or inputs are in (it may
@@ -66,8 +72,7 @@ class InputPreparer:
         for node_id, node in graph.items():
             inputs = node.get("inputs") or {}
             for name, value in list(inputs.items()):
-                if not looks_like_image_reference(value) and not (
-                        name == "image" and isinstance(value, str) and len(value) > 256):
+                if not _is_image_input(name, value):
                     continue
                 try:
                     image = await self._fetcher.load(value)
@@ -79,3 +84,10 @@ class InputPreparer:
                 inputs[name] = (f"{uploaded.subfolder}/{uploaded.name}" if uploaded.subfolder
                                 else uploaded.name)
         return graph
+
+
+def _is_image_input(name: str, value: Any) -> bool:
+    """An input image to fetch or decode: a URL, a data URI, or long text in an `image` input
+    (plain base64)."""
+    return looks_like_image_reference(value) or (
+        name == "image" and isinstance(value, str) and len(value) > 256)

@@ -150,8 +150,13 @@ class GenerationService:
         self._active[job.id] = job
         self._queue.append(job)
         background = self.parts.background
-        background.spawn(self.parts.preparer.prepare(job, graph, refs, self.runner.inputs_ready),
-                         f"prepare-{job.id}")
+        if self.parts.preparer.needed(graph, refs):
+            background.spawn(self.parts.preparer.prepare(job, graph, refs,
+                                                         self.runner.inputs_ready),
+                             f"prepare-{job.id}")
+        else:  # nothing to fetch or upload: no task for it
+            job.prepared.set_result(graph)
+            self.runner.inputs_ready()
         if record_queued:
             job.persisting = background.spawn(self.parts.store.save(job.to_record()),
                                               f"persist-{job.id}")
