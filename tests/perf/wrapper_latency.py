@@ -14,7 +14,7 @@ Starts the ComfyUI simulator and a `comfy-worker api` subprocess pointed at it, 
    (``execution_start`` / ``execution_success`` in ``/history``, milliseconds). For comparison,
    the same number queued straight into ComfyUI shows its own gap with a full queue.
 
-Targets (from the issue): the wrapper adds <= 2 ms at p50; ComfyUI is never idle between queued
+Targets (from the issues): the wrapper adds <= 1.5 ms at p50; ComfyUI is never idle between queued
 jobs (here: the gap through the wrapper is no larger than ComfyUI's own gap + 1 ms).
 """
 
@@ -51,7 +51,7 @@ from tests.perf.common import (
     tiny_graph,
 )
 
-ADDED_P50_TARGET_MS = 2.0
+ADDED_P50_TARGET_MS = 1.5
 IDLE_TOLERANCE_MS = 1.0
 
 Call = Callable[[], Awaitable[Any]]
@@ -155,7 +155,7 @@ async def measure(args: argparse.Namespace, comfy_url: str, output_dir: Path,
         "back_to_back": {"concurrent": args.concurrent, "single_p50_ms": single_ms,
                          "rounds": rounds},
         "comfyui_alone": alone,
-        "targets": {"added_p50_le_2ms": added_p50 <= ADDED_P50_TARGET_MS,
+        "targets": {"added_p50_le_1_5ms": added_p50 <= ADDED_P50_TARGET_MS,
                     "comfyui_never_idle":
                         wrapper_gap_mean <= (alone["gap_mean_ms"] or 0.0) + IDLE_TOLERANCE_MS},
     }
@@ -206,7 +206,7 @@ def render(report: dict[str, Any]) -> str:
         f"busy {alone['comfyui_busy_pct']} % (timestamps have 1 ms resolution)",
         "",
         f"target: wrapper adds <= {ADDED_P50_TARGET_MS:g} ms at p50 ... "
-        f"{'met' if targets['added_p50_le_2ms'] else 'NOT met'}",
+        f"{'met' if targets['added_p50_le_1_5ms'] else 'NOT met'}",
         "target: ComfyUI never idle between queued jobs "
         f"(gap <= its own + {IDLE_TOLERANCE_MS:g} ms) ... "
         f"{'met' if targets['comfyui_never_idle'] else 'NOT met'}",
