@@ -26,6 +26,7 @@ from config.types import (
     StrMap,
     TableList,
     Url,
+    VersionOrAuto,
 )
 
 
@@ -180,6 +181,17 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("comfyui", "startup_timeout", Float(1, 86400), 900.0,
             "Seconds ComfyUI may take to answer its first probe (custom nodes can take minutes).",
             ("COMFYUI_STARTUP_TIMEOUT",)),
+    Setting("comfyui", "version", VersionOrAuto(), "auto",
+            "Which ComfyUI runs, for the flags the worker may pass it: \"auto\" asks it before "
+            "each start (comfyui.command with --help); a version (\"0.3.64\", \"0.38.1\") "
+            "uses that version's flags without asking, for a start script that swallows "
+            "--help. Where asking fails, 0.3.64's flags are assumed and /health says so.",
+            ("COMFYUI_VERSION_OVERRIDE",)),
+    Setting("comfyui", "assets", Str(("off", "on")), "off",
+            "ComfyUI's assets database (newer ComfyUI, on by default there): \"off\" passes "
+            "--disable-assets where this ComfyUI has that flag (no start-up scans, no walk of the "
+            "output folder, no database lock); \"on\" leaves ComfyUI's default.",
+            ("COMFYUI_ASSETS",)),
     Setting("comfyui", "allow_public_listen", Bool(), False,
             "Allow a ComfyUI command that listens on all interfaces (ComfyUI has no auth).",
             ("COMFYUI_ALLOW_PUBLIC_LISTEN",)),

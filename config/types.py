@@ -149,6 +149,23 @@ class Str(SettingType):
         return value
 
 
+class VersionOrAuto(SettingType):
+    """``"auto"``, or a version number such as ``0.3.64`` (a leading ``v`` is allowed)."""
+
+    expected = "\"auto\" or a version number such as \"0.3.64\""
+
+    def check(self, value: Any) -> str:
+        if not isinstance(value, str):
+            raise self.fail()
+        value = value.strip()
+        if value == "auto":
+            return value
+        parts = value[1:] if value.startswith("v") else value
+        if not parts or not all(p.isdigit() for p in parts.split(".")) or parts.count(".") > 2:
+            raise self.fail()
+        return parts
+
+
 class Url(SettingType):
     """An http(s) URL, or empty for "not set"."""
 

@@ -116,16 +116,38 @@ def test_placeholders_fill_env_and_wrapper_command_and_other_braces_stay():
     assert {"port", "instance", "gpu_uuid", "instance_folders"} <= set(PLACEHOLDERS)
 
 
-def test_config_check_warns_when_instances_would_collide(tmp_path):
+def test_config_check_refuses_a_shared_database_and_warns_of_other_collisions(tmp_path):
     from supervisor.commands.cli import main
 
     shared = tmp_path / "shared.toml"
     shared.write_text('[comfyui]\ncommand = ["python", "main.py", "--port", "{port}"]\n'
                       '[wrapper]\ncommand = ["wrap", "--port", "9000"]\n')
     result = CliRunner().invoke(main, ["config", "check", str(shared)])
+    assert result.exit_code == 2, result.output
+    assert "instances 0 and 1 would share ComfyUI's SQLite database" in result.output
+    assert "ASSETS_STARTUP_FAILED: in_use" in result.output and "{instance_folders}" in result.output
+    assert "OK" not in result.output
+    # Each instance its own user folder but no --database-url: 0.3.64 keeps the database under
+    # its install folder whatever --user-directory says; without comfyui.version that is refused.
+    users = tmp_path / "users.toml"
+    users.write_text('[comfyui]\ncommand = ["python", "main.py", "--port", "{port}", '
+                     '"--output-directory", "/o/{instance}", "--input-directory", "/i/{instance}", '
+                     '"--temp-directory", "/t/{instance}", "--user-directory", "/u/{instance}"]\n')
+    result = CliRunner().invoke(main, ["config", "check", str(users)])
+    assert result.exit_code == 2 and "ComfyUI 0.3.64 keeps it under" in result.output, \
+        result.output
+    # ... the newest ComfyUI keeps it in the user folder: told which runs, the plan passes.
+    users.write_text(users.read_text() + 'version = "0.38.1"\n')
+    result = CliRunner().invoke(main, ["config", "check", str(users)])
+    assert result.exit_code == 0, result.output
+    # What is only a warning: the same output folder, a wrapper started the same way.
+    warned = tmp_path / "warned.toml"
+    warned.write_text('[comfyui]\ncommand = ["python", "main.py", "--port", "{port}", '
+                      '"--database-url", "sqlite:////db/{instance}.db"]\n'
+                      '[wrapper]\ncommand = ["wrap", "--port", "9000"]\n')
+    result = CliRunner().invoke(main, ["config", "check", str(warned)])
     assert result.exit_code == 0, result.output
     assert "instances would share the output folder" in result.output
-    assert "SQLite database" in result.output
     assert "wrapper.command: every instance's wrapper would start the same way" in result.output
     good = tmp_path / "good.toml"
     good.write_text('[comfyui]\ncommand = ["python", "main.py", "--port", "{port}", '
@@ -133,6 +155,59 @@ def test_config_check_warns_when_instances_would_collide(tmp_path):
     result = CliRunner().invoke(main, ["config", "check", str(good)])
     assert result.exit_code == 0 and "warning" not in result.output, result.output
     assert not collisions(load_settings(good, environ={}))
+
+
+def test_the_worker_passes_only_flags_this_comfyui_knows():
+    from api.comfy.flags import FLAGS_0_3_64, FLAGS_NEWEST, ComfyFlags
+
+    old = ComfyFlags(FLAGS_0_3_64, "asked", True)
+    new = ComfyFlags(FLAGS_NEWEST, "asked", True)
+    s = settings(COMFYUI_MODELS_DIR="/data/models")
+    (plan,) = plan_instances(s, [GpuSlot()], old)
+    assert "--disable-assets" not in plan.comfyui.command
+    assert "--models-directory" not in plan.comfyui.command
+    assert plan.assets.mode.value == "none"
+    plans = plan_instances(s, select_gpus("all", GPUS[:2], templated=True), new)
+    command = plans[1].comfyui.command
+    # after the instance's own folders, where {instance_folders} stood
+    assert command[-3:] == ["--disable-assets", "--models-directory", "/data/models"], command
+    assert command.count("--disable-assets") == 1
+    assert plans[1].assets.mode.value == "off"
+    assert str(plans[1].assets.database) == "/srv/comfy/instances/1/user/comfyui.db"
+    assert "/data/models" in {str(p) for p in plans[1].make_dirs}   # ComfyUI needs it to exist
+    # comfyui.assets = "on": ComfyUI's default is left alone
+    (plan,) = plan_instances(settings(COMFYUI_ASSETS="on"), [GpuSlot()], new)
+    assert "--disable-assets" not in plan.comfyui.command and plan.assets.mode.value == "on"
+    # a flag 0.3.64 lacked is not in {instance_folders} of a ComfyUI without it
+    bare = ComfyFlags(FLAGS_0_3_64 - {"--database-url"}, "asked", True)
+    command = plan_instances(s, select_gpus("all", GPUS[:2], templated=True), bare)[0] \
+        .comfyui.command
+    assert "--database-url" not in command and "--user-directory" in command
+    # not known at all (asking failed): nothing beyond the folders, and assets unknown
+    from api.comfy.flags import assumed
+
+    plans = plan_instances(s, select_gpus("all", GPUS[:2], templated=True), assumed("x"))
+    assert "--disable-assets" not in plans[0].comfyui.command
+    assert plans[0].assets.mode.value == "unknown"
+
+
+def test_a_plan_on_one_database_is_refused_with_the_fix():
+    from api.comfy.flags import FLAGS_NEWEST, ComfyFlags
+    from supervisor.instances.plan import refusals
+
+    new = ComfyFlags(FLAGS_NEWEST, "asked", True)
+    shared = settings(COMFYUI_COMMAND=json.dumps(["python", "main.py", "--port", "{port}",
+                                                  "--base-directory", "/b"]))
+    plans = plan_instances(shared, select_gpus("all", GPUS, templated=True), new)
+    (problem,) = refusals(plans, new)
+    assert "instances 0 and 1 would share ComfyUI's SQLite database /b/user/comfyui.db" in problem
+    assert "{instance_folders}" in problem
+    assert refusals(plan_instances(settings(), select_gpus("all", GPUS, templated=True), new),
+                    new) == []
+    memory = settings(COMFYUI_COMMAND=json.dumps(["python", "main.py", "--port", "{port}",
+                                                  "--database-url", "sqlite:///:memory:"]))
+    assert refusals(plan_instances(memory, select_gpus("all", GPUS, templated=True), new),
+                    new) == []
 
 
 # --- siblings and the worker state ---------------------------------------------------------------

@@ -6,9 +6,11 @@ command line as configured, ComfyUI's command line as it really runs (its proces
 ``GET /system_stats`` argv), and last a guess under ``comfyui.install_path`` that says it is one.
 
 ComfyUI lives where the operator put it. Its folders follow its command line: `--base-directory`
-moves all of them, `--output-directory`, `--input-directory` and `--temp-directory` move one each
-(ComfyUI keeps temp files in a `temp` folder *inside* `--temp-directory`). Without any of them the
-folders sit in ComfyUI's own folder, `comfyui.install_path`. Assuming `<install_path>/output` instead made every request
+moves all of them, `--output-directory`, `--input-directory`, `--temp-directory`,
+`--user-directory` and (newer ComfyUI) `--models-directory` move one each (ComfyUI keeps temp files
+in a `temp` folder *inside* `--temp-directory`). Without any of them the folders sit in ComfyUI's
+own folder, `comfyui.install_path`. Its SQLite database follows `--database-url`, else it is
+`comfyui.db` in the user folder (ComfyUI 0.3.64: always under the install folder's `user/`). Assuming `<install_path>/output` instead made every request
 on a host started with `--base-directory` fail with "file not on disk", so the worker reads the
 command it starts, and an explicit `comfyui.output_dir` (etc.) still wins.
 
@@ -30,7 +32,9 @@ if TYPE_CHECKING:
 
 #: ComfyUI's own flags, mapped to the folder they move.
 _FLAGS = {"--base-directory": "base", "--output-directory": "output",
-          "--input-directory": "input", "--temp-directory": "temp"}
+          "--input-directory": "input", "--temp-directory": "temp",
+          "--models-directory": "models", "--user-directory": "user",
+          "--database-url": "database"}
 
 
 logger = logging.getLogger(__name__)
@@ -52,6 +56,24 @@ class ComfyFolders:
     input: Folder
     temp: Folder
     models: Folder
+    user: Folder
+    #: ``--database-url`` as written (relative paths resolved), "" when not given.
+    database_url: str = ""
+
+    def database(self, follows_user_folder: bool, install_path: Path | None) -> Path | None:
+        """Where ComfyUI's SQLite database lives; None when it is kept in memory.
+
+        ``follows_user_folder``: the newest ComfyUI (the one with `--disable-assets`) keeps it
+        at ``<user folder>/comfyui.db`` by default; 0.3.64 under ``<install_path>/user``."""
+        url = self.database_url
+        if url:
+            if not url.startswith("sqlite:///"):
+                return None
+            path = url[len("sqlite:///"):]
+            return None if path in ("", ":memory:") else Path(path)
+        if follows_user_folder:
+            return self.user.path / "comfyui.db"
+        return Path(install_path or ".") / "user" / "comfyui.db"
 
 
 def command_flags(command: Sequence[str]) -> dict[str, str]:
@@ -104,10 +126,14 @@ def discover(command: Sequence[str], cwd: Path | None, install_path: Path | None
             return Folder(path, f"from --{kind}-directory in {source}")
         return Folder(base.path / kind, f"{base.why}, then {kind}/")
 
-    # ComfyUI has no flag for its models folder: it is always models/ under the base folder
-    # (extra_model_paths.yaml adds search places but never moves where files are expected).
+    # extra_model_paths.yaml adds search places for models but never moves where files are
+    # expected; only --models-directory (newer ComfyUI) or --base-directory do.
+    database = flags.get("database", "")
+    if database.startswith("sqlite:///") and database[len("sqlite:///"):] not in ("", ":memory:"):
+        database = "sqlite:///" + str(absolute(database[len("sqlite:///"):]))
     return ComfyFolders(base=base, output=folder("output"), input=folder("input"),
-                        temp=folder("temp"), models=folder("models"))
+                        temp=folder("temp"), models=folder("models"), user=folder("user"),
+                        database_url=database)
 
 
 def guessed(folders: ComfyFolders) -> bool:

@@ -64,7 +64,7 @@ from pathlib import Path
 from typing import Any
 
 from api.host.ports import stranger_on_port
-from supervisor.children.childlog import ChildLog, exit_cause
+from supervisor.children.childlog import ChildLog, FailureRule, exit_cause
 from supervisor.sdnotify import strip_notify_env
 
 logger = logging.getLogger(__name__)
@@ -171,6 +171,9 @@ class ChildSpec:
     #: child is waiting on something else that is failing (a wrapper whose /health asks a hung
     #: ComfyUI cannot answer in time, and killing it would only lose its queue).
     hang_excuse: Callable[[], str | None] | None = None
+    #: Rules that recognise the line of the child's output saying why it stopped, with the fix
+    #: (see ``childlog.exit_cause``); a crash's reason quotes that line.
+    failure_rules: tuple[FailureRule, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.command:
@@ -220,6 +223,14 @@ except OSError as exc:
     sys.stderr.flush()
     os._exit(127)
 """
+
+
+def dies_with_parent(argv: list[str]) -> list[str]:
+    """``argv`` run through the exec wrapper that sets PR_SET_PDEATHSIG (Linux; elsewhere
+    ``argv`` as is), for any process the supervisor starts that must not outlive it."""
+    if not sys.platform.startswith("linux"):
+        return list(argv)
+    return [sys.executable, "-I", "-S", "-c", _PDEATHSIG_WRAPPER, str(os.getpid()), *argv]
 
 
 def _signal_name(signum: int) -> str:
@@ -569,7 +580,7 @@ class ChildProcess:
             logger.exception("%s: reading output failed", self.name)
         if self._intent is None and not self._stopping and returncode > 0:
             # It died by itself: its own last words usually say why (a traceback's last line).
-            cause = exit_cause(self._log.since(run_mark))
+            cause = exit_cause(self._log.since(run_mark), known=self.spec.failure_rules)
             if cause:
                 info = dataclasses.replace(info, description=f"{info.description}: {cause}")
         if stranger is not None:
@@ -588,8 +599,8 @@ class ChildProcess:
         strip_notify_env(env)
         self._check_command(env)
         argv = list(spec.command)
-        if spec.kill_on_parent_death and sys.platform.startswith("linux"):
-            argv = [sys.executable, "-I", "-S", "-c", _PDEATHSIG_WRAPPER, str(os.getpid()), *argv]
+        if spec.kill_on_parent_death:
+            argv = dies_with_parent(argv)
         return await asyncio.create_subprocess_exec(
             *argv,
             stdin=asyncio.subprocess.DEVNULL,

@@ -15,7 +15,7 @@ import re
 import time
 from collections import deque
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 #: Longest line kept; the rest of an over-long line is cut (and marked).
 MAX_LINE_CHARS = 8192
@@ -26,23 +26,41 @@ CAUSE_CHARS = 160
 _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt|Failure|Fault)\b(:.*)?$")
 
 
-def exit_cause(lines: Sequence[str], limit: int = CAUSE_CHARS) -> str:
+#: Recognises the line that says why a child stopped: (the text to quote, the fix) or None.
+#: The child's program knows its own (ComfyUI's are in api/comfy/failures.py).
+FailureRule = Callable[[str], "tuple[str, str] | None"]
+
+
+def exit_cause(lines: Sequence[str], limit: int = CAUSE_CHARS,
+               known: Sequence[FailureRule] = ()) -> str:
     """The line of a dead child's output that most likely says why it died, or "".
 
-    A Python traceback ends with the exception line (``FileNotFoundError: ...``), possibly
-    followed by a few lines of noise; that line wins. Otherwise the last non-blank line, which
-    is where most programs put their fatal message. One line, cut to ``limit`` characters.
+    A line a ``known`` rule recognises wins (the last such line), quoted with the rule's fix:
+    a program that stops at start often prints advice after its reason. Else a Python
+    traceback's exception line (``FileNotFoundError: ...``), which may be followed by a few
+    lines of noise. Otherwise the last non-blank line, which is where most programs put their
+    fatal message. The quoted line is cut to ``limit`` characters.
     """
     meaningful = [line.strip() for line in lines if line.strip()]
     if not meaningful:
         return ""
+    for line in reversed(meaningful):
+        for rule in known:
+            found = rule(line)
+            if found is not None:
+                quoted, fix = found
+                return f"{_cut(quoted, limit)} ({fix})"
     chosen = meaningful[-1]
     if any(line.startswith("Traceback (most recent call last)") for line in meaningful):
         for line in reversed(meaningful):
             if _EXCEPTION_LINE.match(line):
                 chosen = line
                 break
-    return chosen if len(chosen) <= limit else chosen[:limit - 3] + "..."
+    return _cut(chosen, limit)
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 class LineSplitter:

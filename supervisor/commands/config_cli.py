@@ -9,7 +9,7 @@ import click
 from api.modelstore import ManifestError, load_manifest
 from config import SettingsError, check_file, render_example, render_settings_docs
 from supervisor.commands import app
-from supervisor.instances.plan import collisions
+from supervisor.instances.plan import collisions, config_refusals
 
 
 @app.group("config")
@@ -44,6 +44,10 @@ def check(file: str) -> None:
         load_manifest(settings)  # the model manifest's entries, field by field
     except (SettingsError, ManifestError) as exc:
         raise app.BadSettings(f"{file}: {exc}") from None
+    # Refused as the daemon would refuse them at start: two instances on one database.
+    refused = config_refusals(settings)
+    if refused:
+        raise app.BadSettings(*(f"{file}: on a host with several GPUs, {p}" for p in refused))
     # Warnings, not errors: a one-GPU host runs one instance and never collides.
     for warning in collisions(settings):
         click.echo(f"{file}: warning: on a host with several GPUs, {warning}", err=True)

@@ -14,6 +14,13 @@ instance runs), so two ComfyUIs never write into each other's files while models
 
 A command without any placeholder cannot run twice on one host (the port would collide), so such
 a configuration runs one instance, as it always did, and says which setting would use the rest.
+
+What the worker adds to ComfyUI's command line depends on which flags this ComfyUI has
+(`api.comfy.flags`, asked before launch): a flag it does not know is never passed. Where it has
+them, `--disable-assets` (comfyui.assets = "off") and `--models-directory` (an explicit
+comfyui.models_dir) are added to every instance's command. Two instances on one SQLite database
+cannot both start with the newest ComfyUI (the second stops with `ASSETS_STARTUP_FAILED: in_use`),
+so a plan that would share one is refused (`refusals`), by `config check` and at start alike.
 """
 
 from __future__ import annotations
@@ -21,10 +28,13 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
+from api.comfy.failures import OWN_DATABASE
+from api.comfy.flags import ComfyFlags, for_version
 from api.comfy.folders import ComfyFolders, discover
 
 logger = logging.getLogger(__name__)
@@ -78,6 +88,27 @@ class ChildPlan:
     cwd: Path | None
 
 
+class AssetsMode(str, Enum):
+    """Whether an instance's ComfyUI runs its assets database (scans, output walks, a lock)."""
+
+    OFF = "off"          # --disable-assets passed (or written in comfyui.command)
+    ON = "on"            # the newest ComfyUI's default, comfyui.assets = "on"
+    NONE = "none"        # this ComfyUI has no assets system (0.3.64)
+    UNKNOWN = "unknown"  # its flags were assumed: ComfyUI itself says after start (/features)
+
+
+@dataclass(frozen=True)
+class Assets:
+    mode: AssetsMode
+    why: str
+    #: The instance's SQLite database (None: in memory, or not known).
+    database: Path | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mode": self.mode.value, "why": self.why,
+                "database": str(self.database) if self.database else None}
+
+
 @dataclass(frozen=True)
 class InstancePlan:
     """Everything one instance needs to start, placeholders filled in."""
@@ -96,6 +127,11 @@ class InstancePlan:
     #: Folders to make before ComfyUI starts ({instance_folders}: ComfyUI refuses a
     #: --user-directory that does not exist).
     make_dirs: tuple[Path, ...] = ()
+    #: The flags this ComfyUI accepts, and how that is known.
+    flags: ComfyFlags | None = None
+    assets: Assets = Assets(AssetsMode.UNKNOWN, "not planned", None)
+    #: comfyui.install_path (where ComfyUI 0.3.64 keeps its database).
+    install_path: Path | None = None
 
     @property
     def suffix(self) -> str:
@@ -168,52 +204,135 @@ def _instance_root(base: Path, number: int) -> Path:
     return base / "instances" / str(number)
 
 
-def _instance_folder_flags(base: Path, number: int) -> list[str]:
+#: The folder flags of {instance_folders}, each with the folder (under the instance's root) it
+#: names; all of them are in 0.3.64, and a ComfyUI that lacked one would not be given it.
+_FOLDER_FLAGS = (("--output-directory", "output"), ("--input-directory", "input"),
+                 ("--temp-directory", ""), ("--user-directory", "user"))
+
+
+def _instance_folder_flags(base: Path, number: int, flags: ComfyFlags | None) -> list[str]:
     root = _instance_root(base, number)
-    return ["--output-directory", str(root / "output"), "--input-directory", str(root / "input"),
-            "--temp-directory", str(root), "--user-directory", str(root / "user"),
-            "--database-url", f"sqlite:///{root / 'user' / 'comfyui.db'}"]
+    out: list[str] = []
+    for flag, sub in _FOLDER_FLAGS:
+        if flags is None or flags.knows(flag):
+            out += [flag, str(root / sub) if sub else str(root)]
+    if flags is None or flags.knows("--database-url"):
+        out += ["--database-url", f"sqlite:///{root / 'user' / 'comfyui.db'}"]
+    return out
+
+
+def _worker_flags(settings: Any, flags: ComfyFlags | None,
+                  command: Sequence[str]) -> tuple[list[str], list[Path]]:
+    """What the worker adds to ComfyUI's command line beyond its folders, and the folders that
+    must exist for it: only flags this ComfyUI has, and none the command already gives."""
+    if flags is None:
+        return [], []
+    names = {arg.partition("=")[0] for arg in command}
+    added: list[str] = []
+    make: list[Path] = []
+    if settings.comfyui.assets == "off" and flags.knows("--disable-assets") and \
+            not names & {"--disable-assets", "--enable-assets"}:
+        added.append("--disable-assets")
+    models = settings.get("comfyui.models_dir")
+    if models is not None and str(models) not in ("", ".") and \
+            flags.knows("--models-directory") and "--models-directory" not in names:
+        # ComfyUI refuses a --models-directory that does not exist.
+        added += ["--models-directory", str(models)]
+        make.append(Path(models))
+    return added, make
+
+
+def _assets(settings: Any, flags: ComfyFlags | None, written: Sequence[str],
+            added: Sequence[str], folders: ComfyFolders) -> Assets:
+    """Whether this instance runs ComfyUI's assets database, why, and where that database is.
+    ``written``: comfyui.command as the operator wrote it; ``added``: the worker's flags."""
+    names = {arg.partition("=")[0] for arg in written}
+    install = settings.comfyui.install_path
+    if flags is None or flags.guessed:
+        database = folders.database(True, install) if folders.database_url else None
+        return Assets(AssetsMode.UNKNOWN, "ComfyUI's flags were not known before it started; "
+                      "a newer ComfyUI runs its assets database unless --disable-assets",
+                      database)
+    database = folders.database(flags.assets_era, install)
+    if not flags.assets_era:
+        return Assets(AssetsMode.NONE, "this ComfyUI has no assets system (no --disable-assets)",
+                      database)
+    if "--disable-assets" in added:
+        return Assets(AssetsMode.OFF, "comfyui.assets = \"off\": --disable-assets passed",
+                      database)
+    if "--disable-assets" in names:
+        return Assets(AssetsMode.OFF, "--disable-assets in comfyui.command", database)
+    if "--enable-assets" in names:
+        return Assets(AssetsMode.ON, "--enable-assets in comfyui.command", database)
+    return Assets(AssetsMode.ON, "comfyui.assets = \"on\" (ComfyUI's default)", database)
 
 
 def _render_child(command: Iterable[str], env: dict[str, str], cwd: Path | None,
-                  values: dict[str, str], folder_flags: list[str]) -> ChildPlan:
+                  values: dict[str, str], folder_flags: list[str],
+                  added: Sequence[str] = ()) -> ChildPlan:
+    """The command with its placeholders filled; ``added`` goes where {instance_folders} is
+    (after its folder flags), else at the end."""
     rendered: list[str] = []
+    placed = False
     for arg in command:
         if arg == "{instance_folders}":
-            rendered += folder_flags
+            rendered += [*folder_flags, *added]
+            placed = True
         else:
             rendered.append(render(arg, values))
+    if not placed:
+        rendered += added
     return ChildPlan(rendered, {k: render(v, values) for k, v in env.items()},
                      Path(render(str(cwd), values)) if cwd else None)
 
 
-def plan_instances(settings: Any, slots: Sequence[GpuSlot]) -> list[InstancePlan]:
+def _values(settings: Any, number: int, count: int, gpu: GpuSlot) -> dict[str, str]:
+    comfy_url, wrapper_url = _shift(settings.comfyui.url, number), _shift(settings.wrapper.url,
+                                                                         number)
+    state_dir = Path(settings.worker.state_dir)
+    if count > 1:
+        state_dir = state_dir / "instances" / str(number)
+    return {"instance": str(number),
+            "comfyui_port": str(urlsplit(comfy_url).port),
+            "comfyui_url": comfy_url,
+            "wrapper_port": str(urlsplit(wrapper_url).port),
+            "wrapper_url": wrapper_url,
+            "gpu_index": "" if gpu.index is None else str(gpu.index),
+            "gpu_uuid": gpu.uuid or "", "gpu_name": gpu.name or "",
+            "state_dir": str(state_dir), "instance_folders": ""}
+
+
+def help_command(settings: Any, gpu: GpuSlot = GpuSlot()) -> ChildPlan:
+    """Instance 0's ComfyUI command as the operator wrote it (placeholders filled, nothing of
+    the worker's added): what is asked for ``--help`` before any instance starts."""
+    values = _values(settings, 0, 1, gpu)
+    c = settings.comfyui
+    return _render_child([a for a in c.command if a != "{instance_folders}"], dict(c.env), c.cwd,
+                         {**values, "port": values["comfyui_port"]}, [])
+
+
+def plan_instances(settings: Any, slots: Sequence[GpuSlot],
+                   flags: ComfyFlags | None = None) -> list[InstancePlan]:
+    """Every instance's plan. ``flags``: what this ComfyUI accepts (None: not known, so the
+    worker adds only {instance_folders}' flags, which every ComfyUI since 0.3.64 has)."""
     c, w = settings.comfyui, settings.wrapper
     count = len(slots)
     templated = uses_placeholders(settings)
     plans = []
     for number, gpu in enumerate(slots):
-        comfy_url, wrapper_url = _shift(c.url, number), _shift(w.url, number)
-        state_dir = Path(settings.worker.state_dir)
-        if count > 1:
-            state_dir = state_dir / "instances" / str(number)
-        values = {"instance": str(number),
-                  "comfyui_port": str(urlsplit(comfy_url).port),
-                  "comfyui_url": comfy_url,
-                  "wrapper_port": str(urlsplit(wrapper_url).port),
-                  "wrapper_url": wrapper_url,
-                  "gpu_index": "" if gpu.index is None else str(gpu.index),
-                  "gpu_uuid": gpu.uuid or "", "gpu_name": gpu.name or "",
-                  "state_dir": str(state_dir), "instance_folders": ""}
+        values = _values(settings, number, count, gpu)
+        comfy_url, wrapper_url = values["comfyui_url"], values["wrapper_url"]
+        state_dir = Path(values["state_dir"])
         plain = [a for a in c.command if a != "{instance_folders}"]
         base = discover([render(a, {**values, "port": values["comfyui_port"]}) for a in plain],
                         c.cwd, c.install_path).base.path
-        flags = _instance_folder_flags(base, number) if count > 1 else []
+        folder_flags = _instance_folder_flags(base, number, flags) if count > 1 else []
         root = _instance_root(base, number)
-        make = tuple(root / sub for sub in ("output", "input", "temp", "user")) \
-            if count > 1 and "{instance_folders}" in c.command else ()
+        make = [root / sub for sub in ("output", "input", "temp", "user")] \
+            if count > 1 and "{instance_folders}" in c.command else []
+        added, must_exist = _worker_flags(settings, flags, plain)
         comfy = _render_child(c.command, dict(c.env), c.cwd,
-                              {**values, "port": values["comfyui_port"]}, flags)
+                              {**values, "port": values["comfyui_port"]}, folder_flags, added)
         pinned = templated and gpu.uuid is not None
         if pinned:
             comfy.env.setdefault("CUDA_VISIBLE_DEVICES", gpu.uuid)
@@ -223,7 +342,10 @@ def plan_instances(settings: Any, slots: Sequence[GpuSlot]) -> list[InstancePlan
         wrapper = _render_child(w.command, dict(w.env), w.cwd,
                                 {**values, "port": values["wrapper_port"]}, [])
         plans.append(InstancePlan(number, count, gpu, comfy_url, wrapper_url, comfy, wrapper,
-                                  folders, state_dir, pinned, values, make))
+                                  folders, state_dir, pinned, values,
+                                  tuple([*make, *must_exist]), flags,
+                                  _assets(settings, flags, plain, added, folders),
+                                  c.install_path))
     return plans
 
 
@@ -238,14 +360,76 @@ def _flag_values(command: Sequence[str]) -> dict[str, str]:
     return found
 
 
+def _database_rules(flags: ComfyFlags | None) -> tuple[bool, ...]:
+    """Where ComfyUI keeps its database when no --database-url is given: in its user folder
+    (True: the newest ComfyUI) or under its install folder (False: 0.3.64). Not known: both."""
+    if flags is None or flags.guessed:
+        return (True, False)
+    return (flags.assets_era,)
+
+
+def refusals(plans: Sequence[InstancePlan], flags: ComfyFlags | None = None) -> list[str]:
+    """What stops this plan from running: two instances on one SQLite database (the newest
+    ComfyUI locks it; the second one stops at start with ``ASSETS_STARTUP_FAILED: in_use``).
+    The same words in `config check` and at the daemon's start."""
+    problems: list[str] = []
+    for follows_user in _database_rules(flags):
+        owners: dict[Path, InstancePlan] = {}
+        for plan in plans:
+            folders = plan.folders
+            database = folders.database(follows_user, plan.install_path)
+            if database is None:
+                continue
+            first = owners.setdefault(database, plan)
+            if first is plan:
+                continue
+            if folders.database_url:
+                why = "the same --database-url"
+            elif follows_user:
+                why = f"comfyui.db in the shared user folder {folders.user.describe()}"
+            else:
+                why = ("ComfyUI 0.3.64 keeps it under comfyui.install_path/user whatever "
+                       "--user-directory says")
+            problem = (f"comfyui.command: instances {first.number} and {plan.number} would share "
+                       f"ComfyUI's SQLite database {database} ({why}); a second ComfyUI on one "
+                       f"database stops at start (ASSETS_STARTUP_FAILED: in_use): "
+                       f"{OWN_DATABASE}")
+            if problem not in problems:
+                problems.append(problem)
+            break
+    return problems
+
+
+def _check_plans(settings: Any) -> list[InstancePlan] | None:
+    """Instances 0 and 1 on two made-up GPUs, so a plan is judged without NVML; None when the
+    command is not a template (one instance only: nothing can collide)."""
+    if not uses_placeholders(settings):
+        return None
+    fake = [GpuSlot(0, "GPU-check-0", "check"), GpuSlot(1, "GPU-check-1", "check")]
+    return plan_instances(settings, fake, _known_without_asking(settings))
+
+
+def _known_without_asking(settings: Any) -> ComfyFlags | None:
+    version = settings.comfyui.version
+    return None if version == "auto" else for_version(version, "comfyui.version")
+
+
+def config_refusals(settings: Any) -> list[str]:
+    """`config check`'s errors: what `refusals` would stop at start on a host with several
+    GPUs. With comfyui.version "auto" the file alone does not say which ComfyUI runs, so a
+    database shared under either version's rule is refused."""
+    plans = _check_plans(settings)
+    return [] if plans is None else refusals(plans, _known_without_asking(settings))
+
+
 def collisions(settings: Any) -> list[str]:
-    """Warnings for `config check`: what two instances of this configuration would share.
+    """Warnings for `config check`: what else two instances of this configuration would share.
 
     Judged on instances 0 and 1 with two made-up GPUs, so it works without NVML."""
-    if not uses_placeholders(settings):
+    plans = _check_plans(settings)
+    if plans is None:
         return []
-    fake = [GpuSlot(0, "GPU-check-0", "check"), GpuSlot(1, "GPU-check-1", "check")]
-    first, second = plan_instances(settings, fake)
+    first, second = plans
     problems = []
     a, b = _flag_values(first.comfyui.command), _flag_values(second.comfyui.command)
     if a.get("--port") and a.get("--port") == b.get("--port"):
@@ -257,14 +441,10 @@ def collisions(settings: Any) -> list[str]:
             problems.append(f"comfyui.command: instances would share the {kind} folder "
                             f"{one.describe()}; add {{instance_folders}} to comfyui.command or "
                             "put {instance} in that path")
-    for flag in ("--user-directory", "--database-url"):
-        if flag not in a and "{instance_folders}" not in settings.comfyui.command:
-            what = "user folder" if flag == "--user-directory" else "SQLite database"
-            problems.append(f"comfyui.command: instances would share ComfyUI's {what} (no "
-                            f"{flag}); add {{instance_folders}} to comfyui.command")
-        elif flag in a and a[flag] == b.get(flag):
-            problems.append(f"comfyui.command: instances would share {flag} {a[flag]}; put "
-                            "{instance} in it")
+    if first.folders.user.path == second.folders.user.path:
+        problems.append(f"comfyui.command: instances would share ComfyUI's user folder "
+                        f"{first.folders.user.describe()}; add {{instance_folders}} to "
+                        "comfyui.command or put {instance} in --user-directory")
     if settings.wrapper.command:
         wa, wb = _flag_values(first.wrapper.command), _flag_values(second.wrapper.command)
         if first.wrapper.command == second.wrapper.command and \
