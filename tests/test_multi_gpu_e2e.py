@@ -20,6 +20,7 @@ import urllib.request
 from click.testing import CliRunner
 
 from supervisor.commands.health_cli import health
+from tests.support.comfy_modes import NEWEST, comfy_api  # noqa: F401  (a fixture)
 from tests.support.fake_autoscaler import ThreadedAutoscaler, autoscaler_env
 from tests.support.procs import (
     ROOT,
@@ -73,10 +74,13 @@ def concurrently(worker, bodies: list[dict], timeout: float = 120) -> list[tuple
     return answers
 
 
-def test_four_gpus_four_instances_run_requests_side_by_side_and_a_crash_stays_local(tmp_path):
-    # 10 steps of 0.1 s: what the simulator takes, so every instance passes.
+def test_four_gpus_four_instances_run_requests_side_by_side_and_a_crash_stays_local(tmp_path,
+                                                                                   comfy_api):
+    # 10 steps of 0.1 s: what the simulator takes, so every instance passes. Assets on: the
+    # newest ComfyUI then locks each instance's database, and a shared one would stop the second.
     with start_multi(tmp_path, GPUS, "--step-seconds", str(STEP_SECONDS), wait_ready=False,
-                     extra_env=bench_env(BENCHMARK_EXPECTED_SECONDS="1.0")) as worker:
+                     extra_env=bench_env(BENCHMARK_EXPECTED_SECONDS="1.0",
+                                         COMFYUI_ASSETS="on")) as worker:
         body = wait_until(lambda: ready_instances(worker), 180, "four ready instances")
         assert body["state"] == "ready", body
         status = worker.status()
@@ -92,6 +96,13 @@ def test_four_gpus_four_instances_run_requests_side_by_side_and_a_crash_stays_lo
         # ... and its own output folder, models shared.
         outputs = {str(tmp_path / "comfy" / "instances" / str(n) / "output") for n in range(GPUS)}
         assert all(os.path.isdir(path) for path in outputs)
+        # ... and its own database, locked by its ComfyUI alone (the newest ComfyUI's lock).
+        databases = [tmp_path / "comfy" / "instances" / str(n) / "user" / "comfyui.db"
+                     for n in range(GPUS)]
+        assert [str(i["assets"]["database"]) for i in instances] == [str(d) for d in databases]
+        if comfy_api == NEWEST:
+            assert all(i["assets"]["mode"] == "on" for i in instances)
+            assert all(d.with_name("comfyui.db.lock").exists() for d in databases)
         assert status["max_perf"] > 3 * instances[0]["benchmark"]["max_perf"]
 
         # 8 requests of ~1 s each: two rounds of four, not eight one after another.

@@ -13,6 +13,7 @@ import psutil
 import pytest
 
 from tests.support import procs
+from tests.support.comfy_modes import comfy_api  # noqa: F401  (a fixture: both API versions)
 from tests.support.procs import ROOT, get_json, start_daemon, wait_until
 from tests.support.systemd_unit import unit_timeout_stop_sec
 from tests.support.workflows import TINY
@@ -32,7 +33,7 @@ def alive(pid: int | None) -> bool:
         return False
 
 
-def test_ready_serves_and_rejects_without_token(tmp_path):
+def test_ready_serves_and_rejects_without_token(tmp_path, comfy_api):
     with start_daemon(tmp_path, "--step-seconds", "0.01") as worker:
         status, body = worker.generate({"input": {"workflow_json": TINY}})
         assert status == 200 and body["status"] == "completed", body
@@ -42,6 +43,7 @@ def test_ready_serves_and_rejects_without_token(tmp_path):
         status, health = get_json(worker.url + "/health")
         assert status == 200 and health["state"] == "ready"
         assert health["children"]["comfyui"]["state"] == "ready"
+        assert health["instances"][0]["comfyui_version"] == f"{comfy_api}-sim"
         status, live = get_json(worker.url + "/health/live")
         assert status == 200 and live["alive"]
         import urllib.request
@@ -49,9 +51,17 @@ def test_ready_serves_and_rejects_without_token(tmp_path):
         metrics = urllib.request.urlopen(worker.metrics_url + "/metrics").read().decode()
         assert 'comfy_worker_state{state="ready"} 1.0' in metrics
         assert 'comfy_worker_requests_total{status="200"} 1.0' in metrics
+        assert f'comfyui_version="{comfy_api}-sim"' in metrics
+        from click.testing import CliRunner
+
+        from supervisor.commands.cli import main
+
+        report = CliRunner().invoke(main, ["health", "--socket", str(worker.admin_socket)])
+        assert f"comfyui: {comfy_api}-sim; flags asked of it (--help); assets " in report.output, \
+            report.output
 
 
-def test_comfyui_killed_during_request_gives_502_then_recovers(tmp_path):
+def test_comfyui_killed_during_request_gives_502_then_recovers(tmp_path, comfy_api):
     with start_daemon(tmp_path, "--step-seconds", "0.05") as worker:
         pid = worker.child_pid("comfyui")
         result = {}
@@ -79,7 +89,7 @@ def test_comfyui_killed_during_request_gives_502_then_recovers(tmp_path):
         assert "SIGKILL" in snap["last_exit"]["description"]
 
 
-def test_sigstopped_comfyui_is_detected_and_restarted(tmp_path):
+def test_sigstopped_comfyui_is_detected_and_restarted(tmp_path, comfy_api):
     with start_daemon(tmp_path, "--step-seconds", "0.01") as worker:
         pid = worker.child_pid("comfyui")
         stopped_at = time.monotonic()
@@ -92,7 +102,7 @@ def test_sigstopped_comfyui_is_detected_and_restarted(tmp_path):
         assert not alive(pid)
 
 
-def test_crash_at_start_backs_off_then_fails_and_rests(tmp_path):
+def test_crash_at_start_backs_off_then_fails_and_rests(tmp_path, comfy_api):
     env = {"SUPERVISOR_CRASH_LOOP_COUNT": "3", "SUPERVISOR_CRASH_LOOP_WINDOW": "60",
            "SUPERVISOR_FAILED_COOLDOWN": "300"}
     with start_daemon(tmp_path, "--crash-at-start", "3", wait_ready=False,

@@ -102,6 +102,20 @@ class ComfyFlags:
         stops at start-up when it cannot open it."""
         return self.knows("--disable-assets")
 
+    @property
+    def public_note(self) -> str:
+        """How the flags are known, without paths or commands (for /health)."""
+        if self.exact:
+            return "asked (--help)"
+        if self.guessed:
+            return (f"assumed: ComfyUI {BASELINE}'s, it could not be asked; set comfyui.version "
+                    "(COMFYUI_VERSION_OVERRIDE)")
+        version = self.source.split(" (", 1)[0].replace("the flags of ", "")
+        if self.warning:
+            return (f"{version}'s, from the checkout's comfyui_version.py (it could not be "
+                    "asked); set comfyui.version if another version runs")
+        return f"{version}'s, from comfyui.version"
+
     def to_dict(self) -> dict[str, object]:
         return {"source": self.source, "exact": self.exact, "warning": self.warning,
                 "guessed": self.guessed,

@@ -415,6 +415,25 @@ _STATE_COLOUR = {"ready": "green", "degraded": "yellow", "unhealthy": "red", "st
 _BENCH_COLOUR = {"pass": "green", "slow": "red", "error": "red", "no_reference": "yellow"}
 
 
+def _comfyui_lines(instances: Any, style: Style) -> list[str]:
+    """Which ComfyUI runs (from /system_stats), how its flags are known, its assets."""
+    if not isinstance(instances, list) or not instances:
+        return []
+    versions = sorted({str(i.get("comfyui_version") or "not read yet") for i in instances})
+    first = instances[0]
+    flags, assets = first.get("comfyui_flags") or {}, first.get("assets") or {}
+    facts = [" / ".join(versions)]
+    if flags:
+        facts.append("flags asked of it (--help)" if flags.get("exact")
+                     else f"flags: {flags.get('source')}")
+    if assets:
+        facts.append(f"assets {assets.get('mode')} ({assets.get('why')})")
+    lines = ["comfyui: " + "; ".join(facts)]
+    if flags.get("warning"):
+        lines.append(style(f"  {flags['warning']}", "yellow"))
+    return lines
+
+
 def _instance_rows(instances: list[dict[str, Any]]) -> list[list[Any]]:
     rows = []
     for i in instances:
@@ -638,6 +657,7 @@ def render_table(report: HealthReport, *, logs: bool = False, color: bool = Fals
     if status.get("auth"):
         facts.append(f"auth {status['auth']}")
     lines.append("daemon: " + ", ".join(facts))
+    lines += _comfyui_lines(status.get("instances"), style)
     gpu_block = _gpu_section(status.get("gpu") or {}, style, local=False)
     if history:
         gpu_block += _history_section(status.get("gpu") or {}, style)

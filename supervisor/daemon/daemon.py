@@ -26,10 +26,11 @@ from api.host.ports import describe_bind_error
 from config import Settings
 from supervisor.children.child import ChildProcess, ChildSpec, ChildState
 from supervisor.instances.instance import Instance
+from supervisor.instances.probe import learn_flags
 from supervisor.instances.plan import (
     InstancePlan,
     PlanError,
-    plan_instances,
+    plan_checked,
     select_gpus,
     uses_placeholders,
 )
@@ -119,6 +120,7 @@ class Daemon:
         self._events: list[dict[str, Any]] = []
         self._announced_ready = False
         self.instances: list[Instance] = []
+        self.comfy_flags = None
         self.router = Router(settings.worker.queue_size, restarting=self._restarting)
         self.public: PublicServer | None = None
         self.admin: AdminServer | None = None
@@ -143,16 +145,16 @@ class Daemon:
         latest = self.gpu.latest() if self.gpu else None
         gpus = latest.gpus if latest is not None else ()
         templated = uses_placeholders(self.settings)
-        try:
-            slots = select_gpus(self.settings.comfyui.gpus, gpus, templated=templated)
-        except PlanError as exc:
-            raise DaemonStartError(str(exc)) from None
         usable = [g for g in gpus if g.available]
         if not templated and len(usable) > 1:
             logger.warning("comfyui.command has no placeholders, so one instance serves this "
                            "host's %d GPUs; write --port {port} and {instance_folders} in it to "
                            "run one per GPU (README: multi-GPU hosts)", len(usable))
-        return plan_instances(self.settings, slots)
+        try:
+            slots = select_gpus(self.settings.comfyui.gpus, gpus, templated=templated)
+            return plan_checked(self.settings, slots, self.comfy_flags)
+        except PlanError as exc:
+            raise DaemonStartError(str(exc)) from None
 
     def _build_instances(self) -> None:
         for plan in self._plan():
@@ -485,6 +487,7 @@ class Daemon:
             self.gpu.our_pids = lambda: set().union(*(i.pids() for i in self.instances))
             self.gpu.on_change = self._recompute
             await self.gpu.start()
+        self.comfy_flags = await learn_flags(s)
         self._build_instances()
         for instance in self.instances:
             await instance.start()

@@ -27,6 +27,7 @@ import aiohttp
 
 from api.comfy import ComfyClient
 from api.comfy import folders as comfy_folders
+from api.comfy.failures import startup_failures
 from api.comfy.folders import guessed
 from api.host.ports import local_port
 from api.host.processes import process_tree
@@ -121,7 +122,7 @@ class Instance:
                          log_path=log_dir / f"comfyui{plan.suffix}.log",
                          port=local_port(plan.comfyui_url),
                          label="our ComfyUI" + (f" of {self.label}" if plan.count > 1 else ""),
-                         **common)
+                         failure_rules=startup_failures(plan.flags, c.assets), **common)
 
     def _wrapper_spec(self, common: dict[str, Any]) -> ChildSpec:
         w, plan = self.settings.wrapper, self.plan
@@ -234,7 +235,14 @@ class Instance:
         except Exception as exc:  # only a label on comfy_worker_info; try at the next ready
             logger.debug("ComfyUI version not read: %s", exc)
             return
-        self.comfyui_version = stats.comfyui_version or ""
+        version = stats.comfyui_version or ""
+        if version and version != self.comfyui_version:
+            flags = self.plan.flags
+            logger.info("%s: ComfyUI %s (Python %s, PyTorch %s); its flags: %s", self.label,
+                        version, (stats.python_version or "?").split()[0],
+                        stats.pytorch_version or "?",
+                        flags.source if flags else "not asked")
+        self.comfyui_version = version
 
     async def folders_settled(self) -> None:
         """Returns once a guess of ComfyUI's folders was checked against the running ComfyUI
@@ -273,6 +281,13 @@ class Instance:
 
     # --- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
+        flags = self.plan.flags
+        unknown = flags.unknown_in(self.plan.comfyui.command) if flags else []
+        if unknown and self.number == 0:
+            logger.warning("comfyui.command passes %s, which this ComfyUI does not know (its "
+                           "--help lists no such flag): it will exit 2; remove %s from "
+                           "comfyui.command", ", ".join(unknown),
+                           "it" if len(unknown) == 1 else "them")
         if self.plan.make_dirs:
             await asyncio.to_thread(_make_dirs, self.plan.make_dirs)
         self.comfyui.add_listener(self._on_comfyui_change)
@@ -351,6 +366,9 @@ class Instance:
             "children": {"comfyui": self.comfyui.snapshot(), "wrapper": self.wrapper.snapshot()},
             "benchmark": self.benchmark.snapshot() if self.benchmark else {"status": "disabled"},
             "comfyui": self.watch.activity().to_dict(),
+            "comfyui_version": self.comfyui_version,
+            "comfyui_flags": self.plan.flags.to_dict() if self.plan.flags else None,
+            "assets": self.plan.assets.to_dict(),
             "in_flight": in_flight, "served": self.served,
         }
 
@@ -368,5 +386,8 @@ class Instance:
                                              ("wrapper", self.wrapper))},
             "benchmark": {k: bench.get(k) for k in ("status", "reason", "seconds", "its",
                                                     "max_perf", "causes")},
+            "comfyui_version": self.comfyui_version,
+            "comfyui_flags": self.plan.flags.public_note if self.plan.flags else None,
+            "assets": self.plan.assets.mode.value,
             "in_flight": in_flight, "served": self.served,
         }

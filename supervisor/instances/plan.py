@@ -349,6 +349,17 @@ def plan_instances(settings: Any, slots: Sequence[GpuSlot],
     return plans
 
 
+def plan_checked(settings: Any, slots: Sequence[GpuSlot],
+                 flags: ComfyFlags | None) -> list[InstancePlan]:
+    """`plan_instances`, refused (PlanError, with `refusals`' words) when instances would
+    share a database: the daemon's start."""
+    plans = plan_instances(settings, slots, flags)
+    problems = refusals(plans, flags)
+    if problems:
+        raise PlanError("; ".join(problems))
+    return plans
+
+
 def _flag_values(command: Sequence[str]) -> dict[str, str]:
     found = {}
     for index, arg in enumerate(command):
