@@ -7,7 +7,8 @@ import logging
 
 import pytest
 
-pytest_plugins = ["tests.support.moto_server", "tests.support.fake_autoscaler"]
+pytest_plugins = ["tests.support.moto_server", "tests.support.fake_autoscaler",
+                  "tests.support.comfy_modes"]
 
 
 @pytest.fixture(autouse=True)

@@ -88,12 +88,13 @@ def test_comfyui_version_setting_is_used_without_asking(tmp_path):
     assert not probe(["x"], COMFYUI_VERSION_OVERRIDE="0.37.9").knows("--disable-assets")
 
 
-@pytest.mark.skipif(not os.environ.get("REAL_COMFYUI_COMMAND"),
-                    reason="REAL_COMFYUI_COMMAND (a JSON list, with REAL_COMFYUI_CWD) names a "
+@pytest.mark.real_comfyui
+@pytest.mark.skipif(not os.environ.get("COMFYUI_TEST_COMMAND"),
+                    reason="COMFYUI_TEST_COMMAND (a JSON list, run in COMFYUI_TEST_CWD) names a "
                            "real ComfyUI")
 def test_a_real_comfyui_is_asked_too():
-    command = json.loads(os.environ["REAL_COMFYUI_COMMAND"])
-    flags = probe([*command, "--port", "{port}"], cwd=Path(os.environ["REAL_COMFYUI_CWD"]))
+    command = json.loads(os.environ["COMFYUI_TEST_COMMAND"])
+    flags = probe([*command, "--port", "{port}"], cwd=Path(os.environ["COMFYUI_TEST_CWD"]))
     assert flags.exact and flags.knows("--listen") and flags.knows("--user-directory")
 
 

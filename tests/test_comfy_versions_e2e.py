@@ -16,7 +16,7 @@ import sys
 import pytest
 
 from api.comfy.flags import FLAGS_0_3_64, FLAGS_NEWEST
-from tests.support.comfy_modes import NEWEST, comfy_api  # noqa: F401  (a fixture)
+from tests.support.comfy_modes import NEWEST
 from tests.support.fileserver import FileServer
 from tests.support.procs import (
     ROOT,
@@ -28,10 +28,8 @@ from tests.support.procs import (
     start_multi,
     wait_until,
 )
+from tests.support.workflows import TINY
 
-TINY = {"1": {"class_type": "EmptyImage",
-              "inputs": {"width": 32, "height": 32, "batch_size": 1, "color": 0}},
-        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "v"}}}
 #: The simulator's own knobs (not ComfyUI flags), as the tests pass them.
 SIM_KNOBS = {"--device-type", "--step-seconds"}
 

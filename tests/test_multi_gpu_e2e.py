@@ -20,7 +20,7 @@ import urllib.request
 from click.testing import CliRunner
 
 from supervisor.commands.health_cli import health
-from tests.support.comfy_modes import NEWEST, comfy_api  # noqa: F401  (a fixture)
+from tests.support.comfy_modes import NEWEST
 from tests.support.fake_autoscaler import ThreadedAutoscaler, autoscaler_env
 from tests.support.procs import (
     ROOT,

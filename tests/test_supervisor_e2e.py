@@ -13,7 +13,6 @@ import psutil
 import pytest
 
 from tests.support import procs
-from tests.support.comfy_modes import comfy_api  # noqa: F401  (a fixture: both API versions)
 from tests.support.procs import ROOT, get_json, start_daemon, wait_until
 from tests.support.systemd_unit import unit_timeout_stop_sec
 from tests.support.workflows import TINY

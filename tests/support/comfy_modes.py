@@ -2,9 +2,8 @@
 
 A test that takes ``comfy_api`` runs once per version: the simulator started by anything in that
 test (directly, or as the daemon's ComfyUI) speaks it, through ``SIM_API_VERSION`` in the
-environment, which the daemon and its children inherit. Import the fixture into a test module::
-
-    from tests.support.comfy_modes import comfy_api  # noqa: F401  (a fixture)
+environment, which the daemon and its children inherit. tests/conftest.py registers this module
+as a plugin, so a test only names the fixture.
 """
 
 from __future__ import annotations
