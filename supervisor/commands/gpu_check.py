@@ -25,6 +25,7 @@ from supervisor.gpu.monitor import GpuMonitor
 #: The GPU policy's level -> the command's verdict.
 LEVEL_VERDICT = {HealthLevel.OK: Verdict.HEALTHY, HealthLevel.DEGRADED: Verdict.DEGRADED,
                  HealthLevel.UNHEALTHY: Verdict.UNHEALTHY}
+from supervisor.gpu.handin import advice, look
 
 
 async def collect(settings: Settings, seconds: float, interval: float) -> dict[str, Any]:
@@ -39,6 +40,9 @@ async def collect(settings: Settings, seconds: float, interval: float) -> dict[s
         snapshot = monitor.snapshot()
         snapshot["window"] = window.to_dict()
         snapshot["nvml"] = monitor.reader.status().to_dict()
+        if not settings.gpu.fake_source:
+            seen = await asyncio.to_thread(look)
+            snapshot["hand_in"] = {**seen.to_dict(), "advice": advice(seen)}
         return snapshot
     finally:
         await monitor.stop()
@@ -63,6 +67,9 @@ def gpu(ctx: click.Context, seconds: float, interval: float, as_json: bool) -> V
         click.echo(f"GPU verdict: {verdict['level'].upper()}")
         for line in verdict["reasons"] + verdict["notes"]:
             click.echo(f"  - {line}")
+        hint = (data.get("hand_in") or {}).get("advice")
+        if hint:
+            click.echo(f"  - {hint}")
         snap = data.get("snapshot") or {}
         for record in snap.get("gpus", []):
             temp = (record.get("temperature") or {}).get("current_c")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import secrets
 from pathlib import Path
@@ -26,6 +27,9 @@ def run_daemon(settings: Settings) -> int:
     problems = preflight.check(settings)
     if problems:
         raise app.BadSettings(*problems)
+    hand_in = preflight.gpu_hand_in(settings)
+    if hand_in:
+        logging.getLogger("supervisor.daemon.preflight").warning("GPU: %s", hand_in)
     try:
         components = build_components(settings)
     except WiringError as exc:

@@ -6,6 +6,7 @@ import ipaddress
 from urllib.parse import urlsplit
 
 from config import Settings
+from supervisor.gpu.handin import advice, look
 
 
 class PreflightError(Exception):
@@ -62,3 +63,13 @@ def check(settings: Settings) -> list[str]:
                         "send 'Authorization: Bearer <token>'), run behind the autoscaler "
                         "(REPORT_ADDR), or set UNSECURED=true to serve without any check")
     return problems
+
+
+def gpu_hand_in(settings: Settings) -> str | None:
+    """A warning when this is a container that got no GPU although one is required.
+
+    Not a problem that stops start-up: the worker runs, unhealthy, and says why in /health;
+    this names the runtime flag that hands the GPU in."""
+    if settings.gpu.fake_source or not settings.gpu.required:
+        return None
+    return advice(look())
