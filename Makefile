@@ -4,7 +4,8 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test demo bench bench-models contract soak system-tools clean
+.PHONY: venv test demo bench bench-models contract soak system-tools clean wheelhouse image \
+	test-image vast-template
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +32,11 @@ system-tools:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
 	      --no-install-recommends prometheus >/dev/null; \
 	  else echo "prometheus/promtool missing: the Prometheus tests will be skipped"; fi; }
+	@{ command -v podman && command -v mmdebstrap && command -v runc; } >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	      podman runc mmdebstrap uidmap slirp4netns >/dev/null; \
+	  else echo "podman/mmdebstrap/runc missing: the container image tests will be skipped"; fi; }
 
 test: $(STAMP) system-tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -55,8 +61,27 @@ SOAK_SEED ?= 7
 soak: $(STAMP)
 	$(BIN)/python -m tests.soak --seconds $(SOAK_SECONDS) --seed $(SOAK_SEED)
 
+# The container image (docs/container.md). `make wheelhouse` puts every dependency as a wheel in
+# ./wheelhouse for `docker build`; `make image` builds with podman here (FROM a minimal Debian
+# made from Debian's packages, or BASE_IMAGE=...), `make test-image` runs the image's tests and
+# `make vast-template` starts it as a Vast template would, against a stand-in autoscaler.
+WHEELHOUSE ?= wheelhouse
+wheelhouse: $(STAMP)
+	rm -rf $(WHEELHOUSE)
+	$(BIN)/python -m pip wheel -q -w $(WHEELHOUSE) . 'setuptools>=77' wheel
+	rm -f $(WHEELHOUSE)/comfy_worker-*.whl
+
+image: $(STAMP) system-tools
+	$(BIN)/python -m tests.image_harness build $(if $(BASE_IMAGE),--base $(BASE_IMAGE))
+
+test-image: $(STAMP) system-tools
+	$(BIN)/python -m pytest tests/test_image.py $(PYTEST_ARGS)
+
+vast-template: $(STAMP) system-tools
+	$(BIN)/python -m tests.vast_template --build
+
 demo: $(STAMP)
 	$(BIN)/comfy-worker demo
 
 clean:
-	rm -rf $(VENV) .demo-state build *.egg-info
+	rm -rf $(VENV) .demo-state build *.egg-info wheelhouse

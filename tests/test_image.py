@@ -19,7 +19,7 @@ import pytest
 
 from config import load_settings
 from supervisor.daemon import stop_budget
-from tests import image_harness as harness
+from tests import image_harness as harness  # test helpers: one import to move
 
 pytestmark = [pytest.mark.image, pytest.mark.timeout(900)]
 
@@ -227,3 +227,18 @@ def test_without_a_gpu_handed_in_run_and_gpu_name_the_flag(image):
             time.sleep(0.2)
     finally:
         running.remove()
+
+
+async def test_vast_template_reports_ready_and_serves_a_signed_request(image, tmp_path, request):
+    from tests import vast_template  # the script docs/container.md shows; aiohttp-based
+
+    outcome = await vast_template.check(image.tag, tmp_path, log=lambda line: _report(request,
+                                                                                       line))
+    ready = outcome.ready_report
+    assert ready["id"] == 4242 and ready["mtoken"], ready
+    assert ready["url"].startswith("https://127.0.0.1:"), ready  # USE_SSL with the instance cert
+    assert outcome.signed_status == 200, outcome.signed_body
+    assert outcome.signed_body["output"][0]["filename"].endswith(".png")
+    assert outcome.unsigned_status == 401
+    (done,) = [r for r in outcome.deleted["requests"] if r["request_idx"] == outcome.request_idx]
+    assert done["success"] is True, outcome.deleted

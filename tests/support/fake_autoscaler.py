@@ -87,6 +87,7 @@ class FakeAutoscaler:
         self.routes: list[dict[str, Any]] = []
         self.hits: Counter[str] = Counter()
         self.port: int | None = None
+        self.host = LOOPBACK
         self._reqnum = 0
         self._request_idx = 0
         self._runner: web.AppRunner | None = None
@@ -104,8 +105,10 @@ class FakeAutoscaler:
     def pem(self) -> str:
         return public_pem(self.key)
 
-    async def start(self, port: int = 0) -> str:
-        """Listen on ``port`` (0: any free one); returns the base URL."""
+    async def start(self, port: int = 0, host: str = LOOPBACK) -> str:
+        """Listen on ``port`` (0: any free one) of ``host``; returns the base URL on loopback.
+
+        ``host="0.0.0.0"`` lets a container reach it through its gateway address."""
         app = web.Application(middlewares=[self._outage_middleware])
         app.router.add_get("/pubkey/", self._pubkey)
         app.router.add_post("/worker_status/", self._worker_status)
@@ -113,9 +116,10 @@ class FakeAutoscaler:
         app.router.add_post("/route/", self._route)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.2)
         await runner.setup()
-        site = web.TCPSite(runner, LOOPBACK, port)
+        site = web.TCPSite(runner, host, port)
         await site.start()
         self._runner = runner
+        self.host = host
         self.port = runner.addresses[0][1]
         self.outage = Outage.NONE
         return self.url
@@ -133,7 +137,7 @@ class FakeAutoscaler:
     async def come_up(self) -> None:
         if self._runner is None:
             assert self.port is not None, "start() was never called"
-            await self.start(self.port)
+            await self.start(self.port, self.host)
         self.outage = Outage.NONE
 
     # ------------------------------------------------------------------ signing helpers
