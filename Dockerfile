@@ -87,6 +87,8 @@ CMD ["run"]
 # through --system-site-packages, so they are not installed twice.
 FROM common AS with-comfyui
 ARG PYTHON=python3
+ARG COMFYUI_DIGEST=
+RUN echo "${COMFYUI_DIGEST}" > /tmp/comfyui-digest && rm /tmp/comfyui-digest
 COPY --chown=10001:10001 ComfyUI/ /opt/ComfyUI/
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
     ${PYTHON} -m venv --system-site-packages /opt/ComfyUI/venv \

@@ -179,13 +179,18 @@ def clean_context(into: Path, wheelhouse: Path) -> Path:
     return into
 
 
-def tree_digest(folder: Path) -> str:
+def tree_digest(folder: Path, only: str | None = None) -> str:
     """A digest of every file's path and content under ``folder`` (see the Dockerfile's
-    SOURCE_DIGEST: the old buildah here reuses stale COPY layers without it)."""
+    SOURCE_DIGEST: the old buildah here reuses stale COPY layers without it): of the top-level
+    folder ``only``, or of everything but it and the folders that never go into the image."""
     digest = hashlib.sha256()
-    unused = ("tests", "docs", ".ci")  # nothing in them goes into the image
-    for path in sorted(p for p in folder.rglob("*")
-                       if p.is_file() and p.relative_to(folder).parts[0] not in unused):
+    unused = ("tests", "docs", ".ci", "ComfyUI")
+
+    def wanted(path: Path) -> bool:
+        top = path.relative_to(folder).parts[0]
+        return path.is_file() and (top == only if only else top not in unused)
+
+    for path in sorted(filter(wanted, folder.rglob("*"))):
         digest.update(str(path.relative_to(folder)).encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
 
@@ -218,15 +223,21 @@ def image_size(tag: str) -> int:
 
 
 def build_image(tag: str = TAG, base: str | None = None, *, no_cache: bool = False,
-                target: str | None = None, log=print) -> Build:
+                target: str | None = None, extra: dict[str, str] | None = None,
+                log=print) -> Build:
+    """Build ``tag``; ``extra`` adds files (path in the context: text) to the clean copy."""
     base_seconds = 0.0
     if base is None:
         base, base_seconds = ensure_base(log)
     wheelhouse = ensure_wheelhouse()
     with tempfile.TemporaryDirectory(prefix="comfy-worker-context-") as folder:
         context = clean_context(Path(folder), wheelhouse)
+        for name, text in (extra or {}).items():
+            (context / name).parent.mkdir(parents=True, exist_ok=True)
+            (context / name).write_text(text)
         args = ["build", "--format", "docker", "--build-arg", f"BASE_IMAGE={base}",
-                "--build-arg", f"SOURCE_DIGEST={tree_digest(context)}", "-t", tag]
+                "--build-arg", f"SOURCE_DIGEST={tree_digest(context)}",
+                "--build-arg", f"COMFYUI_DIGEST={tree_digest(context, 'ComfyUI')}", "-t", tag]
         if no_cache:
             args.append("--no-cache")
         if target:

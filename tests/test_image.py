@@ -242,3 +242,33 @@ async def test_vast_template_reports_ready_and_serves_a_signed_request(image, tm
     assert outcome.unsigned_status == 401
     (done,) = [r for r in outcome.deleted["requests"] if r["request_idx"] == outcome.request_idx]
     assert done["success"] is True, outcome.deleted
+
+
+# A ComfyUI checkout for the with-comfyui target: its main.py hands its command line to the
+# simulator, so the image's default comfyui.command (ComfyUI's own venv, main.py) runs it.
+FAKE_COMFYUI = {
+    "ComfyUI/main.py": "import os, sys\n"
+                       "os.execv('/opt/comfy-worker/venv/bin/python',\n"
+                       "         ['python', '-m', 'simulator', '--step-seconds', '0.05',"
+                       " *sys.argv[1:]])\n",
+    "ComfyUI/requirements.txt": "six\n",  # installed offline from the wheelhouse
+}
+
+
+def test_with_comfyui_target_runs_comfyui_from_the_checkout(image, request):
+    build = harness.build_image("localhost/comfy-worker:test-with-comfyui", image.base,
+                                target="with-comfyui", extra=FAKE_COMFYUI)
+    _report(request, f"with-comfyui: {build.describe()}")
+    six = harness.podman("run", "--rm", "--entrypoint", "/opt/ComfyUI/venv/bin/python",
+                         build.tag, "-c", "import six; print(six.__file__)").stdout
+    assert six.startswith("/opt/ComfyUI/venv/"), six
+    # No COMFYUI_* settings: the built-in comfyui.command finds ComfyUI where the stage put it.
+    container = harness.Container(build.tag, {"WORKER_AUTH_TOKEN": TOKEN,
+                                              "GPU_REQUIRED": "false"}).start()
+    try:
+        _wait_ready(container)
+        status, body = _generate(container.url, steps=4)
+        assert status == 200, body
+        assert body["output"][0]["local_path"].startswith("/opt/ComfyUI/output/"), body
+    finally:
+        container.remove()
