@@ -18,7 +18,7 @@ ARG PYTHON=python3
 # reuses a cached COPY of a folder whose files changed; a new digest makes this layer new, and
 # with it every one after it. Empty (docker), it changes nothing.
 ARG SOURCE_DIGEST=
-RUN echo "${SOURCE_DIGEST}" > /source-digest
+RUN : "${SOURCE_DIGEST}"
 COPY wheelhouse/ /wheels/
 COPY pyproject.toml README.md /src/
 COPY api/ /src/api/
@@ -88,7 +88,7 @@ CMD ["run"]
 FROM common AS with-comfyui
 ARG PYTHON=python3
 ARG COMFYUI_DIGEST=
-RUN echo "${COMFYUI_DIGEST}" > /tmp/comfyui-digest && rm /tmp/comfyui-digest
+RUN : "${COMFYUI_DIGEST}"
 COPY --chown=10001:10001 ComfyUI/ /opt/ComfyUI/
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
     ${PYTHON} -m venv --system-site-packages /opt/ComfyUI/venv \
