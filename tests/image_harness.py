@@ -124,7 +124,7 @@ def ensure_base(log=print) -> tuple[str, float]:
     if not tarball.exists():
         log(f"image: making the {SUITE} base with mmdebstrap ({', '.join(BASE_PACKAGES)}); "
             "it is cached after this")
-        partial = tarball.with_suffix(".partial")
+        partial = tarball.with_suffix(f".{os.getpid()}.partial")  # two runs may race
         result = subprocess.run(["mmdebstrap", *MMDEBSTRAP_ARGS,
                                  f"--include={','.join(BASE_PACKAGES)}", SUITE, str(partial)],
                                 text=True, capture_output=True, timeout=1200)
@@ -152,15 +152,22 @@ def ensure_wheelhouse(python: str = sys.executable) -> Path:
     stamp = folder / ".stamp"
     if stamp.exists() and stamp.read_text() == _requirements_stamp():
         return folder
-    shutil.rmtree(folder, ignore_errors=True)
-    result = subprocess.run([python, "-m", "pip", "wheel", "-q", "-w", str(folder), str(ROOT),
+    fresh = Path(tempfile.mkdtemp(prefix="wheelhouse-", dir=cache_dir()))
+    result = subprocess.run([python, "-m", "pip", "wheel", "-q", "-w", str(fresh), str(ROOT),
                              "setuptools>=77", "wheel"], text=True, capture_output=True,
                             timeout=900)
     if result.returncode != 0:
+        shutil.rmtree(fresh, ignore_errors=True)
         raise HarnessError(f"pip wheel exited {result.returncode}: {result.stderr[-2000:]}")
-    for own in folder.glob("comfy_worker-*.whl"):
+    for own in fresh.glob("comfy_worker-*.whl"):
         own.unlink()
-    stamp.write_text(_requirements_stamp())
+    (fresh / ".stamp").write_text(_requirements_stamp())
+    # Swapped in whole, so a run beside this one never reads a half-made wheelhouse.
+    old = folder.with_name(f"{folder.name}.old.{os.getpid()}")
+    if folder.exists():
+        folder.rename(old)
+    fresh.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
     return folder
 
 
@@ -227,6 +234,9 @@ def build_image(tag: str = TAG, base: str | None = None, *, no_cache: bool = Fal
                 log=print) -> Build:
     """Build ``tag``; ``extra`` adds files (path in the context: text) to the clean copy."""
     base_seconds = 0.0
+    # Images of sources long gone (each change of the sources leaves one): a day's worth stay
+    # as the layer cache.
+    podman("image", "prune", "-f", "--filter", "until=24h", check=False)
     if base is None:
         base, base_seconds = ensure_base(log)
     wheelhouse = ensure_wheelhouse()
