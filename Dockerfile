@@ -11,7 +11,7 @@
 
 ARG BASE_IMAGE=docker.io/library/debian:bookworm-slim
 
-# --- build: the project's wheel, from source, offline ----------------------------------------
+# --- build: the project's wheel, from source, then the venv, from wheels alone ----------------
 FROM ${BASE_IMAGE} AS build
 ARG PYTHON=python3
 # A digest of the build context, when the builder gives one: buildah 1.28 (Debian 12's podman)
@@ -27,26 +27,27 @@ COPY config/ /src/config/
 COPY simulator/ /src/simulator/
 COPY supervisor/ /src/supervisor/
 RUN ${PYTHON} -m venv /opt/build \
- && /opt/build/bin/pip install --no-index --find-links /wheels --no-cache-dir -q --upgrade "setuptools>=77" wheel \
+ && /opt/build/bin/pip install --no-index --find-links /wheels --no-cache-dir -q \
+      --upgrade "setuptools>=77" wheel \
  && /opt/build/bin/pip wheel --no-index --find-links /wheels --no-build-isolation --no-deps \
       --no-cache-dir -q -w /dist /src
-
-# --- common: the venv and everything both images share ---------------------------------------
-FROM ${BASE_IMAGE} AS common
-ARG PYTHON=python3
-ARG UID=10001
-ARG SOURCE_DIGEST=
-# The wheels (and the build stage's pip) are mounted, not copied: they never become a layer of
-# the image, and the venv gets no pip or setuptools of its own.
-RUN --mount=type=bind,from=build,source=/dist,target=/dist \
-    --mount=type=bind,from=build,source=/wheels,target=/wheels \
-    --mount=type=bind,from=build,source=/opt/build,target=/opt/build \
-    test -x /usr/bin/tini || { echo "BASE_IMAGE has no /usr/bin/tini: install tini in it" >&2; exit 1; } \
- && ${PYTHON} -m venv --without-pip /opt/comfy-worker/venv \
+# The venv comfy-worker runs from: the project's wheel and its dependencies' wheels, no index,
+# no network. It gets no pip or setuptools of its own (the build venv's pip installs into it),
+# and only the venv goes on to the image: the wheels never become one of its layers.
+RUN ${PYTHON} -m venv --without-pip /opt/comfy-worker/venv \
  && /opt/build/bin/pip --python /opt/comfy-worker/venv/bin/python install --no-index \
       --find-links /wheels --no-cache-dir --no-compile -q /dist/comfy_worker-*.whl \
  && /opt/comfy-worker/venv/bin/python -m compileall -q /opt/comfy-worker/venv/lib \
  && /opt/comfy-worker/venv/bin/comfy-worker --help >/dev/null
+
+# --- common: the runtime, and everything both images share -----------------------------------
+FROM ${BASE_IMAGE} AS common
+ARG UID=10001
+ARG SOURCE_DIGEST=
+RUN : "${SOURCE_DIGEST}" \
+ && test -x /usr/bin/tini || { echo "BASE_IMAGE has no /usr/bin/tini: install tini in it" >&2; \
+      exit 1; }
+COPY --from=build /opt/comfy-worker/venv/ /opt/comfy-worker/venv/
 COPY misc/container/live.py /opt/comfy-worker/live.py
 # The benchmark's prompts (misc/ is not part of the wheel).
 COPY misc/test_prompts.txt /opt/comfy-worker/test_prompts.txt
@@ -83,19 +84,23 @@ CMD ["run"]
 
 # --- with-comfyui: ComfyUI from ./ComfyUI, with its own venv over the base's PyTorch ----------
 # For a base with CUDA and PyTorch but no ComfyUI. Its requirements come from
-# ./wheelhouse/comfyui (`make wheelhouse-comfyui`); the base's own packages (torch) are seen
-# through --system-site-packages, so they are not installed twice.
-FROM common AS with-comfyui
+# ./wheelhouse/comfyui; the base's own packages (torch) are seen through
+# --system-site-packages, so they are not installed twice.
+FROM build AS comfyui-build
 ARG PYTHON=python3
 ARG COMFYUI_DIGEST=
 RUN : "${COMFYUI_DIGEST}"
-COPY --chown=10001:10001 ComfyUI/ /opt/ComfyUI/
-RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
-    ${PYTHON} -m venv --system-site-packages /opt/ComfyUI/venv \
+COPY ComfyUI/ /opt/ComfyUI/
+RUN ${PYTHON} -m venv --system-site-packages /opt/ComfyUI/venv \
  && if [ -s /opt/ComfyUI/requirements.txt ]; then \
       /opt/ComfyUI/venv/bin/pip install --no-index --find-links /wheels/comfyui \
         --find-links /wheels --no-cache-dir -q -r /opt/ComfyUI/requirements.txt; fi \
- && install -d -o 10001 -g 10001 /opt/ComfyUI/output
+ && mkdir -p /opt/ComfyUI/output
+
+FROM common AS with-comfyui
+ARG COMFYUI_DIGEST=
+RUN : "${COMFYUI_DIGEST}"
+COPY --from=comfyui-build --chown=10001:10001 /opt/ComfyUI/ /opt/ComfyUI/
 USER 10001:10001
 VOLUME ["/var/lib/comfy-worker", "/var/log/comfy-worker", "/opt/ComfyUI/output"]
 
