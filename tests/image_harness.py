@@ -124,8 +124,8 @@ def ensure_base(log=print) -> tuple[str, float]:
     if not tarball.exists():
         log(f"image: making the {SUITE} base with mmdebstrap ({', '.join(BASE_PACKAGES)}); "
             "it is cached after this")
-        partial = tarball.with_suffix(f".{os.getpid()}.partial")  # two runs may race
-        result = subprocess.run(["mmdebstrap", *MMDEBSTRAP_ARGS,
+        partial = tarball.with_name(f"{tarball.stem}.{os.getpid()}.tar")  # two runs may race
+        result = subprocess.run(["mmdebstrap", *MMDEBSTRAP_ARGS, "--format=tar",
                                  f"--include={','.join(BASE_PACKAGES)}", SUITE, str(partial)],
                                 text=True, capture_output=True, timeout=1200)
         if result.returncode != 0:
