@@ -72,13 +72,13 @@ wheelhouse: $(STAMP)
 	rm -f $(WHEELHOUSE)/comfy_worker-*.whl
 
 image: $(STAMP) system-tools
-	$(BIN)/python -m tests.image_harness build $(if $(BASE_IMAGE),--base $(BASE_IMAGE))
+	$(BIN)/python -m tests.support.image_harness build $(if $(BASE_IMAGE),--base $(BASE_IMAGE))
 
 test-image: $(STAMP) system-tools
 	$(BIN)/python -m pytest tests/test_image.py $(PYTEST_ARGS)
 
 vast-template: $(STAMP) system-tools
-	$(BIN)/python -m tests.vast_template --build
+	$(BIN)/python -m tests.support.vast_template --build
 
 demo: $(STAMP)
 	$(BIN)/comfy-worker demo

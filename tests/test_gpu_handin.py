@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from config import load_settings
-from supervisor import preflight
+from supervisor.daemon import preflight
 from supervisor.gpu.handin import HandIn, advice, container_runtime, look
 
 

@@ -1,7 +1,7 @@
 """The container image, built here with podman from a clean copy of the checkout, and run.
 
 The image is built once for the module (FROM a minimal Debian made from Debian's packages, see
-tests/image_harness.py), then started read-only, with host folders as its state, log and output
+tests/support/image_harness.py), then started read-only, with host folders as its state, log and output
 volumes and the simulator as ComfyUI. Skipped, with the reason, where podman cannot run
 (`make system-tools` installs it as root).
 """

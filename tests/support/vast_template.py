@@ -1,8 +1,8 @@
 """The image started as a Vast.ai serverless template starts it, against a stand-in autoscaler.
 
-`python -m tests.vast_template [--image TAG] [--build]` (root, podman; `make test-image` runs it
+`python -m tests.support.vast_template [--image TAG] [--build]` (root, podman; `make test-image` runs it
 too, as a test). What it does is what docs/container.md tells an operator to put in the
-template, with the stand-in autoscaler (tests/fake_autoscaler.py) where Vast's would be:
+template, with the stand-in autoscaler (tests/support/fake_autoscaler.py) where Vast's would be:
 
 * launch mode "entrypoint": the image's own ENTRYPOINT (tini, then comfy-worker) with `run`;
 * Vast's environment: REPORT_ADDR, CONTAINER_ID, MASTER_TOKEN, PUBLIC_IPADDR and
@@ -38,7 +38,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from tests import image_harness as harness
-from tests.fake_autoscaler import FakeAutoscaler
+from tests.support.fake_autoscaler import FakeAutoscaler
 
 CERT, KEY = "/etc/instance.crt", "/etc/instance.key"  # where Vast's instances have them
 WORKER_PORT = 3000
@@ -158,7 +158,7 @@ async def check(image: str, folder: Path, *, log=print) -> Outcome:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tests.vast_template", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m tests.support.vast_template", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--image", default=harness.TAG)
     parser.add_argument("--build", action="store_true", help="build the image first")

@@ -11,7 +11,7 @@ The tests (tests/test_image.py), `make image` and the Vast-template check share 
   built from a clean copy of the checkout (the files git knows, as a fresh clone has them, plus
   uncommitted edits) with that wheelhouse in it.
 
-`python -m tests.image_harness build [--base IMAGE] [--tag TAG]` builds and prints the figures.
+`python -m tests.support.image_harness build [--base IMAGE] [--tag TAG]` builds and prints the figures.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TAG = "localhost/comfy-worker:test"
 IMAGE_UID = 10001  # the image's user (Dockerfile: ARG UID)
 
@@ -343,7 +343,7 @@ _counter = itertools.count()
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tests.image_harness")
+    parser = argparse.ArgumentParser(prog="python -m tests.support.image_harness")
     sub = parser.add_subparsers(dest="command", required=True)
     build = sub.add_parser("build", help="build the image with podman and print its figures")
     build.add_argument("--base", help="BASE_IMAGE (default: a minimal Debian made here)")
