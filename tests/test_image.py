@@ -20,8 +20,8 @@ import psutil
 import pytest
 
 from config import load_settings
-from supervisor.daemon import stop_budget
-from tests import image_harness as harness  # test helpers: one import to move
+from supervisor.daemon.daemon import stop_budget
+from tests.support import image_harness as harness  # test helpers: one import to move
 
 pytestmark = [pytest.mark.image, pytest.mark.timeout(900)]
 
@@ -221,7 +221,7 @@ def test_without_a_gpu_handed_in_run_and_gpu_name_the_flag(image):
 
 
 async def test_vast_template_reports_ready_and_serves_a_signed_request(image, tmp_path, request):
-    from tests import vast_template  # the script docs/container.md shows; aiohttp-based
+    from tests.support import vast_template  # the script docs/container.md shows; aiohttp-based
 
     outcome = await vast_template.check(image.tag, tmp_path, log=lambda line: _report(request,
                                                                                        line))

@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tests import image_harness as harness
+from tests.support import image_harness as harness
 from tests.support.fake_autoscaler import FakeAutoscaler
 
 CERT, KEY = "/etc/instance.crt", "/etc/instance.key"  # where Vast's instances have them
