@@ -60,6 +60,11 @@ SECTION_DOCS: dict[str, str] = {
     "autoscaler": "The Vast.ai-style autoscaler; on when REPORT_ADDR is set.",
     "models": "Model files on the node: the start-up manifest, the download engine, and model "
               "URLs in requests.",
+    "retention": "What the wrapper deletes from disk once no request needs it: outputs, input "
+                 "images, ComfyUI's temp files (docs: disk). Result files follow api.result_ttl "
+                 "and api.result_max, logs supervisor.log_max_bytes and log_backups.",
+    "disk": "The disk guard: free space of the folders the worker writes to, sampled with the GPU "
+            "(gpu.sample_interval); a warning frees what retention may, critical takes no work.",
 }
 
 _MIB = 1024 * 1024
@@ -383,6 +388,44 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("models", "cache_max_gb", Float(0.0001, 1_000_000), 100.0,
             "Size cap of the request-URL model cache; least recently used files go first.",
             ("MODELS_CACHE_MAX_GB",)),
+    # --- retention ----------------------------------------------------------------------------
+    Setting("retention", "enabled", Bool(), True,
+            "Delete what requests leave on disk by the rules below; false keeps everything (the "
+            "disk guard still takes a full node out of service).", ("RETENTION_ENABLED",)),
+    Setting("retention", "outputs", Str(("expired", "uploaded", "keep")), "expired",
+            "When a finished request's output files go: expired = once its result is no longer "
+            "readable at /result/{id} (api.result_ttl, api.result_max); uploaded = as soon as "
+            "every file is in S3 (the others when the result expires); keep = never.",
+            ("RETENTION_OUTPUTS",)),
+    Setting("retention", "outputs_max_gb", Float(0, 1_000_000), 10.0,
+            "Size cap of the output folder (per instance); over it the files of the oldest "
+            "finished requests go first. 0: no cap.", ("RETENTION_OUTPUTS_MAX_GB",)),
+    Setting("retention", "inputs", Str(("finished", "keep")), "finished",
+            "Input images uploaded to ComfyUI for a request: finished = deleted once the request "
+            "finished; keep = never.", ("RETENTION_INPUTS",)),
+    Setting("retention", "temp_max_age", Float(0, 30 * 86400), 3600.0,
+            "Seconds a file may stay in ComfyUI's temp folder (previews); 0 keeps them. Keep it "
+            "above the longest request.", ("RETENTION_TEMP_MAX_AGE",)),
+    Setting("retention", "interval", Float(0.1, 86400), 60.0,
+            "Seconds between retention passes (the disk guard's warning asks for one at once).",
+            ("RETENTION_INTERVAL",)),
+    Setting("retention", "batch_files", Int(1, 1_000_000), 500,
+            "Files deleted in one step off the event loop; a pass takes as many steps as it needs.",
+            ("RETENTION_BATCH_FILES",)),
+    Setting("retention", "pressure_min_age", Float(0, 86400), 60.0,
+            "Seconds a finished request's outputs are kept even when the disk guard asks for "
+            "space.", ("RETENTION_PRESSURE_MIN_AGE",)),
+    # --- disk -----------------------------------------------------------------------------------
+    Setting("disk", "warning_percent", Float(0, 100), 90.0,
+            "A filesystem the worker writes to this full (%) is a warning (degraded) and a "
+            "retention pass runs at once.", ("DISK_WARNING_PERCENT",)),
+    Setting("disk", "warning_free_gb", Float(0, 1_000_000), 5.0,
+            "Less free space than this (GB) is a warning too.", ("DISK_WARNING_FREE_GB",)),
+    Setting("disk", "critical_percent", Float(0, 100), 97.0,
+            "This full (%), the worker takes no new work (unhealthy) until space returns.",
+            ("DISK_CRITICAL_PERCENT",)),
+    Setting("disk", "critical_free_gb", Float(0, 1_000_000), 1.0,
+            "Less free space than this (GB) is critical too.", ("DISK_CRITICAL_FREE_GB",)),
 )
 
 BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
