@@ -183,6 +183,9 @@ def build_parser(api_version: ApiVersion | None = None, *, every_comfyui_flag: b
                      help="Seconds POST /prompt waits after queueing the prompt, before answering.")
     sim.add_argument("--post-prompt-drop", action="store_true",
                      help="POST /prompt queues the prompt, then drops the connection instead of answering.")
+    sim.add_argument("--image-bytes", type=int, default=0, metavar="N",
+                     help="Pad each PNG that SaveImage and PreviewImage write to at least N bytes "
+                          "(incompressible), so outputs fill a disk as real ones do.")
     sim.add_argument("--simulate-missing-packages", action="store_true",
                      help="Start as if sqlalchemy, alembic and blake3 could not be imported (0.38.1: "
                           "ASSETS_STARTUP_FAILED: missing_packages, exit 1, unless --disable-assets; 0.3.64: a "
@@ -260,6 +263,7 @@ def knobs_from_args(args: argparse.Namespace) -> Knobs:
         "vram_total_mb": args.vram_total_mb,
         "post_prompt_delay": args.post_prompt_delay,
         "post_prompt_drop": args.post_prompt_drop,
+        "image_bytes": args.image_bytes,
     }, log=False)
     return knobs
 

@@ -20,6 +20,8 @@ from simulator.errors import UnidentifiedImageError
 RGB = tuple[int, int, int]
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+#: Ancillary, private, safe to copy: PNG readers skip it (the --image-bytes padding).
+PAD_CHUNK = b"siMp"
 # ComfyUI's SaveImage writes with compress_level 4; PreviewImage with 1.
 SAVE_COMPRESS_LEVEL = 4
 PREVIEW_COMPRESS_LEVEL = 1
@@ -120,9 +122,11 @@ def _chunk(kind: bytes, data: bytes) -> bytes:
 
 
 def write_png(path: str, width: int, height: int, rgb: RGB, text: dict[str, str] | None = None,
-              compress_level: int = SAVE_COMPRESS_LEVEL) -> int:
+              compress_level: int = SAVE_COMPRESS_LEVEL, min_bytes: int = 0) -> int:
     """Write a solid-colour 8-bit RGB PNG with optional tEXt chunks; return its size in bytes.
 
+    `min_bytes` pads the file to at least that size with a private ancillary chunk of random
+    bytes (readers skip it), so that it takes as much disk as a real image would.
     Blocking file I/O: call it through ``asyncio.to_thread`` from async code.
     """
     if width < 1 or height < 1:
@@ -133,6 +137,9 @@ def write_png(path: str, width: int, height: int, rgb: RGB, text: dict[str, str]
         for key, value in (text or {}).items():
             out.write(_chunk(b"tEXt", key.encode("latin-1") + b"\x00" + value.encode("latin-1")))
         _write_idat(out, width, height, rgb, compress_level)
+        missing = min_bytes - out.tell() - 2 * 12  # the padding chunk's and IEND's framing
+        if missing > 0:
+            out.write(_chunk(PAD_CHUNK, os.urandom(missing)))
         out.write(_chunk(b"IEND", b""))
         return out.tell()
 

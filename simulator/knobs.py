@@ -107,13 +107,16 @@ class Knobs:
     # to drop the connection instead of answering (a POST that "timed out" after ComfyUI took it).
     post_prompt_delay: float = 0.0
     post_prompt_drop: bool = False
+    # SaveImage / PreviewImage: each PNG padded to at least this many bytes (0: as small as a
+    # solid colour compresses), with incompressible data, so outputs fill a disk as real ones do.
+    image_bytes: int = 0
     # Start-up only: shown by GET, refused by POST.
     startup_delay: float = 0.0
     crash_at_start: Fault | None = None
 
     RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = ("step_seconds", "slow_factor", "load_seconds", "crash_during_prompt",
                       "hang_during_prompt", "fail_node", "checkpoints", "device_type", "device_name",
-                      "vram_total_mb", "post_prompt_delay", "post_prompt_drop")
+                      "vram_total_mb", "post_prompt_delay", "post_prompt_drop", "image_bytes")
 
     def step_delay(self) -> float:
         """Seconds one sampler step takes now."""
@@ -140,6 +143,7 @@ class Knobs:
             "vram_total_mb": self.vram_total_mb,
             "post_prompt_delay": self.post_prompt_delay,
             "post_prompt_drop": self.post_prompt_drop,
+            "image_bytes": self.image_bytes,
             "startup_delay": self.startup_delay,
             "crash_at_start": self.crash_at_start.describe() if self.crash_at_start else None,
         }
@@ -246,6 +250,12 @@ def parse_megabytes(name: str, value: Any) -> int:
     return number
 
 
+def parse_byte_count(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise KnobError(name, f"expected a whole number of bytes >= 0, got {value!r}")
+    return value
+
+
 _PARSERS = {
     "step_seconds": parse_seconds,
     "slow_factor": parse_factor,
@@ -259,4 +269,5 @@ _PARSERS = {
     "vram_total_mb": parse_megabytes,
     "post_prompt_delay": parse_seconds,
     "post_prompt_drop": parse_flag,
+    "image_bytes": parse_byte_count,
 }

@@ -182,7 +182,7 @@ class SaveImage(SimNode):
             name = target.filename.replace("%batch_num%", str(batch_number))
             file = f"{name}_{counter:05}_.png"
             await asyncio.to_thread(write_png, os.path.join(target.folder, file), images.width, images.height,
-                                    images.rgb, text, self.COMPRESS_LEVEL)
+                                    images.rgb, text, self.COMPRESS_LEVEL, ctx.env.knobs.image_bytes)
             results.append({"filename": file, "subfolder": target.subfolder, "type": self.FOLDER_TYPE})
             counter += 1
         return NodeOutput((), {"images": results})
