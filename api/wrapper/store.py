@@ -95,6 +95,15 @@ class ResultStore:
                 await asyncio.to_thread(self._write, body)
         return body
 
+    def knows(self, request_id: str) -> bool:
+        """A result of this id was recorded and not forgotten yet (expired or not)."""
+        return request_id in self._stamps
+
+    def readable(self, request_id: str) -> bool:
+        """GET /result/{id} would find it now."""
+        stamp = self._stamps.get(request_id)
+        return stamp is not None and time.time() - stamp <= self.ttl
+
     def expire(self, force: bool = False) -> None:
         now = time.time()
         if not force and now - self._last_expire < EXPIRE_EVERY and \

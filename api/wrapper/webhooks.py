@@ -527,6 +527,10 @@ class WebhookDispatcher:
         task.add_done_callback(lambda _t: self._by_id.pop(item.delivery_id, None))
         return task
 
+    def pending_requests(self) -> set[str]:
+        """Request ids with a delivery not settled yet (its request's files stay meanwhile)."""
+        return {request_id for _task, request_id in self._by_id.values()}
+
     @property
     def spool_bytes(self) -> int:
         return self._spool.total_bytes

@@ -1,0 +1,207 @@
+"""What the wrapper's requests left on disk, read and deleted off the event loop.
+
+Blocking functions only (call them through ``asyncio.to_thread``): a walk of the output folder
+that tells each request's folder (``<output>/<request_id>/``, where `api.wrapper.outputs` links a
+request's files) from ComfyUI's own files, the temp folder's old files, and deletion of a list
+of paths. Nothing here decides what may go; `api.wrapper.retention` does.
+
+Sizes count each file once however many hard links it has (a request's file and ComfyUI's
+original are one inode): that is what deleting them frees.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+#: A file's identity on its filesystem: (device, inode).
+Key = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    path: Path
+    key: Key
+    size: int
+    mtime: float
+
+
+@dataclass
+class RequestFolder:
+    """``<output>/<request_id>/`` and the files in it."""
+
+    request_id: str
+    path: Path
+    files: list[FileInfo] = field(default_factory=list)
+    mtime: float = 0.0  # the newest of the folder's and its files' (about when it finished)
+
+    @property
+    def keys(self) -> set[Key]:
+        return {f.key for f in self.files}
+
+
+@dataclass
+class OutputInventory:
+    """The output folder as one walk found it."""
+
+    folder: Path
+    exists: bool = True
+    requests: dict[str, RequestFolder] = field(default_factory=dict)
+    #: ComfyUI's own files (outside request folders), by identity: what a request's link shares.
+    others: dict[Key, list[FileInfo]] = field(default_factory=dict)
+    bytes: int = 0       # each inode once
+    files: int = 0       # names, links included
+    scanned_at: float = field(default_factory=time.time)
+
+
+def _info(entry: os.DirEntry) -> FileInfo | None:
+    try:
+        st = entry.stat(follow_symlinks=False)
+    except OSError:
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        return None
+    return FileInfo(Path(entry.path), (st.st_dev, st.st_ino), st.st_size, st.st_mtime)
+
+
+def _walk(folder: Path) -> Iterable[FileInfo]:
+    """Every regular file under `folder` (symlinks are not followed, nor listed)."""
+    stack = [folder]
+    while stack:
+        current = stack.pop()
+        try:
+            with os.scandir(current) as entries:
+                for entry in entries:
+                    if entry.is_dir(follow_symlinks=False):
+                        stack.append(Path(entry.path))
+                    else:
+                        info = _info(entry)
+                        if info is not None:
+                            yield info
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            logger.warning("retention: cannot read %s: %s", current, exc)
+
+
+def scan_outputs(folder: Path, is_request: Callable[[str], bool]) -> OutputInventory:
+    """Blocking: walk the output folder. A folder directly under it whose name
+    `is_request` accepts is that request's; everything else is ComfyUI's."""
+    inventory = OutputInventory(folder)
+    try:
+        top = list(os.scandir(folder))
+    except FileNotFoundError:
+        inventory.exists = False
+        return inventory
+    except OSError as exc:
+        logger.warning("retention: cannot read the output folder %s: %s", folder, exc)
+        inventory.exists = False
+        return inventory
+    seen: set[Key] = set()
+
+    def count(info: FileInfo) -> None:
+        inventory.files += 1
+        if info.key not in seen:
+            seen.add(info.key)
+            inventory.bytes += info.size
+
+    for entry in top:
+        if entry.is_dir(follow_symlinks=False):
+            if is_request(entry.name):
+                request = RequestFolder(entry.name, Path(entry.path))
+                try:
+                    request.mtime = entry.stat(follow_symlinks=False).st_mtime
+                except OSError:
+                    continue
+                for info in _walk(request.path):
+                    request.files.append(info)
+                    request.mtime = max(request.mtime, info.mtime)
+                    count(info)
+                inventory.requests[entry.name] = request
+                continue
+            infos: Iterable[FileInfo] = _walk(Path(entry.path))
+        else:
+            info = _info(entry)
+            infos = [info] if info is not None else []
+        for info in infos:
+            inventory.others.setdefault(info.key, []).append(info)
+            count(info)
+    return inventory
+
+
+def old_files(folder: Path, max_age: float, now: float | None = None) -> list[FileInfo]:
+    """Blocking: files under `folder` not modified for `max_age` seconds, oldest first."""
+    cutoff = (time.time() if now is None else now) - max_age
+    try:
+        found = [f for f in _walk(folder) if f.mtime < cutoff]
+    except FileNotFoundError:
+        return []
+    found.sort(key=lambda f: f.mtime)
+    return found
+
+
+def files_named(folder: Path, names: Iterable[str]) -> list[FileInfo]:
+    """Blocking: the regular files among `folder`/name (missing ones are left out)."""
+    found = []
+    for name in names:
+        path = folder / name
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode):
+            found.append(FileInfo(path, (st.st_dev, st.st_ino), st.st_size, st.st_mtime))
+    return found
+
+
+def list_top(folder: Path) -> list[FileInfo]:
+    """Blocking: the regular files directly in `folder`."""
+    try:
+        with os.scandir(folder) as entries:
+            return [i for i in (_info(e) for e in entries if not e.is_dir(follow_symlinks=False))
+                    if i is not None]
+    except OSError:
+        return []
+
+
+@dataclass
+class Removed:
+    files: int = 0
+    bytes: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    def add(self, other: "Removed") -> None:
+        self.files += other.files
+        self.bytes += other.bytes
+        self.errors += other.errors
+
+
+def remove(files: Iterable[FileInfo], folders: Iterable[Path] = ()) -> Removed:
+    """Blocking: unlink `files`, then remove `folders` if they are empty. Bytes count as freed
+    when a file's last link goes (a request's file and ComfyUI's original are one inode)."""
+    removed = Removed()
+    for info in files:
+        try:
+            st = os.lstat(info.path)
+            os.unlink(info.path)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            removed.errors.append(f"{info.path}: {exc.strerror or exc}")
+            continue
+        removed.files += 1
+        if st.st_nlink <= 1:
+            removed.bytes += st.st_size
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            pass  # not empty (a file we kept, or one written since): it stays
+    return removed
