@@ -69,6 +69,7 @@ class Inputs:
     children: tuple[ChildView, ...]
     gpu: Verdict = OK
     benchmark: Verdict = OK
+    disk: Verdict = OK                # the disk guard: free space where requests write
     models: Verdict = OK              # unhealthy while a before_ready model keeps failing
     provisioning: str = ""            # what provisioning is doing; empty once the models are there
     benchmarking: bool = False
@@ -95,6 +96,8 @@ def derive(inputs: Inputs) -> tuple[WorkerState, str]:
             return WorkerState.UNHEALTHY, f"{child.name} {child.state.value}: {child.reason}"
     if inputs.gpu.level is Level.UNHEALTHY:
         return WorkerState.UNHEALTHY, inputs.gpu.reason
+    if inputs.disk.level is Level.UNHEALTHY:
+        return WorkerState.UNHEALTHY, inputs.disk.reason
     if inputs.benchmarking:
         return WorkerState.BENCHMARKING, "running the start-up benchmark"
     if inputs.benchmark.level is Level.UNHEALTHY:
@@ -103,7 +106,8 @@ def derive(inputs: Inputs) -> tuple[WorkerState, str]:
         return WorkerState.BENCHMARKING, "waiting to run the start-up benchmark"
     if inputs.draining:
         return WorkerState.UNHEALTHY, "draining: the operator asked it to take no new work"
-    warnings = [v.reason for v in (inputs.gpu, inputs.benchmark) if v.level is Level.DEGRADED]
+    warnings = [v.reason for v in (inputs.gpu, inputs.disk, inputs.benchmark)
+                if v.level is Level.DEGRADED]
     if warnings:
         return WorkerState.DEGRADED, "; ".join(warnings)
     return WorkerState.READY, "ComfyUI and the wrapper are ready"
