@@ -13,7 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from api.comfy import ExecutionFailure, PromptResult, PromptStatus
+from api.contract.result import HTTP_FOR_FAILURE, FailureKind
 from api.host.disk import format_bytes
+from api.wrapper import outcomes
 from api.wrapper.files_on_disk import scan_outputs
 from api.wrapper.retention import (
     FileGuard,
@@ -319,3 +322,19 @@ def test_choose_outputs_is_pure_and_counts_the_cap_in_unique_bytes(tmp_path):
                                          (52_400_000, "52.4 MB")])
 def test_format_bytes(count, text):
     assert format_bytes(count) == text
+
+
+def test_a_node_that_cannot_write_is_a_disk_full_failure_that_says_where_and_what_to_do():
+    full = PromptResult("p", PromptStatus.FAILED, [], ExecutionFailure(
+        "9", "SaveImage", "OSError", "[Errno 28] No space left on device", []))
+    outcome = outcomes.of_result(full, cancel_requested=False)
+    assert outcome.failure is FailureKind.DISK_FULL and HTTP_FOR_FAILURE[outcome.failure] == 507
+    told = outcomes.with_room(outcome, "output folder /data/output 100% full (0 B free)")
+    assert told.message == (
+        "disk full: ComfyUI could not write in node 9 (SaveImage): OSError: [Errno 28] No space "
+        "left on device; output folder /data/output 100% full (0 B free); free space there, or "
+        "let retention delete what finished requests left (retention.outputs, "
+        "retention.outputs_max_gb, retention.inputs; docs/disk.md)")
+    other = PromptResult("p", PromptStatus.FAILED, [], ExecutionFailure(
+        "3", "KSampler", "RuntimeError", "CUDA out of memory", []))
+    assert outcomes.of_result(other, cancel_requested=False).failure is FailureKind.EXECUTION

@@ -54,6 +54,9 @@ _RAN = {
     "500": _answer("A bug in the worker (logged with its traceback).", "Error", "Result"),
     "502": _answer("ComfyUI unreachable, or lost while running the prompt.", "Result", "Error"),
     "504": _answer("Timed out (api.request_timeout); the prompt was interrupted.", "Result"),
+    "507": _answer("A disk the request needed is full (the message names the folder, its free "
+                   "space and the retention settings); the worker stops taking work before "
+                   "this, so another worker may serve it now.", "Result", "Error"),
 }
 _QUEUE_FULL = _answer("The queue is full; retry after Retry-After seconds.", "Error",
                       headers=_RETRY_AFTER)

@@ -34,6 +34,7 @@ class FailureKind(str, enum.Enum):
     EXECUTION = "execution"          # a node raised while running (422)
     COMFYUI_LOST = "comfyui_lost"    # ComfyUI unreachable or gone mid-prompt (502)
     RESTARTED = "restarted"          # the wrapper restarted while it ran (502)
+    DISK_FULL = "disk_full"          # a folder it needed is on a full filesystem (507)
     INTERNAL = "internal"            # a bug in the wrapper (500)
 
 
@@ -42,6 +43,7 @@ HTTP_FOR_FAILURE = {
     FailureKind.EXECUTION: 422,
     FailureKind.COMFYUI_LOST: 502,
     FailureKind.RESTARTED: 502,
+    FailureKind.DISK_FULL: 507,
     FailureKind.INTERNAL: 500,
 }
 

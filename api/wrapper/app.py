@@ -16,7 +16,7 @@ from aiohttp import web
 
 from api.comfy import ClientTimeouts, ComfyClient
 from api.comfy import folders as comfy_folders
-from api.comfy.folders import SUPERVISOR_PID_ENV, Folder, OutputFolderGuide
+from api.comfy.folders import SUPERVISOR_PID_ENV, ComfyFolders, OutputFolderGuide
 from api.contract.modifiers import registry_from_settings
 from api.wrapper.background import Background
 from api.wrapper.delivery import OutputDelivery
@@ -27,6 +27,7 @@ from api.wrapper.job_queue import JobQueue
 from api.wrapper.metrics import WrapperMetrics
 from api.wrapper.prefetch import Prefetcher
 from api.wrapper.preparation import InputPreparer
+from api.wrapper.retention import JobLifecycle, Retention, RetentionPolicy
 from api.wrapper.s3 import S3Settings, S3Uploader
 from api.wrapper.server import build_app
 from api.wrapper.service import GenerationService, Parts, RequestDefaults
@@ -87,12 +88,14 @@ class WrapperRuntime:
         self.uploader: S3Uploader | None = None
         self.webhooks: WebhookDispatcher | None = None
         self.service: GenerationService | None = None
+        self.retention: Retention | None = None
         self.model_session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
         s = self.settings
         state = Path(s.worker.state_dir)
-        output = comfy_folders.from_settings(s).output
+        folders = comfy_folders.from_settings(s)
+        output = folders.output
         self.session = aiohttp.ClientSession()
         self.client = ComfyClient(s.comfyui.url, output_dir=output.path,
                                   timeouts=ClientTimeouts(ws_idle=s.api.ws_idle_timeout))
@@ -110,12 +113,15 @@ class WrapperRuntime:
         model_urls = self._model_urls()
         if model_urls is not None:
             self.metrics.bind_model_cache(model_urls.cache)
-        self.service = self._service(output, model_urls)
+        self.service = self._service(folders, model_urls)
         webhooks, service = self.webhooks, self.service
         self.metrics.bind(spool=lambda: webhooks.pending, queue=service.queue_depth)
         await self.service.start()
+        assert self.retention is not None
+        self.metrics.bind_retention(self.retention)
+        await self.retention.start()  # after the store loaded: it knows the earlier requests
         app = build_app(self.service, metrics=self.metrics, max_body_bytes=s.api.max_body_bytes,
-                        max_json_depth=s.worker.max_json_depth)
+                        max_json_depth=s.worker.max_json_depth, retention=self.retention)
         # handler_cancellation: a client that hangs up on /generate/sync cancels its request.
         self.runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
         await self.runner.setup()
@@ -124,7 +130,7 @@ class WrapperRuntime:
         logger.info("API wrapper listening on http://%s:%d (ComfyUI at %s)", self.host, self.port,
                     s.comfyui.url)
 
-    def _service(self, output: Folder, model_urls: "ModelUrlResolver | None"
+    def _service(self, folders: ComfyFolders, model_urls: "ModelUrlResolver | None"
                  ) -> GenerationService:
         """The generation service and its parts, wired from the settings."""
         s = self.settings
@@ -135,6 +141,15 @@ class WrapperRuntime:
         defaults = RequestDefaults(s3_defaults(s), webhook_defaults(s),
                                    s.webhook.allow_private_targets)
         queue, background, active = JobQueue(), Background(), {}
+        delivery = OutputDelivery(client, folders.output, base64_max_bytes=s.api.base64_max_bytes,
+                                  s3_defaults=defaults.s3, uploader=self.uploader,
+                                  guide=OutputFolderGuide(s, client), metrics=self.metrics)
+        # Retention deletes what finished requests left, in the folder the delivery learned.
+        retention = self.retention = Retention(
+            RetentionPolicy.from_settings(s), JobLifecycle(active, store, self.webhooks),
+            output_folder=lambda: delivery.folder.path, input_folder=folders.input.path,
+            temp_folder=folders.temp.path)
+        delivery.retention = retention
         fetcher = InputFetcher(self.session, s.api.input_max_bytes, s.api.input_timeout,
                                s.api.allow_private_inputs)
         prefetcher = Prefetcher(client, queue, functools.partial(stop_prompt, client))
@@ -142,15 +157,14 @@ class WrapperRuntime:
         parts = Parts(
             client=client, registry=registry_from_settings(s), store=store, queue=queue,
             background=background, active=active, model_urls=model_urls,
-            preparer=InputPreparer(client, fetcher, model_urls),
+            preparer=InputPreparer(client, fetcher, model_urls, retention=retention,
+                                   input_folder=folders.input.path),
             prefetcher=prefetcher, guard=guard,
             execution=PromptExecution(client, prefetcher, guard, s.api.request_timeout),
-            delivery=OutputDelivery(client, output, base64_max_bytes=s.api.base64_max_bytes,
-                                    s3_defaults=defaults.s3, uploader=self.uploader,
-                                    guide=OutputFolderGuide(s, client), metrics=self.metrics),
+            delivery=delivery,
             finisher=Finisher(store, background, active, webhooks=self.webhooks,
                               webhook_defaults=defaults.webhook, metrics=self.metrics,
-                              model_urls=model_urls))
+                              model_urls=model_urls, retention=retention))
         return GenerationService(parts, queue_size=s.api.queue_size, defaults=defaults)
 
     def _model_urls(self) -> "ModelUrlResolver | None":
@@ -189,6 +203,8 @@ class WrapperRuntime:
     async def close(self) -> None:
         if self.runner:
             await self.runner.cleanup()
+        if self.retention:
+            await self.retention.stop()
         if self.service:
             await self.service.stop()
         if self.model_session:

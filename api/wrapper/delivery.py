@@ -5,6 +5,7 @@ uploaded to S3 when configured. Outputs, uploads and webhooks never hold ComfyUI
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -12,9 +13,11 @@ from typing import Any
 
 from api.comfy import ComfyClient, ComfyError, OutputFile, PromptResult
 from api.comfy.folders import Folder, OutputFolderGuide
+from api.wrapper.diskfull import is_full_error, while_writing
 from api.wrapper.jobs import Job
 from api.wrapper.metrics import WrapperMetrics
 from api.wrapper.outputs import collect, inline_base64, link_outputs, missing
+from api.wrapper.retention import Retention
 from api.wrapper.s3 import S3Settings, S3Uploader, UploadItem
 from api.wrapper.s3 import merge as merge_s3
 
@@ -24,8 +27,10 @@ logger = logging.getLogger(__name__)
 class OutputDelivery:
     def __init__(self, client: ComfyClient, folder: Folder, *, base64_max_bytes: int,
                  s3_defaults: S3Settings, uploader: S3Uploader | None,
-                 guide: OutputFolderGuide | None = None, metrics: WrapperMetrics | None = None):
+                 guide: OutputFolderGuide | None = None, metrics: WrapperMetrics | None = None,
+                 retention: Retention | None = None):
         self._client = client
+        self.retention = retention  # guards the collection against its deletions
         self.folder = folder  # ComfyUI's output folder as this process sees it
         self._guide = guide
         self._base64_max_bytes = base64_max_bytes
@@ -40,12 +45,7 @@ class OutputDelivery:
 
     async def deliver(self, job: Job, result: PromptResult) -> int:
         """Fill `job.output`; the number of files whose upload failed (they stay on disk)."""
-        folder = self.folder
-        entries = link_outputs(result.outputs, folder.path, job.id)
-        if entries is None:  # copies, or files not where the folder says (fetched first)
-            fetched = await self._fetch_missing(result.outputs)
-            entries = await asyncio.to_thread(collect, result.outputs, folder.path, job.id,
-                                              fetched, folder.why)
+        entries = await self._collect(job, result)
         entries += [{"node_id": t.node_id, "output_type": t.output_type, "text": t.text,
                      "type": "text"} for t in result.texts]
         if job.request.return_base64:
@@ -53,6 +53,27 @@ class OutputDelivery:
         await self._upload(job, entries)
         job.output = entries
         return sum(1 for e in entries if e.get("upload_error"))
+
+    async def _collect(self, job: Job, result: PromptResult) -> list[dict[str, Any]]:
+        """Link the files into the request's folder (retention deletes nothing meanwhile);
+        a full disk is a DiskFull for the client, not a bug."""
+        writing = self.retention.guard.writing() if self.retention else contextlib.nullcontext()
+        folder = self.folder
+        async with writing:
+            entries = link_outputs(result.outputs, folder.path, job.id)
+            if entries is not None:
+                return entries
+            # Copies, or files not where the folder says (fetched first).
+            fetched = await self._fetch_missing(result.outputs)
+            try:
+                return await asyncio.to_thread(collect, result.outputs, folder.path, job.id,
+                                               fetched, folder.why)
+            except OSError as exc:
+                if not is_full_error(exc):
+                    raise
+                raise await asyncio.to_thread(
+                    while_writing, "collecting the outputs into the request's folder",
+                    folder.path, exc.strerror or str(exc)) from None
 
     async def _fetch_missing(self, outputs: list[OutputFile]) -> dict[int, bytes | str]:
         """Files ComfyUI reported that are not in our view of its output folder (ComfyUI on

@@ -50,3 +50,9 @@ def while_writing(what: str, folder: Path, detail: str) -> DiskFull:
     found = room(folder)
     where = found.describe() if found is not None else str(folder)
     return DiskFull(f"disk full: {what} failed ({detail}); {where}; {FIX}")
+
+
+def room_text(folder: Path, what: str = "output folder") -> str:
+    """`output folder /x 100% full (0 B free)`, or "" when nothing of it is here (blocking)."""
+    found = room(folder)
+    return f"{what} {found.describe()}" if found is not None else ""

@@ -14,6 +14,7 @@ from api.wrapper.jobs import Job
 from api.wrapper.metrics import WrapperMetrics
 from api.wrapper.model_urls import ModelUrlResolver
 from api.wrapper.outcomes import Outcome
+from api.wrapper.retention import Retention
 from api.wrapper.store import ResultStore
 from api.wrapper.webhooks import WebhookDispatcher, WebhookSettings
 from api.wrapper.webhooks import merge as merge_webhook
@@ -25,7 +26,8 @@ class Finisher:
     def __init__(self, store: ResultStore, background: Background, active: dict[str, Job], *,
                  webhooks: WebhookDispatcher | None, webhook_defaults: WebhookSettings,
                  metrics: WrapperMetrics | None = None,
-                 model_urls: ModelUrlResolver | None = None):
+                 model_urls: ModelUrlResolver | None = None,
+                 retention: Retention | None = None):
         self._store = store
         self._background = background
         self._active = active  # the jobs accepted and not finished, by id
@@ -33,6 +35,7 @@ class Finisher:
         self._webhook_defaults = webhook_defaults
         self._metrics = metrics
         self._model_urls = model_urls
+        self._retention = retention
         self.served: collections.Counter[str] = collections.Counter()  # by final status
 
     def finish(self, job: Job, outcome: Outcome) -> None:
@@ -68,6 +71,8 @@ class Finisher:
         record = job.to_record()
         self._store.remember(record)  # readable at /result/{id} from now on
         self._active.pop(job.id, None)
+        if self._retention is not None:  # its files may go by the rules from now on
+            self._retention.finished(job.id, job.output)
         self._send_webhook(job)
         if job.persisting is not None:  # the "queued" record must not land after this one
             await asyncio.gather(job.persisting, return_exceptions=True)

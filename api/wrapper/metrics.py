@@ -20,6 +20,7 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from api.contract.result import FailureKind, JobStatus
 
@@ -84,8 +85,6 @@ class WrapperMetrics:
 
     def bind_model_cache(self, cache: Any) -> None:
         """The request-URL model cache's figures, read from it at scrape time."""
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
         class _CacheCollector:
             def describe(self) -> list:
                 return []
@@ -103,6 +102,38 @@ class WrapperMetrics:
                                           "Cached models evicted.", value=cache.evictions)
 
         self.registry.register(_CacheCollector())
+
+    def bind_retention(self, retention: Any) -> None:
+        """What retention removed and the output folder's size (api.wrapper.retention.Retention),
+        read from it at scrape time."""
+        class _RetentionCollector:
+            def describe(self) -> list:
+                return []
+
+            def collect(self):  # noqa: ANN202 - prometheus_client's collector protocol
+                files = CounterMetricFamily(
+                    "comfy_worker_retention_removed_files", "Files retention deleted, by kind "
+                    "(outputs, inputs, temp).", labels=["kind"])
+                sizes = CounterMetricFamily(
+                    "comfy_worker_retention_removed_bytes", "Bytes retention freed, by kind "
+                    "(a file's bytes count when its last link goes).", labels=["kind"])
+                for kind, removed in retention.totals.items():
+                    files.add_metric([kind], removed.files)
+                    sizes.add_metric([kind], removed.bytes)
+                yield files
+                yield sizes
+                last = retention.last
+                if last is not None:
+                    yield GaugeMetricFamily("comfy_worker_output_folder_bytes",
+                                            "Bytes in ComfyUI's output folder at the last "
+                                            "retention pass (each file once).",
+                                            value=last.output_bytes)
+                    yield GaugeMetricFamily("comfy_worker_output_folder_files",
+                                            "Files in ComfyUI's output folder at the last "
+                                            "retention pass (links included).",
+                                            value=last.output_files)
+
+        self.registry.register(_RetentionCollector())
 
     def job_finished(self, outcome: str, timings: dict[str, Any], started: bool) -> None:
         self.jobs.labels(outcome).inc()

@@ -3,7 +3,7 @@ ComfyUI's result to an `Outcome` (status, message for the client, kind of failur
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from api.comfy import (
@@ -16,6 +16,7 @@ from api.comfy import (
     PromptVanished,
 )
 from api.contract.result import FailureKind, JobStatus
+from api.wrapper.diskfull import FIX, DiskFull, says_full
 from api.wrapper.inputs import InputError
 
 
@@ -34,12 +35,29 @@ CANCELLED_QUEUED = Outcome(JobStatus.CANCELLED, "Cancelled while queued.")
 CANCELLED_BEFORE_START = Outcome(JobStatus.CANCELLED, "Cancelled before it started.")
 
 
-def of_inputs(exc: InputError | ComfyConnectionError) -> Outcome:
+def of_inputs(exc: InputError | ComfyConnectionError | ComfyHTTPError | DiskFull) -> Outcome:
     """Preparing the inputs failed (the job's `prepared` future holds the error)."""
     if isinstance(exc, InputError):
         return Outcome(JobStatus.FAILED, f"Input rejected: {exc}", FailureKind.INVALID,
                        {"errors": {"input": str(exc)}})
+    if isinstance(exc, DiskFull):
+        return disk_full(exc)
+    if isinstance(exc, ComfyHTTPError):  # e.g. /upload/image refused, with room on the disk
+        return Outcome(JobStatus.FAILED, f"ComfyUI refused the input image: {exc}",
+                       FailureKind.COMFYUI_LOST)
     return Outcome(JobStatus.FAILED, f"ComfyUI unreachable: {exc}", FailureKind.COMFYUI_LOST)
+
+
+def disk_full(exc: DiskFull) -> Outcome:
+    """A folder the request needed is on a full filesystem (507)."""
+    return Outcome(JobStatus.FAILED, str(exc), FailureKind.DISK_FULL)
+
+
+def with_room(outcome: Outcome, room: str) -> Outcome:
+    """ComfyUI's disk-full failure told whole: how full the folder is (`room`, when known) and
+    what to do."""
+    where = f"; {room}" if room else ""
+    return replace(outcome, message=f"{outcome.message}{where}; {FIX}")
 
 
 def timed_out(seconds: float) -> Outcome:
@@ -82,6 +100,11 @@ def of_result(result: PromptResult, cancel_requested: bool) -> Outcome | None:
         detail = {"error": {"type": "execution_error", "node_id": err.node_id,
                             "node_type": err.node_type, "exception_type": err.exception_type,
                             "exception_message": err.exception_message}}
+        if says_full(err.exception_message):
+            return Outcome(JobStatus.FAILED,
+                           f"disk full: ComfyUI could not write in node {err.node_id} "
+                           f"({err.node_type}): {err.exception_type}: "
+                           f"{err.exception_message}", FailureKind.DISK_FULL, detail)
         return Outcome(JobStatus.FAILED,
                        f"ComfyUI failed in node {err.node_id} ({err.node_type}): "
                        f"{err.exception_type}: {err.exception_message}",

@@ -5,25 +5,33 @@ run, or the error that ends the request when its turn comes."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from api.comfy import ComfyClient, ComfyConnectionError
-from api.wrapper.inputs import InputError, InputFetcher, looks_like_image_reference
+from api.comfy import ComfyClient, ComfyConnectionError, ComfyHTTPError
+from api.wrapper.diskfull import DiskFull, upload_refused
+from api.wrapper.inputs import InputError, InputFetcher, InputImage, looks_like_image_reference
 from api.wrapper.jobs import Job
 from api.wrapper.model_urls import ModelRef, ModelUrlResolver
+from api.wrapper.retention import Retention
 
 logger = logging.getLogger(__name__)
 
 
 class InputPreparer:
     def __init__(self, client: ComfyClient, fetcher: InputFetcher,
-                 model_urls: ModelUrlResolver | None = None):
+                 model_urls: ModelUrlResolver | None = None, *,
+                 retention: Retention | None = None, input_folder: Path | None = None):
         self._client = client
         self._fetcher = fetcher
         self._model_urls = model_urls
+        self._retention = retention
+        self._input_folder = input_folder  # ComfyUI's, as this process sees it (None: unknown)
 
     @staticmethod
     def needed(graph: dict[str, Any], refs: list[ModelRef]) -> bool:
@@ -41,7 +49,7 @@ class InputPreparer:
             if refs:
                 await self._fetch_models(job, graph, refs, ready)
             graph = await self._upload_inputs(job, graph)
-        except (InputError, ComfyConnectionError) as exc:
+        except (InputError, ComfyConnectionError, ComfyHTTPError, DiskFull) as exc:
             job.prepared.set_exception(exc)
         except Exception as exc:  # a bug: report it as such, keep serving
             logger.exception("preparing %s failed", job.id)
@@ -79,11 +87,31 @@ class InputPreparer:
                 except InputError as exc:
                     raise InputError(f"node {node_id} input '{name}': {exc}") from None
                 count += 1
-                uploaded = await self._client.upload_image(
-                    image.data, f"{job.id}_{count}.{image.extension}", overwrite=True)
-                inputs[name] = (f"{uploaded.subfolder}/{uploaded.name}" if uploaded.subfolder
-                                else uploaded.name)
+                stored = await self._upload(job, image, f"{job.id}_{count}.{image.extension}",
+                                            f"node {node_id} input '{name}'")
+                inputs[name] = stored
         return graph
+
+    async def _upload(self, job: Job, image: InputImage, filename: str, what: str) -> str:
+        """Upload one image into ComfyUI's input folder (retention deletes nothing meanwhile,
+        and is told of the file); the name the graph refers to it by."""
+        writing = self._retention.guard.writing() if self._retention else contextlib.nullcontext()
+        async with writing:
+            try:
+                uploaded = await self._client.upload_image(image.data, filename, overwrite=True)
+            except ComfyHTTPError as exc:
+                if self._input_folder is not None:
+                    full = await asyncio.to_thread(upload_refused, f"the image of {what}",
+                                                   self._input_folder, len(image.data),
+                                                   exc.status)
+                    if full is not None:
+                        raise full from None
+                raise
+            stored = f"{uploaded.subfolder}/{uploaded.name}" if uploaded.subfolder \
+                else uploaded.name
+            if self._retention is not None and self._input_folder is not None:
+                self._retention.input_uploaded(job.id, self._input_folder / stored)
+        return stored
 
 
 def _is_image_input(name: str, value: Any) -> bool:

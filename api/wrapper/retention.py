@@ -138,41 +138,52 @@ class FileGuard:
     """Writers of request files share; a deletion step excludes them (and waits for them).
 
     A waiting deletion holds new writers back, so steady traffic cannot starve it; a step is
-    short (one batch of unlinks)."""
+    short (one batch of unlinks). One deletion at a time (retention runs one pass at a time).
+    A writer that finds no deletion under way enters without waiting: the request path pays
+    nothing for it."""
 
     def __init__(self) -> None:
-        self._cond = asyncio.Condition()
         self._writers = 0
-        self._deleting = False
-        self._waiting = 0
+        self._open = asyncio.Event()   # writers may enter
+        self._open.set()
+        self._idle = asyncio.Event()   # no writer inside
+        self._idle.set()
 
-    @contextlib.asynccontextmanager
-    async def writing(self) -> AsyncIterator[None]:
-        async with self._cond:
-            await self._cond.wait_for(lambda: not self._deleting and not self._waiting)
-            self._writers += 1
-        try:
-            yield
-        finally:
-            async with self._cond:
-                self._writers -= 1
-                self._cond.notify_all()
+    def writing(self) -> "_Writing":
+        return _Writing(self)
 
     @contextlib.asynccontextmanager
     async def deleting(self) -> AsyncIterator[None]:
-        async with self._cond:
-            self._waiting += 1
-            try:
-                await self._cond.wait_for(lambda: not self._deleting and not self._writers)
-            finally:
-                self._waiting -= 1
-            self._deleting = True
+        self._open.clear()
         try:
+            await self._idle.wait()
             yield
         finally:
-            async with self._cond:
-                self._deleting = False
-                self._cond.notify_all()
+            self._open.set()
+
+    async def _enter(self) -> None:
+        while not self._open.is_set():
+            await self._open.wait()
+        self._writers += 1
+        self._idle.clear()
+
+    def _leave(self) -> None:
+        self._writers -= 1
+        if not self._writers:
+            self._idle.set()
+
+
+class _Writing:
+    __slots__ = ("_guard",)
+
+    def __init__(self, guard: FileGuard):
+        self._guard = guard
+
+    async def __aenter__(self) -> None:
+        await self._guard._enter()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._guard._leave()
 
 
 @dataclass(frozen=True)

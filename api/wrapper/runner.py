@@ -11,11 +11,12 @@ import asyncio
 import logging
 from typing import Any
 
-from api.comfy import ComfyClient, ComfyConnectionError, ComfyError, PromptResult
-from api.contract.result import JobStatus, now_ms
+from api.comfy import ComfyClient, ComfyConnectionError, ComfyError, ComfyHTTPError, PromptResult
+from api.contract.result import FailureKind, JobStatus, now_ms
 from api.wrapper import outcomes
 from api.wrapper.background import Background
 from api.wrapper.delivery import OutputDelivery
+from api.wrapper.diskfull import DiskFull, room_text
 from api.wrapper.execution import PromptExecution, PromptTimedOut, PromptWatch, stop_prompt
 from api.wrapper.finish import Finisher
 from api.wrapper.inputs import InputError
@@ -85,6 +86,9 @@ class Runner:
         job.comfyui_response = {result.prompt_id: result.history} if result.history else {}
         outcome = outcomes.of_result(result, job.cancel_requested)
         if outcome is not None:
+            if outcome.failure is FailureKind.DISK_FULL:  # say how full, and where
+                room = await asyncio.to_thread(room_text, self._delivery.folder.path)
+                outcome = outcomes.with_room(outcome, room)
             self._finisher.finish(job, outcome)
             return
         job.status = JobStatus.GENERATED
@@ -101,7 +105,7 @@ class Runner:
         assert job.prepared is not None
         try:
             graph = await job.prepared
-        except (InputError, ComfyConnectionError) as exc:
+        except (InputError, ComfyConnectionError, ComfyHTTPError, DiskFull) as exc:
             self._finisher.finish(job, outcomes.of_inputs(exc))
             return None
         if job.cancel_requested:
@@ -114,6 +118,9 @@ class Runner:
             failed_uploads = await self._delivery.deliver(job, result)
         except asyncio.CancelledError:
             raise
+        except DiskFull as exc:
+            self._finisher.finish(job, outcomes.disk_full(exc))
+            return
         except Exception:
             logger.exception("request %s: collecting outputs failed", job.id)
             self._finisher.finish(job, outcomes.OUTPUTS_FAILED)

@@ -26,6 +26,7 @@ from api.contract.request import (
 )
 from api.wrapper.jobs import Job
 from api.wrapper.metrics import WrapperMetrics
+from api.wrapper.retention import Retention
 from api.wrapper.s3 import RequestFieldError, S3Settings
 from api.wrapper.s3 import merge as merge_s3
 from api.wrapper.service import DuplicateRequest, GenerationService, QueueFull
@@ -38,6 +39,7 @@ SERVICE = web.AppKey("service", GenerationService)
 MAX_JSON_DEPTH = web.AppKey("max_json_depth", int)
 PROBE_TIMEOUT = web.AppKey("probe_timeout", float)
 METRICS = web.AppKey("metrics", WrapperMetrics)
+RETENTION = web.AppKey("retention", Retention)
 RETRY_AFTER_BUSY = "5"
 
 
@@ -191,6 +193,11 @@ async def cancel(request: web.Request) -> web.Response:
 async def health(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
     detail = service.health_detail()
+    retention = request.app.get(RETENTION)
+    if retention is not None:
+        detail["retention"] = retention.snapshot()
+    # What a long run must keep flat (checked by the endurance run): tasks of this process.
+    detail["asyncio_tasks"] = len(asyncio.all_tasks())
     try:
         await service.client.probe(timeout=request.app[PROBE_TIMEOUT])
     except Exception as exc:  # every failure of the probe is a reason, never a 500
@@ -212,14 +219,32 @@ async def list_modifiers(request: web.Request) -> web.Response:
         for m in registry.modifiers.values()]})
 
 
+async def retention_pass(request: web.Request) -> web.Response:
+    """POST /retention {"free_bytes": N}: a retention pass now (the daemon's disk guard asks
+    for one at a warning); answers its report. Loopback only, like every wrapper route."""
+    try:
+        body = await request.json() if request.can_read_body else {}
+    except ValueError:
+        return _json({"error": "the body must be JSON: {\"free_bytes\": N}"}, 400)
+    want = body.get("free_bytes", 0) if isinstance(body, dict) else None
+    if isinstance(want, bool) or not isinstance(want, int) or want < 0:
+        return _json({"error": "free_bytes must be a whole number of bytes >= 0"}, 400)
+    report = await request.app[RETENTION].run(want_bytes=want)
+    return _json(report.to_json())
+
+
+async def retention_state(request: web.Request) -> web.Response:
+    return _json(request.app[RETENTION].snapshot())
+
+
 async def metrics_route(request: web.Request) -> web.Response:
     payload, content_type = request.app[METRICS].render()
     return web.Response(body=payload, headers={"Content-Type": content_type})
 
 
 def build_app(service: GenerationService, *, max_body_bytes: int, max_json_depth: int,
-              probe_timeout: float = 3.0, metrics: WrapperMetrics | None = None
-              ) -> web.Application:
+              probe_timeout: float = 3.0, metrics: WrapperMetrics | None = None,
+              retention: Retention | None = None) -> web.Application:
     app = web.Application(client_max_size=max_body_bytes,
                           middlewares=[error_middleware("wrapper", "api.max_body_bytes")])
     app[SERVICE] = service
@@ -233,6 +258,10 @@ def build_app(service: GenerationService, *, max_body_bytes: int, max_json_depth
     app.router.add_get("/health", health)
     app.router.add_get("/queue-info", queue_info)
     app.router.add_get("/modifiers", list_modifiers)
+    if retention is not None:
+        app[RETENTION] = retention
+        app.router.add_post("/retention", retention_pass)
+        app.router.add_get("/retention", retention_state)
     add_doc_routes(app, lambda: wrapper_document(service.registry),
                    title="comfy-worker API wrapper")
     # The wrapper listens on loopback only; the daemon reads this and serves it on.

@@ -41,7 +41,8 @@ ROUTE_RETRY_MAX = 2.0           # seconds between /route/ retries while no worke
 SPINNER_INTERVAL = 0.1
 DEFAULT_TIMEOUT = 660.0         # the worker's own request timeout (600 s) plus a margin
 _STREAM_STATUS = {"completed": 200, "cancelled": 499, "timeout": 504}
-_FAILURE_STATUS = {"invalid": 400, "execution": 422, "comfyui_lost": 502, "restarted": 502}
+_FAILURE_STATUS = {"invalid": 400, "execution": 422, "comfyui_lost": 502, "restarted": 502,
+                   "disk_full": 507}
 
 
 class ClientError(Exception):
