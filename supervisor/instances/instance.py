@@ -85,6 +85,7 @@ class Instance:
         self.benchmark: Any = None        # a supervisor.checks.bench.BenchmarkController, when enabled
         self.draining = False
         self.comfyui_version = ""
+        self._version_pending = True      # read from /system_stats once per ComfyUI start
         self.served = 0
         self.gpu_verdict: Verdict = OK
         self._tasks: list[asyncio.Task] = []
@@ -170,6 +171,10 @@ class Instance:
             await self.comfy_client.probe(timeout=self.settings.supervisor.probe_timeout)
         except Exception as exc:
             raise ProbeFailed(str(exc) or exc.__class__.__name__) from None
+        if self._version_pending:
+            # Once per start, before it counts as ready: /health never shows a ready ComfyUI
+            # of no version.
+            await self._learn_comfyui_version()
 
     async def _probe_wrapper(self) -> None:
         """Any answer of /health means the wrapper is alive (503 only says ComfyUI is down)."""
@@ -201,9 +206,9 @@ class Instance:
             self.host.comfyui_lost(self, reason)
         if new in (ChildState.RESTARTING, ChildState.FAILED):
             self.host.event(child.name, f"{old.value} -> {new.value}: {reason}")
+        if new is ChildState.STARTING:
+            self._version_pending = True
         if new is ChildState.READY and not self.host.stopping:
-            self._tasks.append(asyncio.get_running_loop().create_task(
-                self._learn_comfyui_version(), name=f"{child.name}-version"))
             if guessed(self.plan.folders):
                 self._folders_task = asyncio.get_running_loop().create_task(
                     self._learn_comfyui_folders(), name=f"{child.name}-folders")
@@ -232,9 +237,10 @@ class Instance:
         try:
             stats = await self.comfy_client.system_stats(
                 timeout=self.settings.supervisor.probe_timeout)
-        except Exception as exc:  # only a label on comfy_worker_info; try at the next ready
+        except Exception as exc:  # a label and a line of /health: asked again at the next probe
             logger.debug("ComfyUI version not read: %s", exc)
             return
+        self._version_pending = False
         version = stats.comfyui_version or ""
         if version and version != self.comfyui_version:
             flags = self.plan.flags
