@@ -14,6 +14,7 @@ every HTTP request line, which shows whether the client polled.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -43,11 +44,14 @@ from api.comfy import (
     Executing,
     ExecutionStarted,
     Finished,
+    JobState,
     Progress,
+    PromptPlace,
     PromptRejected,
     PromptStatus,
     PromptVanished,
     Queued,
+    new_prompt_id,
 )
 from api.comfy.models import parse_node_outputs
 from tests.support.net import free_port
@@ -73,6 +77,12 @@ class Target:
     url: str
     output_dir: Path | None
     sim: Any = None  # the simulator handle (sim only)
+    api_version: str | None = None  # the simulator's ComfyUI API mode (sim only)
+
+    @property
+    def newer(self) -> bool:
+        """The simulator speaks the newest ComfyUI read (jobs API, canonical prompt ids)."""
+        return self.api_version not in (None, "0.3.64")
 
     @property
     def port(self) -> int:
@@ -90,24 +100,37 @@ def _sim_knobs(url: str, changes: dict[str, Any] | None = None) -> dict[str, Any
         return json.loads(response.read() or b"{}")
 
 
+#: The simulator's ComfyUI API modes: every simulator test runs against both.
+API_VERSIONS = ("0.3.64", "0.38.1")
+
+
 @pytest.fixture(scope="module")
-def _shared_sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+def _shared_sims(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """One simulator per API mode, started when a test first asks for it."""
     from simulator.testing import start_simulator
 
-    with start_simulator(tmp_path_factory.mktemp("comfy-sim")) as sim:
-        yield sim
+    with contextlib.ExitStack() as stack:
+        sims: dict[str, Any] = {}
+
+        def get(version: str) -> Any:
+            if version not in sims:
+                sims[version] = stack.enter_context(start_simulator(
+                    tmp_path_factory.mktemp("comfy-sim"), api_version=version))
+            return sims[version]
+
+        yield get
 
 
-@pytest.fixture(params=["sim", "real"])
+@pytest.fixture(params=[*(f"sim-{v}" for v in API_VERSIONS), "real"])
 def comfy_target(request: pytest.FixtureRequest) -> Iterator[Target]:
     if request.param == "real":
         if not REAL_URL:
             pytest.skip("COMFYUI_TEST_URL is not set: no real ComfyUI to test against")
         yield Target("real", REAL_URL, Path(REAL_OUTPUT_DIR) if REAL_OUTPUT_DIR else None)
         return
-    sim = request.getfixturevalue("_shared_sim")
+    sim = request.getfixturevalue("_shared_sims")(request.param.removeprefix("sim-"))
     knobs = _sim_knobs(sim.url)
-    yield Target("sim", sim.url, Path(sim.output_dir), sim)
+    yield Target("sim", sim.url, Path(sim.output_dir), sim, sim.api_version)
     # Tests may change runtime knobs; put them back for the next test.
     _sim_knobs(sim.url, {"step_seconds": knobs["step_seconds"], "fail_node": knobs["fail_node"],
                          "crash_during_prompt": None, "hang_during_prompt": None})
@@ -450,6 +473,8 @@ async def test_rejections_pass_comfyuis_body_through_intact(comfy_target: Target
     rejected = caught.value
     assert rejected.status == 400
     assert rejected.body == expected
+    if case == "unknown_class" and comfy_target.newer:
+        error_type = "missing_node_type"  # what the newest ComfyUI calls it
     assert rejected.error_type == error_type
     assert rejected.error == expected["error"]
     assert rejected.node_errors == expected["node_errors"]
@@ -799,3 +824,65 @@ async def test_hung_comfyui_fails_probe_and_prompt_sim_only(sim_target: Target) 
         with pytest.raises(ComfyUnreachable):
             await client.probe(0.5)
         assert time.monotonic() - started < 1.5
+
+
+# --------------------------------------------------------------------------- what ComfyUI is
+
+
+async def test_capabilities_say_which_comfyui_this_is(comfy_target: Target) -> None:
+    async with make_client(comfy_target) as client:
+        caps = await client.capabilities()
+        stats = await client.system_stats()
+        assert caps.version == stats.comfyui_version and caps.version_tuple is not None
+        assert caps is await client.capabilities(), "learned once"
+        if comfy_target.kind == "sim":
+            assert caps.jobs_api is comfy_target.newer
+            assert caps.canonical_prompt_ids is comfy_target.newer
+            assert caps.assets is comfy_target.newer
+            assert caps.version.startswith(comfy_target.api_version)
+        client.forget_capabilities()
+        assert (await client.capabilities()) is not caps, "learned again after a loss"
+
+
+async def test_lookup_and_cancel_through_the_calls_this_comfyui_has(comfy_target: Target) -> None:
+    await prepare_slow(comfy_target)
+    async with make_client(comfy_target) as client:
+        done = await client.run_prompt(image_graph())
+        assert (await client.lookup(done.prompt_id)).place is PromptPlace.DONE
+        assert (await client.lookup(new_prompt_id())).place is PromptPlace.UNKNOWN
+        blocker = await client.submit(slow_graph(comfy_target, prefix="blocker"))
+        waiting = await client.submit(image_graph(prefix="never_runs"))
+        try:
+            assert (await client.lookup(waiting.prompt_id)).place is PromptPlace.QUEUED
+            await bounded(_until_running(client, blocker.prompt_id))
+            if (await client.capabilities()).jobs_api:
+                page = await client.jobs(status=[JobState.PENDING, JobState.IN_PROGRESS])
+                assert {j.id for j in page.jobs} >= {blocker.prompt_id, waiting.prompt_id}
+                assert (await client.job(waiting.prompt_id)).status is JobState.PENDING
+            await client.cancel(waiting.prompt_id)
+            assert (await client.lookup(waiting.prompt_id)).place is PromptPlace.UNKNOWN
+        finally:
+            await client.cancel(blocker.prompt_id)
+        assert (await client.wait(blocker.prompt_id)).status is PromptStatus.INTERRUPTED
+        if (await client.capabilities()).jobs_api:
+            assert (await client.job(blocker.prompt_id)).status is JobState.CANCELLED
+            assert await client.cancel_job(blocker.prompt_id) is False, "finished: nothing to do"
+
+
+async def _until_running(client: ComfyClient, prompt_id: str) -> None:
+    while (await client.lookup(prompt_id)).place is not PromptPlace.RUNNING:
+        await asyncio.sleep(0.05)
+
+
+async def test_a_lost_answer_to_post_prompt_is_settled_by_one_look_up(comfy_target: Target) -> None:
+    if comfy_target.kind != "sim":
+        pytest.skip("needs the simulator's post_prompt_drop knob")
+    async with make_client(comfy_target) as client:
+        await client.capabilities()
+        await set_knobs(comfy_target, post_prompt_drop=True)
+        try:
+            result = await bounded(client.run_prompt(image_graph(prefix="dropped")))
+        finally:
+            await set_knobs(comfy_target, post_prompt_drop=False)
+        assert result.status is PromptStatus.SUCCESS and result.outputs
+        assert (await client.history(result.prompt_id)) is not None

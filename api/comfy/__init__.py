@@ -1,6 +1,8 @@
 """Asyncio client for ComfyUI's HTTP + WebSocket API."""
 
-from .client import ComfyClient, EventCallback
+from .capabilities import Capabilities
+from .capabilities import learn as learn_capabilities
+from .client import ComfyClient, EventCallback, new_prompt_id
 from .errors import (
     ComfyConnectionError,
     ComfyError,
@@ -20,8 +22,13 @@ from .models import (
     ExecutionFailure,
     ExecutionStarted,
     Finished,
+    JobInfo,
+    JobPage,
+    JobState,
     OutputFile,
     Progress,
+    PromptLookup,
+    PromptPlace,
     PromptResult,
     PromptStatus,
     Queued,
@@ -35,6 +42,7 @@ from .models import (
 
 __all__ = [
     "Cached",
+    "Capabilities",
     "ClientTimeouts",
     "ComfyClient",
     "ComfyConnectionError",
@@ -50,8 +58,13 @@ __all__ = [
     "ExecutionFailure",
     "ExecutionStarted",
     "Finished",
+    "JobInfo",
+    "JobPage",
+    "JobState",
     "OutputFile",
     "Progress",
+    "PromptLookup",
+    "PromptPlace",
     "PromptRejected",
     "PromptResult",
     "PromptStatus",
@@ -63,4 +76,6 @@ __all__ = [
     "SystemStats",
     "TextOutput",
     "UploadedFile",
+    "learn_capabilities",
+    "new_prompt_id",
 ]

@@ -24,6 +24,8 @@ from urllib.parse import quote
 
 import aiohttp
 
+from . import capabilities as _capabilities
+from .capabilities import Capabilities
 from .errors import (
     ComfyError,
     ComfyHTTPError,
@@ -41,8 +43,13 @@ from .models import (
     ExecutionFailure,
     ExecutionStarted,
     Finished,
+    JobInfo,
+    JobPage,
+    JobState,
     OutputFile,
     Progress,
+    PromptLookup,
+    PromptPlace,
     PromptResult,
     PromptStatus,
     Queued,
@@ -82,6 +89,15 @@ _RETRY_INTERVAL = 0.1
 _HISTORY_AFTER_FINAL_RETRIES = (0.02, 0.05, 0.1, 0.2, 0.3)
 # Exponential smoothing of the per-step duration behind Progress.its_per_second.
 _ITS_SMOOTHING = 0.3
+# Where a job of the jobs API is, as a look-up tells it.
+_PLACE_OF_JOB = {JobState.PENDING: PromptPlace.QUEUED, JobState.IN_PROGRESS: PromptPlace.RUNNING,
+                 JobState.COMPLETED: PromptPlace.DONE, JobState.FAILED: PromptPlace.DONE,
+                 JobState.CANCELLED: PromptPlace.DONE}
+
+
+def new_prompt_id() -> str:
+    """A prompt id every ComfyUI accepts: a canonical UUID (lowercase, hyphenated)."""
+    return str(uuid.uuid4())
 
 
 class ComfyClient:
@@ -115,6 +131,9 @@ class ComfyClient:
         self._sockets: set[aiohttp.ClientWebSocketResponse[bool]] = set()
         self._closing: set[asyncio.Task[None]] = set()  # sockets closing in the background
         self._closed = False
+        # What this ComfyUI can do, learned once per ComfyUI start (forgotten when it is lost).
+        self._capabilities: Capabilities | None = None
+        self._learning: asyncio.Lock | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -185,15 +204,26 @@ class ComfyClient:
         client_id: str | None = None,
         extra_data: dict[str, Any] | None = None,
     ) -> Submission:
-        """``POST /prompt``. Without a ``client_id`` ComfyUI sends no events for it."""
+        """``POST /prompt``. Without a ``client_id`` ComfyUI sends no events for it.
+
+        The prompt id is chosen before posting (``prompt_id``, else a new canonical UUID), so
+        an answer that is lost (no answer within ``timeouts.submit``, or the connection dropped
+        after the request was sent) is settled by one look-up: ComfyUI has the prompt (it is
+        followed, never posted again) or it has not (:class:`ComfyUnreachable`: nothing was
+        submitted)."""
         if not isinstance(graph, dict):
             raise TypeError(f"graph must be a dict in ComfyUI's API format, got {type(graph).__name__}")
-        body: dict[str, Any] = {"prompt": graph, "prompt_id": prompt_id or str(uuid.uuid4())}
+        prompt_id = prompt_id or new_prompt_id()
+        body: dict[str, Any] = {"prompt": graph, "prompt_id": prompt_id}
         if client_id:
             body["client_id"] = client_id
         if extra_data:
             body["extra_data"] = extra_data
-        status, payload, text = await self._request("POST", "/prompt", json=body)
+        try:
+            status, payload, text = await self._request("POST", "/prompt", json=body,
+                                                        timeout=self.timeouts.submit, sent=True)
+        except _AnswerLost as lost:
+            return await self._settle_lost_answer(prompt_id, client_id, lost.reason)
         if status == 200 and isinstance(payload, dict) and payload.get("prompt_id"):
             node_errors = payload.get("node_errors") or {}
             if node_errors:
@@ -207,6 +237,16 @@ class ComfyClient:
         if 400 <= status < 500 and isinstance(payload, dict):
             raise PromptRejected(status, payload)
         raise ComfyHTTPError("POST", "/prompt", status, text)
+
+    async def _settle_lost_answer(self, prompt_id: str, client_id: str | None,
+                                  reason: str) -> Submission:
+        found = await self.lookup(prompt_id)
+        if found.place is PromptPlace.UNKNOWN:
+            raise ComfyUnreachable(f"POST /prompt: {reason}, and ComfyUI has no prompt {prompt_id}: "
+                                   "nothing was submitted")
+        logger.warning("prompt %s: POST /prompt %s, but ComfyUI has it (%s); following it", prompt_id,
+                       reason, found.place.value)
+        return Submission(prompt_id=prompt_id, number=None, node_errors={}, client_id=client_id)
 
     async def wait(
         self,
@@ -247,12 +287,113 @@ class ComfyClient:
         await self._expect_ok("POST", "/queue", json={"delete": list(prompt_ids)})
 
     async def cancel(self, prompt_id: str) -> None:
-        """Delete the prompt if it is queued, interrupt it if it runs.
+        """Drop the prompt if it is queued, interrupt it if it runs.
 
-        Deleting first closes the gap where it starts between the two calls.
+        Through ``POST /api/jobs/{id}/cancel`` where ComfyUI has the jobs API (one atomic step);
+        else ``POST /queue {delete}`` then ``POST /interrupt``: deleting first closes the gap
+        where it starts between the two calls.
         """
+        if (await self.capabilities()).jobs_api:
+            await self.cancel_job(prompt_id)
+            return
         await self.delete_queued([prompt_id])
         await self.interrupt(prompt_id)
+
+    # ------------------------------------------------------------------ what ComfyUI is
+
+    async def capabilities(self, *, timeout: float = 5.0) -> Capabilities:
+        """What this ComfyUI is and can do (learned on first use, and again after it was lost)."""
+        if self._capabilities is not None:
+            return self._capabilities
+        if self._learning is None:
+            self._learning = asyncio.Lock()
+        async with self._learning:
+            if self._capabilities is None:
+                learned = await _capabilities.learn(self, timeout)
+                logger.info("%s at %s", learned.describe(), self.base_url)
+                self._capabilities = learned
+            return self._capabilities
+
+    def forget_capabilities(self) -> None:
+        """ComfyUI was lost (it may come back as another version): learn it again when asked."""
+        self._capabilities = None
+
+    async def features(self, *, timeout: float | None = None) -> dict[str, Any]:
+        """``GET /features``: the server's feature flags."""
+        payload = await self._get_json("/features", timeout=timeout)
+        if not isinstance(payload, dict):
+            raise ComfyHTTPError("GET", "/features", 200, str(payload)[:300])
+        return payload
+
+    async def has_jobs_api(self, *, timeout: float | None = None) -> bool:
+        """Whether ``GET /api/jobs`` exists (it answers a list; an older ComfyUI 404)."""
+        status, payload, text = await self._request("GET", "/api/jobs", params={"limit": "1"},
+                                                    timeout=timeout)
+        if status == 200 and isinstance(payload, dict) and "jobs" in payload:
+            return True
+        if status == 404:
+            return False
+        raise ComfyHTTPError("GET", "/api/jobs", status, text)
+
+    async def job(self, prompt_id: str, *, timeout: float | None = None) -> JobInfo | None:
+        """``GET /api/jobs/{id}``; None when ComfyUI has no such job."""
+        path = f"/api/jobs/{quote(prompt_id, safe='')}"
+        status, payload, text = await self._request("GET", path, timeout=timeout)
+        if status == 404 and isinstance(payload, dict):  # {"error": "Job not found"}
+            return None
+        if status != 200 or not isinstance(payload, dict):
+            raise ComfyHTTPError("GET", path, status, text)
+        try:
+            return JobInfo.from_json(payload)
+        except ValueError:
+            raise ComfyHTTPError("GET", path, status, text) from None
+
+    async def cancel_job(self, prompt_id: str) -> bool:
+        """``POST /api/jobs/{id}/cancel``: True when a queued job was dropped or a running one
+        interrupted; False for a finished or unknown one."""
+        path = f"/api/jobs/{quote(prompt_id, safe='')}/cancel"
+        status, payload, text = await self._request("POST", path)
+        if status != 200 or not isinstance(payload, dict):
+            raise ComfyHTTPError("POST", path, status, text)
+        return bool(payload.get("cancelled"))
+
+    async def jobs(self, *, status: Iterable[JobState | str] | None = None, limit: int | None = None,
+                   offset: int | None = None, sort_by: str | None = None, sort_order: str | None = None,
+                   workflow_id: str | None = None, timeout: float | None = None) -> JobPage:
+        """``GET /api/jobs``: ComfyUI's jobs, e.g. ``status=[JobState.PENDING, JobState.IN_PROGRESS]``."""
+        params: dict[str, str] = {}
+        if status is not None:
+            params["status"] = ",".join(JobState(s).value for s in status)
+        for key, value in (("limit", limit), ("offset", offset), ("sort_by", sort_by),
+                           ("sort_order", sort_order), ("workflow_id", workflow_id)):
+            if value is not None:
+                params[key] = str(value)
+        payload = await self._get_json("/api/jobs", timeout=timeout, params=params)
+        raw_jobs = payload.get("jobs") if isinstance(payload, dict) else None
+        if not isinstance(raw_jobs, list):
+            raise ComfyHTTPError("GET", "/api/jobs", 200, str(payload)[:300])
+        page = payload.get("pagination") or {}
+        jobs = [JobInfo.from_json(item) for item in raw_jobs if isinstance(item, dict)]
+        return JobPage(jobs=jobs, total=int(page.get("total", len(jobs))),
+                       has_more=bool(page.get("has_more", False)), offset=int(page.get("offset", 0)),
+                       limit=page.get("limit") if isinstance(page.get("limit"), int) else None)
+
+    async def lookup(self, prompt_id: str, *, timeout: float | None = None) -> PromptLookup:
+        """Where the prompt is now, by one look-up: ``GET /api/jobs/{id}`` where ComfyUI has the
+        jobs API, else ``/history/{id}`` and ``/queue`` (and the history once more, for a prompt
+        that finished between the two: ComfyUI moves it from one to the other in one step)."""
+        if (await self.capabilities(timeout=timeout or 5.0)).jobs_api:
+            job = await self.job(prompt_id, timeout=timeout)
+            return PromptLookup(_PLACE_OF_JOB[job.status] if job else PromptPlace.UNKNOWN)
+        entry = await self.history(prompt_id, timeout=timeout)
+        if entry is None:
+            snapshot = await self.queue(timeout=timeout)
+            if prompt_id in snapshot.running:
+                return PromptLookup(PromptPlace.RUNNING)
+            if prompt_id in snapshot.pending:
+                return PromptLookup(PromptPlace.QUEUED)
+            entry = await self.history(prompt_id, timeout=timeout)
+        return PromptLookup(PromptPlace.DONE, entry) if entry is not None else PromptLookup(PromptPlace.UNKNOWN)
 
     async def queue(self, *, timeout: float | None = None) -> QueueSnapshot:
         payload = await self._get_json("/queue", timeout=timeout)
@@ -360,11 +501,14 @@ class ComfyClient:
         *,
         timeout: float | None = None,
         raw: bool = False,
+        sent: bool = False,
         **kwargs: Any,
     ) -> tuple[int, Any, Any]:
         """One HTTP request. Returns (status, parsed JSON or None, text or bytes).
 
-        Transport failures become :class:`ComfyUnreachable` with a readable reason.
+        Transport failures become :class:`ComfyUnreachable` with a readable reason; with
+        ``sent``, a failure once the connection was made (the request may have reached
+        ComfyUI) is ``_AnswerLost`` instead.
         """
         session = self._get_session()
         total = timeout if timeout is not None else self.timeouts.request
@@ -373,11 +517,19 @@ class ComfyClient:
             async with session.request(method, self.base_url + path, timeout=client_timeout, **kwargs) as resp:
                 body = await resp.read()
                 status = resp.status
+        except aiohttp.ConnectionTimeoutError:
+            raise ComfyUnreachable(f"{method} {path}: cannot connect to {self.base_url} within "
+                                   f"{min(self.timeouts.connect, total):.2f}s") from None
         except asyncio.TimeoutError:
+            if sent:
+                raise _AnswerLost(f"had no answer within {total:.2f}s") from None
             raise ComfyUnreachable(f"{method} {path}: no answer within {total:.2f}s") from None
         except aiohttp.ClientConnectorError as exc:
+            self.forget_capabilities()  # nothing listens: what comes back may be another ComfyUI
             raise ComfyUnreachable(f"{method} {path}: cannot connect to {self.base_url}: {_os_reason(exc)}") from None
         except aiohttp.ClientError as exc:
+            if sent:
+                raise _AnswerLost(f"lost its answer ({type(exc).__name__}: {exc})") from None
             raise ComfyUnreachable(f"{method} {path}: {type(exc).__name__}: {exc}") from None
         if raw:
             return status, None, body
@@ -388,8 +540,9 @@ class ComfyClient:
             payload = None
         return status, payload, text
 
-    async def _get_json(self, path: str, *, timeout: float | None = None) -> Any:
-        status, payload, text = await self._request("GET", path, timeout=timeout)
+    async def _get_json(self, path: str, *, timeout: float | None = None,
+                        params: dict[str, str] | None = None) -> Any:
+        status, payload, text = await self._request("GET", path, timeout=timeout, params=params)
         if status != 200 or payload is None:
             raise ComfyHTTPError("GET", path, status, text)
         return payload
@@ -467,6 +620,14 @@ class ComfyClient:
             await asyncio.wait_for(ws.close(), self.timeouts.connect)
         except (asyncio.TimeoutError, aiohttp.ClientError, OSError):
             pass
+
+
+class _AnswerLost(Exception):
+    """A request that may have reached ComfyUI got no answer (see ``_request(sent=True)``)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 class _Follower:
@@ -620,29 +781,27 @@ class _Follower:
     # -------------------------------------------------------------- polling
 
     async def _poll(self) -> PromptResult | None:
-        """Ask ``/history`` then ``/queue``: a result, None (still queued/running
-        or ComfyUI did not answer), or PromptVanished."""
+        """One look-up (:meth:`ComfyClient.lookup`): a result, None (still queued/running or
+        ComfyUI did not answer), or PromptVanished."""
         client = self.client
         try:
-            entry = await client.history(self.prompt_id, timeout=self._attempt_timeout(self.timeouts.request))
+            timeout = self._attempt_timeout(self.timeouts.request)
+            found = await client.lookup(self.prompt_id, timeout=timeout)
             self._contact_ok()
-            if entry is not None:
+            if found.place is PromptPlace.DONE:
+                entry = found.history
+                if entry is None:  # the jobs API told: the history holds the whole entry
+                    entry = await client.history(self.prompt_id, timeout=timeout)
                 return self._build_result(entry)
-            snapshot = await client.queue(timeout=self._attempt_timeout(self.timeouts.request))
-            if self.prompt_id in snapshot:
-                return None
-            # It may have finished between the two reads (ComfyUI moves it from
-            # the queue to the history in one step), so look once more.
-            entry = await client.history(self.prompt_id, timeout=self._attempt_timeout(self.timeouts.request))
         except ComfyUnreachable as exc:
             self._contact_failed(exc.reason)
             return None
         except ComfyHTTPError as exc:
             logger.warning("prompt %s: poll failed: %s", self.prompt_id, exc)
             return None
-        if entry is not None:
-            return self._build_result(entry)
-        raise PromptVanished(self.prompt_id)
+        if found.place is PromptPlace.UNKNOWN:
+            raise PromptVanished(self.prompt_id)
+        return None
 
     async def _finish_after_final_frame(self) -> PromptResult:
         entry = None

@@ -38,6 +38,8 @@ class ClientTimeouts:
     poll_interval: period of those polls once they have started (and while the WebSocket is down).
     lost_after:    the WebSocket dropped and no reconnect or HTTP request has succeeded
                    for this long -> :class:`~api.comfy.errors.ComfyLost`.
+    submit:        ``POST /prompt``'s answer; past it (or when the connection drops before the
+                   answer) one look-up by prompt id says whether ComfyUI has the prompt.
     """
 
     connect: float = 5.0
@@ -45,9 +47,10 @@ class ClientTimeouts:
     ws_idle: float = 10.0
     poll_interval: float = 1.0
     lost_after: float = 1.0
+    submit: float = 30.0
 
     def __post_init__(self) -> None:
-        for name in ("connect", "request", "ws_idle", "poll_interval", "lost_after"):
+        for name in ("connect", "request", "ws_idle", "poll_interval", "lost_after", "submit"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"ClientTimeouts.{name} must be > 0, got {getattr(self, name)!r}")
 
@@ -69,9 +72,78 @@ class Submission:
     """
 
     prompt_id: str
-    number: float
+    number: float | None  # None when the answer was lost and a look-up found the prompt
     node_errors: dict[str, Any]
     client_id: str | None = None
+
+
+class JobState(str, Enum):
+    """A prompt's status in ComfyUI's jobs API (``GET /api/jobs/{id}``)."""
+
+    PENDING = "pending"
+    IN_PROGRESS = "in_progress"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED)
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    """One job of ComfyUI's jobs API; ``raw`` is ComfyUI's JSON, untouched."""
+
+    id: str
+    status: JobState
+    priority: float | None
+    create_time: int | None            # epoch ms
+    execution_start_time: int | None   # epoch ms, once finished
+    execution_end_time: int | None
+    outputs_count: int
+    execution_error: dict[str, Any] | None
+    raw: dict[str, Any]
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> JobInfo:
+        def number(key: str) -> Any:
+            value = raw.get(key)
+            return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+        error = raw.get("execution_error")
+        return cls(id=str(raw.get("id", "")), status=JobState(raw.get("status")),
+                   priority=number("priority"), create_time=number("create_time"),
+                   execution_start_time=number("execution_start_time"),
+                   execution_end_time=number("execution_end_time"),
+                   outputs_count=int(number("outputs_count") or 0),
+                   execution_error=error if isinstance(error, dict) else None, raw=raw)
+
+
+@dataclass(frozen=True)
+class JobPage:
+    """One page of ``GET /api/jobs``."""
+
+    jobs: list[JobInfo]
+    total: int
+    has_more: bool
+    offset: int
+    limit: int | None
+
+
+class PromptPlace(str, Enum):
+    """Where one look-up found a prompt."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"          # finished: success, failure or interrupt (its history says which)
+    UNKNOWN = "unknown"    # ComfyUI has no such prompt (never queued, removed, or restarted)
+
+
+@dataclass(frozen=True)
+class PromptLookup:
+    place: PromptPlace
+    history: dict[str, Any] | None = None  # the /history entry, when the look-up read it
 
 
 @dataclass(frozen=True)
@@ -261,7 +333,7 @@ class ComfyEvent:
 
 @dataclass(frozen=True)
 class Queued(ComfyEvent):
-    number: float
+    number: float | None
     node_errors: dict[str, Any]
 
 
