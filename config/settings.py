@@ -246,6 +246,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("api", "ws_idle_timeout", Float(0.1, 3600), 10.0,
             "Seconds without a WebSocket frame before the wrapper polls ComfyUI's history.",
             ("API_WS_IDLE_TIMEOUT",)),
+    Setting("api", "submit_timeout", Float(0.1, 3600), 30.0,
+            "Seconds the wrapper waits for ComfyUI's answer to POST /prompt; past it, one "
+            "look-up by prompt id tells whether ComfyUI has the prompt (it is then followed, "
+            "never sent twice).", ("API_SUBMIT_TIMEOUT",)),
     # --- s3 -------------------------------------------------------------------------------------
     Setting("s3", "access_key_id", Str(), "", "S3 access key id.", ("S3_ACCESS_KEY_ID",),
             secret=True),

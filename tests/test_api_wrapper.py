@@ -1,4 +1,7 @@
-"""The API wrapper over real HTTP, against the ComfyUI simulator: the request contract end to end."""
+"""The API wrapper over real HTTP, against the ComfyUI simulator: the request contract end to end.
+
+Every test runs against both ComfyUI API modes the simulator speaks (`api_version`): 0.3.64,
+and the newest read (jobs API, canonical prompt ids, assets)."""
 
 from __future__ import annotations
 
@@ -30,10 +33,19 @@ def set_knobs(sim, **knobs) -> None:
     post_json(f"{sim.url}/__sim__/knobs", knobs)
 
 
+#: The ComfyUI API modes of the simulator: 0.3.64 and the newest read.
+API_VERSIONS = ("0.3.64", "0.38.1")
+
+
+@pytest.fixture(scope="module", params=API_VERSIONS, ids=lambda v: f"comfyui-{v}")
+def api_version(request) -> str:
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
+def stack(tmp_path_factory, api_version):
     tmp = tmp_path_factory.mktemp("wrapper")
-    with start_simulator(tmp, "--step-seconds", "0.01") as sim:
+    with start_simulator(tmp, "--step-seconds", "0.01", api_version=api_version) as sim:
         with start_wrapper(tmp, sim.url, sim.output_dir, API_QUEUE_SIZE="4") as wrapper:
             yield sim, wrapper
 
@@ -266,8 +278,8 @@ def test_client_disconnect_cancels_its_request(stack):
 
 
 # --- configurations of their own ------------------------------------------------------------------
-def test_queue_full_is_503_with_retry_after(tmp_path):
-    with start_simulator(tmp_path, "--step-seconds", "0.05") as sim, \
+def test_queue_full_is_503_with_retry_after(tmp_path, api_version):
+    with start_simulator(tmp_path, "--step-seconds", "0.05", api_version=api_version) as sim, \
             start_wrapper(tmp_path, sim.url, sim.output_dir, API_QUEUE_SIZE="1") as wrapper:
         generate(wrapper, slow_body("full-1"), path="/generate")
         wait_until(lambda: get_json(wrapper.url + "/result/full-1")[1].get("status") == "generating",
@@ -281,8 +293,8 @@ def test_queue_full_is_503_with_retry_after(tmp_path):
         assert info.value.code == 503 and info.value.headers["Retry-After"]
 
 
-def test_timeout_interrupts_and_answers_504(tmp_path):
-    with start_simulator(tmp_path, "--step-seconds", "0.1") as sim, \
+def test_timeout_interrupts_and_answers_504(tmp_path, api_version):
+    with start_simulator(tmp_path, "--step-seconds", "0.1", api_version=api_version) as sim, \
             start_wrapper(tmp_path, sim.url, sim.output_dir, API_REQUEST_TIMEOUT="1") as wrapper:
         started = time.monotonic()
         status, body = generate(wrapper, slow_body("slow-1", steps=100))
@@ -292,15 +304,15 @@ def test_timeout_interrupts_and_answers_504(tmp_path):
         assert status == 200, "the next request runs normally after the interrupt"
 
 
-def test_body_over_limit_is_413(tmp_path):
-    with start_simulator(tmp_path) as sim, \
+def test_body_over_limit_is_413(tmp_path, api_version):
+    with start_simulator(tmp_path, api_version=api_version) as sim, \
             start_wrapper(tmp_path, sim.url, sim.output_dir, API_MAX_BODY_BYTES="2048") as wrapper:
         status, body = generate(wrapper, {"input": {"workflow_json": TINY, "pad": "x" * 5000}})
         assert status == 413 and "2048" in body["error"]
 
 
-def test_comfyui_killed_mid_request_is_502_within_a_second(tmp_path):
-    with start_simulator(tmp_path, "--step-seconds", "0.05") as sim, \
+def test_comfyui_killed_mid_request_is_502_within_a_second(tmp_path, api_version):
+    with start_simulator(tmp_path, "--step-seconds", "0.05", api_version=api_version) as sim, \
             start_wrapper(tmp_path, sim.url, sim.output_dir) as wrapper:
         result = {}
 
@@ -322,9 +334,9 @@ def test_comfyui_killed_mid_request_is_502_within_a_second(tmp_path):
         assert result["at"] - killed_at < 2.5
 
 
-def test_results_survive_a_wrapper_restart(tmp_path):
+def test_results_survive_a_wrapper_restart(tmp_path, api_version):
     state = tmp_path / "state"
-    with start_simulator(tmp_path) as sim:
+    with start_simulator(tmp_path, api_version=api_version) as sim:
         with start_wrapper(tmp_path, sim.url, sim.output_dir, state_dir=state) as wrapper:
             status, body = generate(wrapper, {"input": {"workflow_json": TINY,
                                                         "request_id": "keep-me"}})
@@ -335,7 +347,7 @@ def test_results_survive_a_wrapper_restart(tmp_path):
             assert again["output"][0]["local_path"] == body["output"][0]["local_path"]
 
 
-def test_operator_modifier_file_works_without_code_change(tmp_path):
+def test_operator_modifier_file_works_without_code_change(tmp_path, api_version):
     folder = tmp_path / "mods"
     folder.mkdir()
     (folder / "Invert.json").write_text(json.dumps({
@@ -347,7 +359,7 @@ def test_operator_modifier_file_works_without_code_change(tmp_path):
                                                                  "filename_prefix": "inv"}}},
         "bindings": {"size": {"targets": [["1", "width"], ["1", "height"]], "type": "integer",
                               "minimum": 8, "maximum": 512, "multiple_of": 8}}}))
-    with start_simulator(tmp_path) as sim, \
+    with start_simulator(tmp_path, api_version=api_version) as sim, \
             start_wrapper(tmp_path, sim.url, sim.output_dir, API_MODIFIERS_DIR=str(folder)) as w:
         status, body = generate(w, {"input": {"modifier": "InvertSquare",
                                               "modifications": {"size": 96}}})
@@ -401,8 +413,8 @@ def test_image_inputs_by_url_are_fetched_checked_and_uploaded(stack, tmp_path):
         server.server_close()
 
 
-def test_base64_output_over_the_cap_is_reported_not_truncated(tmp_path):
-    with start_simulator(tmp_path) as sim, \
+def test_base64_output_over_the_cap_is_reported_not_truncated(tmp_path, api_version):
+    with start_simulator(tmp_path, api_version=api_version) as sim, \
             start_wrapper(tmp_path, sim.url, sim.output_dir, API_BASE64_MAX_BYTES="50") as w:
         status, body = generate(w, {"input": {"workflow_json": TINY,
                                               "return_outputs_as_base64": True}})
@@ -411,3 +423,95 @@ def test_base64_output_over_the_cap_is_reported_not_truncated(tmp_path):
         assert "data" not in out
         assert "over the 50 byte limit" in out["error"]
         assert Path(out["local_path"]).is_file()
+
+
+# --- ComfyUI's own calls, old and new -------------------------------------------------------------
+def history(sim) -> dict:
+    return get_json(sim.url + "/history")[1]
+
+
+def prompts_posted(sim) -> int:
+    return sim.log_text().count("got prompt")
+
+
+def uncached(color: int) -> dict:
+    graph = json.loads(json.dumps(TINY))
+    graph["1"]["inputs"]["color"] = color
+    return graph
+
+
+@pytest.mark.parametrize("lost", ["late answer", "dropped answer"])
+def test_a_post_whose_answer_is_lost_runs_once_and_is_answered_once(tmp_path, api_version, lost):
+    """ComfyUI queued the prompt, but its answer to POST /prompt came after the wrapper's
+    api.submit_timeout, or never: one look-up by the prompt id the wrapper chose settles it."""
+    with start_simulator(tmp_path, "--step-seconds", "0.01", api_version=api_version) as sim, \
+            start_wrapper(tmp_path, sim.url, sim.output_dir, API_SUBMIT_TIMEOUT="0.5") as wrapper:
+        assert generate(wrapper, {"input": {"workflow_json": uncached(1)}})[0] == 200
+        posted, ran = prompts_posted(sim), set(history(sim))
+        set_knobs(sim, **({"post_prompt_delay": 2.0} if lost == "late answer"
+                          else {"post_prompt_drop": True}))
+        try:
+            status, body = generate(wrapper, {"input": {"workflow_json": uncached(2),
+                                                        "request_id": "lost-answer"}})
+        finally:
+            set_knobs(sim, post_prompt_delay=0, post_prompt_drop=False)
+        assert status == 200 and body["status"] == "completed", body
+        assert prompts_posted(sim) == posted + 1, "posted once"
+        assert set(history(sim)) - ran == {body["prompt_id"]}, "ran once"
+        assert get_json(wrapper.url + "/result/lost-answer")[1]["status"] == "completed"
+        assert "but ComfyUI has it" in wrapper.log()
+
+
+def test_cancel_queued_and_running_prompts_with_the_calls_this_comfyui_has(stack, api_version):
+    sim, wrapper = stack
+    mark = len(sim.log_text())
+    generate(wrapper, slow_body("c-running"), path="/generate")
+    wait_until(lambda: get_json(wrapper.url + "/result/c-running")[1].get("status")
+               == "generating", 10, "the first to run")
+    generate(wrapper, slow_body("c-queued"), path="/generate")
+
+    def handed_ahead():
+        prompt_id = get_json(wrapper.url + "/result/c-queued")[1].get("prompt_id")
+        pending = [item[1] for item in get_json(sim.url + "/queue")[1]["queue_pending"]]
+        return prompt_id if prompt_id in pending else None
+
+    queued_id = wait_until(handed_ahead, 10, "the second in ComfyUI's own queue")
+    status, body = post_json(wrapper.url + "/cancel/c-queued", {})
+    assert status == 200 and body["status"] == "cancelled"
+    pending = [item[1] for item in get_json(sim.url + "/queue")[1]["queue_pending"]]
+    assert queued_id not in pending
+    running_id = get_json(wrapper.url + "/result/c-running")[1]["prompt_id"]
+    assert post_json(wrapper.url + "/cancel/c-running", {})[0] == 200
+    final = wait_until(lambda: (lambda r: r if r[1]["status"] == "cancelled" else None)(
+        get_json(wrapper.url + "/result/c-running")), 10, "the running one to stop")
+    assert final[0] == 499 and final[1]["message"] == "Cancelled while running."
+    assert queued_id not in history(sim), "the queued prompt never ran"
+    log = sim.log_text()[mark:]
+    if api_version == "0.3.64":  # POST /queue {delete}, then POST /interrupt
+        assert f"Interrupting prompt {running_id}" in log and "Cancelling" not in log
+    else:  # POST /api/jobs/{id}/cancel
+        assert f"Cancelling pending prompt {queued_id}" in log
+        assert f"Cancelling running prompt {running_id}" in log
+        assert "Interrupting prompt" not in log
+
+
+def test_a_cancel_while_the_prompt_is_being_posted_stops_it(tmp_path, api_version):
+    """The wrapper names the prompt before posting it: a cancel that arrives while ComfyUI has
+    not answered yet stops it as soon as it does."""
+    with start_simulator(tmp_path, "--step-seconds", "0.01", api_version=api_version) as sim, \
+            start_wrapper(tmp_path, sim.url, sim.output_dir) as wrapper:
+        assert generate(wrapper, {"input": {"workflow_json": uncached(3)}})[0] == 200
+        posted = prompts_posted(sim)
+        set_knobs(sim, post_prompt_delay=1.0)
+        try:
+            generate(wrapper, slow_body("mid-post", steps=500), path="/generate")
+            wait_until(lambda: prompts_posted(sim) > posted, 10, "the POST to reach ComfyUI")
+            assert post_json(wrapper.url + "/cancel/mid-post", {})[0] == 200
+            final = wait_until(lambda: (lambda r: r if r[1]["status"] == "cancelled" else None)(
+                get_json(wrapper.url + "/result/mid-post")), 15, "the cancel to take effect")
+        finally:
+            set_knobs(sim, post_prompt_delay=0)
+        assert final[0] == 499
+        entry = history(sim).get(final[1]["prompt_id"]) or {}
+        events = [m[0] for m in (entry.get("status") or {}).get("messages", [])]
+        assert "execution_success" not in events, "it did not run to the end"

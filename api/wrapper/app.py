@@ -98,7 +98,8 @@ class WrapperRuntime:
         output = folders.output
         self.session = aiohttp.ClientSession()
         self.client = ComfyClient(s.comfyui.url, output_dir=output.path,
-                                  timeouts=ClientTimeouts(ws_idle=s.api.ws_idle_timeout))
+                                  timeouts=ClientTimeouts(ws_idle=s.api.ws_idle_timeout,
+                                                          submit=s.api.submit_timeout))
         self.uploader = S3Uploader(max_parallel=s.s3.max_parallel, retries=s.s3.retries,
                                    presign_expiry=s.s3.presign_expiry)
         self.metrics = WrapperMetrics()

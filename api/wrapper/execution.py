@@ -26,9 +26,12 @@ from api.comfy import (
     ExecutionStarted,
     Finished,
     Progress,
+    PromptPlace,
     PromptResult,
     PromptVanished,
+    Queued,
     Submission,
+    new_prompt_id,
 )
 from api.wrapper.jobs import Job
 from api.wrapper.prefetch import Prefetcher
@@ -41,16 +44,24 @@ _EXECUTING_EVENTS = (ExecutionStarted, Cached, Executing, Progress, Executed)
 INTERRUPT_GRACE = 30.0
 
 
-async def stop_prompt(client: ComfyClient, job: Job) -> None:
-    """Stop the job's prompt wherever it is in ComfyUI: still queued there, or running."""
+async def stop_prompt(client: ComfyClient, job: Job) -> bool:
+    """Stop the job's prompt wherever it is in ComfyUI: still queued there, or running (through
+    the jobs API where ComfyUI has it). False when ComfyUI could not be told."""
+    assert job.prompt_id is not None
     try:
         await client.cancel(job.prompt_id)
     except ComfyError as exc:
         logger.warning("stopping the prompt of %s failed: %s", job.id, exc)
+        return False
+    return True
 
 
 class PromptTimedOut(Exception):
     """The request's time limit passed; its prompt was interrupted."""
+
+
+class PromptWithdrawn(Exception):
+    """The job was cancelled and its prompt taken out of ComfyUI's queue before it ran."""
 
 
 class ComfyGuard:
@@ -88,6 +99,7 @@ class PromptWatch:
     def __init__(self, job: Job, publish_progress: Callable[[Job], None],
                  queued: Callable[[Job], None]):
         self.job = job
+        self.queued = False  # ComfyUI has it (the POST was answered, or a look-up found it)
         self.executing = False  # ComfyUI began running it (not merely queued it)
         self.last_event_at = time.monotonic()
         self._publish_progress = publish_progress
@@ -96,6 +108,10 @@ class PromptWatch:
     def __call__(self, event: ComfyEvent) -> None:
         job = self.job
         self.last_event_at = time.monotonic()
+        if not self.queued and not isinstance(event, Finished):
+            self.queued = True
+            job.prompt_id = event.prompt_id
+            self._queued(job)
         if isinstance(event, _EXECUTING_EVENTS):
             self.executing = True
         if isinstance(event, Progress):
@@ -103,11 +119,6 @@ class PromptWatch:
                                  "its": round(event.its_per_second, 3)
                                  if event.its_per_second else None, "node": event.node}
             self._publish_progress(job)
-        elif not isinstance(event, Finished) and getattr(event, "prompt_id", None):
-            first = job.prompt_id is None
-            job.prompt_id = event.prompt_id
-            if first:
-                self._queued(job)
 
 
 class PromptExecution:
@@ -118,6 +129,8 @@ class PromptExecution:
         self._guard = guard
         self.request_timeout = request_timeout
         self.requeued = 0  # prompts submitted again after ComfyUI lost them before they ran
+        self._following: tuple[Job, asyncio.Task] | None = None
+        self._withdrawn: Job | None = None
 
     async def run(self, job: Job, graph: dict[str, Any], watch: PromptWatch) -> PromptResult:
         """The prompt's result; raises PromptTimedOut, or the client's error (ComfyError)."""
@@ -129,10 +142,13 @@ class PromptExecution:
                     await self._guard.until_ours(deadline)
                 run = asyncio.create_task(self._follow(submitted, graph, watch))
                 submitted = None
+                self._following = (job, run)
                 # Not wait_for: at the deadline the prompt is interrupted, then followed a while.
                 await asyncio.wait((run,), timeout=max(0.0, deadline - time.monotonic()))
                 if not run.done():
                     raise asyncio.TimeoutError()
+                if run.cancelled() and self._withdrawn is job:
+                    raise PromptWithdrawn()
                 try:
                     return run.result()
                 except (ComfyConnectionError, PromptVanished) as exc:
@@ -146,22 +162,45 @@ class PromptExecution:
         except asyncio.CancelledError:
             run.cancel()
             raise
+        finally:
+            self._following = self._withdrawn = None
+
+    def withdraw(self, job: Job) -> None:
+        """Stop following `job`'s prompt: it was cancelled and is out of ComfyUI's queue."""
+        if self._following is not None and self._following[0] is job:
+            self._withdrawn = job
+            self._following[1].cancel()
 
     async def _follow(self, submitted: asyncio.Future[Submission] | None,
                       graph: dict[str, Any], watch: PromptWatch) -> PromptResult:
+        watch.queued = False  # (again, on a try after a restart)
         if submitted is None:
-            return await self._client.run_prompt(graph, on_event=watch)
+            return await self._submit_and_follow(graph, watch)
         submission = await submitted  # raises what submitting raised (e.g. PromptRejected)
-        self._prefetcher.kick(watch.job)
+        watch(Queued(submission.prompt_id, submission.number, submission.node_errors))
         return await self._client.wait(submission.prompt_id, client_id=submission.client_id,
                                        graph=graph, on_event=watch)
+
+    async def _submit_and_follow(self, graph: dict[str, Any], watch: PromptWatch
+                                 ) -> PromptResult:
+        """The prompt id is chosen before posting, so that a cancel during the POST can name
+        it and a lost answer is settled by a look-up, never by posting it twice."""
+        job, client = watch.job, self._client
+        await client.capabilities()  # once per ComfyUI start: which calls it takes
+        if job.prompt_id is not None:  # an earlier try went wrong: ComfyUI may have it after all
+            found = await client.lookup(job.prompt_id)
+            if found.place is not PromptPlace.UNKNOWN:
+                watch(Queued(job.prompt_id, None, {}))
+                return await client.wait(job.prompt_id, graph=graph, on_event=watch)
+        else:
+            job.prompt_id = new_prompt_id()
+        return await client.run_prompt(graph, prompt_id=job.prompt_id, on_event=watch)
 
     async def _again_after_restart(self, job: Job, exc: Exception, deadline: float) -> bool:
         """Wait for a ComfyUI that answers again, to submit `job` anew; False when time is up."""
         logger.warning("request %s: ComfyUI lost its prompt before it ran (%s); submitting it "
                        "again on the restarted ComfyUI", job.id, exc)
         self._prefetcher.forget()
-        job.prompt_id = None
         delay = 0.2
         while time.monotonic() + delay < deadline:
             await asyncio.sleep(delay)
@@ -178,8 +217,8 @@ class PromptExecution:
 
     async def _interrupt_and_wait(self, job: Job, run: asyncio.Task) -> None:
         try:
-            if job.prompt_id:
-                await self._client.interrupt(job.prompt_id)
+            if job.prompt_id:  # dropped if still queued in ComfyUI, interrupted if it runs
+                await self._client.cancel(job.prompt_id)
             await asyncio.wait_for(asyncio.shield(run), INTERRUPT_GRACE)
         except (asyncio.TimeoutError, ComfyError, asyncio.CancelledError):
             run.cancel()

@@ -2,7 +2,7 @@
 
 ComfyUI starts each the moment the previous one ends, so it never sits idle between two jobs
 while the wrapper follows one and submits the next. A prompt is handed ahead only once the
-running one is in ComfyUI's queue (it has a prompt id), one submission at a time and in the
+running one is in ComfyUI's queue (its POST was answered), one submission at a time and in the
 wrapper's queue order, so that no prompt overtakes another; a job whose inputs are not ready yet
 ends the walk. The runner then takes each job's submission (`take`) in that same order.
 """
@@ -13,7 +13,7 @@ import asyncio
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 
-from api.comfy import ComfyClient, Submission
+from api.comfy import ComfyClient, Submission, new_prompt_id
 from api.wrapper.job_queue import JobQueue
 from api.wrapper.jobs import Job
 
@@ -23,7 +23,7 @@ PREFETCH_DEPTH = 8
 
 class Prefetcher:
     def __init__(self, client: ComfyClient, queue: JobQueue,
-                 stop_prompt: Callable[[Job], Awaitable[None]], depth: int = PREFETCH_DEPTH):
+                 stop_prompt: Callable[[Job], Awaitable[bool]], depth: int = PREFETCH_DEPTH):
         self._client = client
         self._queue = queue
         self._stop_prompt = stop_prompt
@@ -37,9 +37,10 @@ class Prefetcher:
         """Ids of the jobs handed ahead, in ComfyUI's queue order."""
         return iter(self._handed)
 
-    def kick(self, current: Job | None) -> None:
-        """Hand the waiting jobs' prompts ahead, while `current` is in ComfyUI's queue."""
-        if current is None or current.prompt_id is None:
+    def kick(self, running_is_queued: bool) -> None:
+        """Hand the waiting jobs' prompts ahead, once the running job's prompt is in ComfyUI's
+        queue (its POST was answered): none may overtake it."""
+        if not running_is_queued:
             return
         if self._walker is None or self._walker.done():
             self._walker = asyncio.create_task(self._walk(), name="prefetch")
@@ -73,14 +74,14 @@ class Prefetcher:
                 return
             future: asyncio.Future[Submission] = asyncio.get_running_loop().create_future()
             self._handed[job.id] = future
+            job.prompt_id = new_prompt_id()  # before posting: a cancel meanwhile can name it
             try:
-                submission = await self._client.submit(prepared.result(),
+                submission = await self._client.submit(prepared.result(), prompt_id=job.prompt_id,
                                                        client_id=uuid.uuid4().hex)
             except Exception as exc:  # the runner reports it when the job's turn comes
                 future.set_exception(exc)
                 future.exception()  # retrieved here; the runner raises it again
                 return
-            job.prompt_id = submission.prompt_id
             future.set_result(submission)
             if job.cancel_requested:  # cancelled while its prompt was on the way
                 await self._stop_prompt(job)

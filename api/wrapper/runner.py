@@ -17,7 +17,13 @@ from api.wrapper import outcomes
 from api.wrapper.background import Background
 from api.wrapper.delivery import OutputDelivery
 from api.wrapper.diskfull import DiskFull, room_text
-from api.wrapper.execution import PromptExecution, PromptTimedOut, PromptWatch, stop_prompt
+from api.wrapper.execution import (
+    PromptExecution,
+    PromptTimedOut,
+    PromptWatch,
+    PromptWithdrawn,
+    stop_prompt,
+)
 from api.wrapper.finish import Finisher
 from api.wrapper.inputs import InputError
 from api.wrapper.job_queue import JobQueue, announce, status_event
@@ -72,6 +78,9 @@ class Runner:
             result = await self._execution.run(job, graph, self.watch)
         except PromptTimedOut:
             self._finisher.finish(job, outcomes.timed_out(self._execution.request_timeout))
+            return
+        except PromptWithdrawn:
+            self._finisher.finish(job, outcomes.CANCELLED_BEFORE_START)
             return
         except ComfyError as exc:
             outcome = outcomes.of_error(exc, job.cancel_requested)
@@ -131,13 +140,24 @@ class Runner:
     def inputs_ready(self) -> None:
         """A job's models or inputs are in: it may run, or be handed ahead to ComfyUI, now."""
         self._queue.wake()
-        self._prefetcher.kick(self.current)
+        self._prefetcher.kick(self.watch is not None and self.watch.queued)
+
+    async def stop_current(self, job: Job) -> None:
+        """The running job was cancelled: stop its prompt in ComfyUI. A prompt that had not
+        begun to run is out of ComfyUI's queue then, and nobody waits for it any more; one that
+        runs is interrupted and ends as such. While its POST is on its way there is nothing to
+        name yet: `_queued_in_comfyui` comes back here once ComfyUI has it."""
+        watch = self.watch
+        if watch is None or watch.job is not job or not watch.queued:
+            return
+        if await stop_prompt(self._client, job) and not watch.executing:
+            self._execution.withdraw(job)
 
     def _queued_in_comfyui(self, job: Job) -> None:
-        """The running job's prompt is in ComfyUI's queue (it has a prompt id)."""
+        """The running job's prompt is in ComfyUI's queue (its POST was answered)."""
         if job.cancel_requested:  # cancelled while it was being submitted
-            self._background.spawn(stop_prompt(self._client, job), f"stop-{job.id}")
-        self._prefetcher.kick(job)  # the next one may queue behind it now
+            self._background.spawn(self.stop_current(job), f"stop-{job.id}")
+        self._prefetcher.kick(True)  # the next one may queue behind it now
 
     def _publish_progress(self, job: Job) -> None:
         job.publish({"event": "progress", **status_event(job, self._queue),

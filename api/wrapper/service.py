@@ -120,6 +120,7 @@ class GenerationService:
     def comfy_lost(self) -> None:
         """Told from outside (the daemon's signal) that ComfyUI died: check before submitting."""
         self.parts.guard.lost()
+        self.client.forget_capabilities()  # it may come back as another version
         if self.parts.guard.suspect:
             logger.info("ComfyUI was lost: nothing is submitted until its port is ComfyUI's again")
 
@@ -192,9 +193,8 @@ class GenerationService:
                 if job.prompt_id:
                     await stop_prompt(self.client, job)
             self.parts.finisher.finish(job, outcomes.CANCELLED_QUEUED)
-        elif job is self.current and job.prompt_id:
-            await stop_prompt(self.client, job)
-        # Without a prompt id yet, the runner stops it as soon as ComfyUI has queued it.
+        elif job is self.current:
+            await self.runner.stop_current(job)
         return job
 
     # --- what the service shows -----------------------------------------------------------------
