@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from simulator.testing import start_simulator
+from tests.support.comfy_modes import API_VERSIONS
 from tests.support.procs import get_json, post_json, start_wrapper, wait_until
 from tests.support.workflows import tiny_workflow
 
@@ -33,11 +34,8 @@ def set_knobs(sim, **knobs) -> None:
     post_json(f"{sim.url}/__sim__/knobs", knobs)
 
 
-#: The ComfyUI API modes of the simulator: 0.3.64 and the newest read.
-API_VERSIONS = ("0.3.64", "0.38.1")
-
-
-@pytest.fixture(scope="module", params=API_VERSIONS, ids=lambda v: f"comfyui-{v}")
+@pytest.fixture(scope="module", params=API_VERSIONS,
+                ids=[f"comfyui-{v}" for v in API_VERSIONS])
 def api_version(request) -> str:
     return request.param
 

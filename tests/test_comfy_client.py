@@ -54,6 +54,7 @@ from api.comfy import (
     new_prompt_id,
 )
 from api.comfy.models import parse_node_outputs
+from tests.support.comfy_modes import API_VERSIONS
 from tests.support.net import free_port
 
 # A client bug tends to show as a hang: fail in a minute, not at the global timeout.
@@ -98,10 +99,6 @@ def _sim_knobs(url: str, changes: dict[str, Any] | None = None) -> dict[str, Any
     )
     with urllib.request.urlopen(request, timeout=5) as response:
         return json.loads(response.read() or b"{}")
-
-
-#: The simulator's ComfyUI API modes: every simulator test runs against both.
-API_VERSIONS = ("0.3.64", "0.38.1")
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from api.modelstore.download import Downloader
 from api.modelstore.sources import HttpSource
 from api.wrapper.model_urls import DEFAULT_MODEL_INPUTS, ModelUrlPolicy, find_model_urls
 from simulator.testing import start_simulator
+from tests.support.comfy_modes import API_VERSIONS
 from tests.support.fileserver import FileServer
 from tests.support.procs import post_json, start_wrapper
 
@@ -111,11 +112,17 @@ def text2image(ckpt: str | None = None) -> dict:
     return {"input": {"modifier": "Text2Image", "modifications": mods}}
 
 
+@pytest.fixture(scope="module", params=API_VERSIONS,
+                ids=[f"comfyui-{v}" for v in API_VERSIONS])
+def api_version(request) -> str:
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
+def stack(tmp_path_factory, api_version):
     tmp = tmp_path_factory.mktemp("modelurls")
     with FileServer(files=dict(FILES)) as files, \
-            start_simulator(tmp, "--step-seconds", "0.01") as sim:
+            start_simulator(tmp, "--step-seconds", "0.01", api_version=api_version) as sim:
         env = dict(COMFYUI_MODELS_DIR=str(sim.base_dir / "models"),
                    MODELS_ALLOW_REQUEST_URLS="true", MODELS_ALLOWED_HOSTS="127.0.0.1",
                    MODELS_CACHE_MAX_GB="1")

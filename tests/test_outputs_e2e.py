@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from simulator.testing import start_simulator
+from tests.support.comfy_modes import API_VERSIONS
 from tests.support.moto_server import REGION
 from tests.support.procs import free_port, post_json, start_wrapper, wait_until
 from tests.support.workflows import tiny_workflow
@@ -57,19 +58,26 @@ class Hooks:
         self.server.server_close()
 
 
+@pytest.fixture(scope="module", params=API_VERSIONS,
+                ids=[f"comfyui-{v}" for v in API_VERSIONS])
+def api_version(request) -> str:
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory, moto_server):  # noqa: F811
-    moto_server.create_bucket("outputs")
+def stack(tmp_path_factory, moto_server, api_version):  # noqa: F811
+    bucket = f"outputs-{api_version.replace('.', '-')}"
+    moto_server.create_bucket(bucket)
     tmp = tmp_path_factory.mktemp("outputs")
     env = {"S3_ACCESS_KEY_ID": "env-key-id-999", "S3_SECRET_ACCESS_KEY": "env-secret-777",
            "S3_ENDPOINT_URL": moto_server.endpoint_url, "S3_REGION": REGION,
-           "S3_BUCKET_NAME": "outputs", "S3_RETRIES": "0", "WEBHOOK_BACKOFF_INITIAL": "0.1"}
-    with start_simulator(tmp, "--step-seconds", "0.01") as sim, \
+           "S3_BUCKET_NAME": bucket, "S3_RETRIES": "0", "WEBHOOK_BACKOFF_INITIAL": "0.1"}
+    with start_simulator(tmp, "--step-seconds", "0.01", api_version=api_version) as sim, \
             start_wrapper(tmp, sim.url, sim.output_dir, **env) as wrapper:
         yield sim, wrapper, moto_server
 
 
-def test_presigned_url_downloads_the_same_bytes(stack):
+def test_presigned_url_downloads_the_same_bytes(stack, api_version):
     _, wrapper, _ = stack
     status, body = post_json(wrapper.url + "/generate/sync",
                              {"input": {"workflow_json": tiny("s3ok"), "request_id": "s3-ok"}})
@@ -79,7 +87,7 @@ def test_presigned_url_downloads_the_same_bytes(stack):
     with urllib.request.urlopen(out["url"], timeout=10) as response:
         assert response.read() == Path(out["local_path"]).read_bytes()
         assert response.headers["Content-Type"] == "image/png"
-    assert f"/outputs/s3-ok/{out['filename']}" in out["url"]
+    assert f"/outputs-{api_version.replace('.', '-')}/s3-ok/{out['filename']}" in out["url"]
 
 
 def test_missing_bucket_keeps_the_file_and_says_why(stack):
@@ -94,14 +102,16 @@ def test_missing_bucket_keeps_the_file_and_says_why(stack):
     assert "upload(s) failed" in body["message"]
 
 
-def test_request_fields_override_the_environment_and_secrets_stay_out_of_logs(stack):
+def test_request_fields_override_the_environment_and_secrets_stay_out_of_logs(stack,
+                                                                            api_version):
     _, wrapper, moto = stack
-    moto.create_bucket("per-request")
+    bucket = f"per-request-{api_version.replace('.', '-')}"
+    moto.create_bucket(bucket)
     status, body = post_json(wrapper.url + "/generate/sync", {"input": {
-        "workflow_json": tiny("override"), "s3": {"bucket_name": "per-request"}}})
+        "workflow_json": tiny("override"), "s3": {"bucket_name": bucket}}})
     assert status == 200
-    assert "/per-request/" in body["output"][0]["url"]
-    keys = [o["Key"] for o in moto.client().list_objects_v2(Bucket="per-request")["Contents"]]
+    assert f"/{bucket}/" in body["output"][0]["url"]
+    keys = [o["Key"] for o in moto.client().list_objects_v2(Bucket=bucket)["Contents"]]
     assert keys == [f"{body['id']}/{body['output'][0]['filename']}"]
     log = wrapper.log()
     assert "env-secret-777" not in log and "env-key-id-999" not in log
@@ -204,11 +214,11 @@ def test_wrapper_metrics_count_uploads_webhooks_and_stages(stack):
     assert after[("comfy_worker_webhook_spool_deliveries", ())] == 0
 
 
-def test_undelivered_webhook_survives_a_wrapper_restart(tmp_path):
+def test_undelivered_webhook_survives_a_wrapper_restart(tmp_path, api_version):
     port = free_port()
     state = tmp_path / "state"
     env = {"WEBHOOK_URL": f"http://127.0.0.1:{port}/hook", "WEBHOOK_BACKOFF_INITIAL": "30"}
-    with start_simulator(tmp_path) as sim:
+    with start_simulator(tmp_path, api_version=api_version) as sim:
         with start_wrapper(tmp_path, sim.url, sim.output_dir, state_dir=state, **env) as w:
             status, body = post_json(w.url + "/generate/sync",
                                      {"input": {"workflow_json": tiny("spool")}})
