@@ -116,6 +116,19 @@ def derive(inputs: Inputs) -> tuple[WorkerState, str]:
 Listener = Callable[[WorkerState, WorkerState, str], None]
 
 
+@dataclass(frozen=True)
+class Readiness:
+    """What the worker tells a scheduler outside it (the autoscaler): its state and reason, what
+    it can serve (`max_perf`: requests per second, the sum over the instances that serve; None
+    before a benchmark figure) and how long it took to first serve (`loadtime`, seconds; None
+    until then)."""
+
+    state: WorkerState
+    reason: str
+    max_perf: float | None = None
+    loadtime: float | None = None
+
+
 def combine(instances: list[tuple[str, WorkerState, str]]) -> tuple[WorkerState, str]:
     """The worker's state from its instances' (label, state, reason).
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -43,6 +44,18 @@ def test_ready_serves_and_rejects_without_token(tmp_path, comfy_api):
         assert status == 200 and health["state"] == "ready"
         assert health["children"]["comfyui"]["state"] == "ready"
         assert health["instances"][0]["comfyui_version"] == f"{comfy_api}-sim"
+        # /health is a projection of the admin snapshot: the same facts, without pids, paths,
+        # logs or the event log.
+        full = worker.status()
+        public = json.dumps(health)
+        for private in ("pid", "tail", "folders", "comfyui_url", "events", "history"):
+            assert f'"{private}"' not in public and f'"{private}"' in json.dumps(full)
+        mine, theirs = health["instances"][0], full["instances"][0]
+        # (Read a moment apart: a reason may have moved on, the shape and the states not.)
+        assert set(mine["children"]["comfyui"]) == {"state", "reason", "restarts"}
+        assert {k: mine["children"]["comfyui"][k] for k in ("state", "restarts")} == \
+            {k: theirs["children"]["comfyui"][k] for k in ("state", "restarts")}
+        assert mine["gpu"] == {k: theirs["gpu"][k] for k in ("index", "uuid", "name", "verdict")}
         status, live = get_json(worker.url + "/health/live")
         assert status == 200 and live["alive"]
         import urllib.request

@@ -4,19 +4,20 @@ port's gate), status reports and finished requests on the way out."""
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Callable
 
 import aiohttp
 from aiohttp import web
 
 from config import Settings
-from supervisor.autoscaler.auth import ReplayGuard, RequestAuthenticator
+from supervisor.autoscaler.auth import REQUIRED_AUTH_FIELDS, ReplayGuard, RequestAuthenticator
+from supervisor.autoscaler.env import AutoscalerEnv
 from supervisor.autoscaler.errors import AuthError
 from supervisor.autoscaler.pubkey import PublicKeyFetcher
 from supervisor.autoscaler.reporter import StatusReporter
 from supervisor.serving.gates import Admitted, Rejected, split_body
 from supervisor.serving.public import RequestHooks
-from supervisor.state import WorkerState
+from supervisor.state import Readiness, WorkerState
 
 logger = logging.getLogger(__name__)
 
@@ -24,12 +25,15 @@ logger = logging.getLogger(__name__)
 class AutoscalerLink:
     """The Vast-style autoscaler: signature checks on the way in, status reports on the way out."""
 
-    def __init__(self, env: Any, settings: Settings):
+    required_auth_fields = REQUIRED_AUTH_FIELDS
+
+    def __init__(self, env: AutoscalerEnv, settings: Settings):
         self.env = env
         self.settings = settings
-        self.fetcher = None
-        self.reporter = None
+        self.fetcher: PublicKeyFetcher | None = None
+        self.reporter: StatusReporter | None = None
         self.session: aiohttp.ClientSession | None = None
+        self._readiness: Callable[[], Readiness] | None = None
         self.authenticator = RequestAuthenticator(
             self, legacy=settings.autoscaler.legacy_signatures,
             unsecured=settings.worker.unsecured,
@@ -42,7 +46,9 @@ class AutoscalerLink:
     def key(self):  # KeySource for the authenticator: None until the fetcher has the key
         return self.fetcher.key if self.fetcher else None
 
-    async def start(self, daemon: Any) -> None:
+    async def start(self, readiness: Callable[[], Readiness]) -> None:
+        """Fetch the key and report in the background; `readiness` is asked at each change."""
+        self._readiness = readiness
         self.session = aiohttp.ClientSession()
         self.fetcher = PublicKeyFetcher(self.env.report_addrs, self.session)
         self.fetcher.start()
@@ -51,7 +57,7 @@ class AutoscalerLink:
                                        min_interval=min(1.0,
                                                         self.settings.autoscaler.report_interval))
         self.reporter.start()
-        self.state_changed(daemon)
+        self.state_changed()
 
     async def stop(self) -> None:
         if self.reporter:
@@ -61,37 +67,34 @@ class AutoscalerLink:
         if self.session:
             await self.session.close()
 
-    def state_changed(self, daemon: Any) -> None:
-        if not self.reporter:
+    def state_changed(self) -> None:
+        if not self.reporter or self._readiness is None:
             return
-        tracker = daemon.tracker
-        serving = tracker.state.serving
-        # The sum over the instances that serve: one worker, N GPUs' worth of work.
-        max_perf = daemon.max_perf()
-        loadtime = (tracker.first_ready_at - daemon.started_at) if tracker.first_ready_at else None
+        now = self._readiness()
         # Loading (starting, benchmarking) is normal and carries no error; only a worker that
         # cannot serve says why, so the autoscaler does not write off a node that is warming up.
-        failing = tracker.state is WorkerState.UNHEALTHY
-        self.reporter.set_state(ready=serving, error_msg=tracker.reason if failing else "",
-                                max_perf=max_perf, loadtime=loadtime)
+        # max_perf is the sum over the instances that serve: one worker, N GPUs' worth of work.
+        failing = now.state is WorkerState.UNHEALTHY
+        self.reporter.set_state(ready=now.state.serving, error_msg=now.reason if failing else "",
+                                max_perf=now.max_perf, loadtime=now.loadtime)
 
     def hooks(self) -> RequestHooks:
-        def received(admitted) -> None:
+        def received(admitted: Admitted) -> None:
             if self.reporter and admitted.request_idx is not None:
                 self.reporter.request_received(admitted.request_idx, admitted.cost)
 
-        def started(admitted) -> None:
+        def started(admitted: Admitted) -> None:
             if self.reporter and admitted.request_idx is not None:
                 self.reporter.request_started(admitted.request_idx)
 
-        def finished(admitted, status: int, entered: float, began: float, ended: float) -> None:
+        def finished(admitted: Admitted, status: int, entered: float, began: float, ended: float) -> None:
             if self.reporter and admitted.request_idx is not None:
                 outcome = "Success" if status == 200 else ("Cancelled" if status == 499
                                                            else "Error")
                 self.reporter.request_finished(admitted.request_idx, status == 200, outcome,
                                                entered, began, ended)
 
-        def rejected(admitted) -> None:
+        def rejected(admitted: Admitted | None) -> None:
             if self.reporter:
                 self.reporter.request_rejected(
                     admitted.cost if admitted else 1.0,
@@ -110,7 +113,7 @@ class AutoscalerGate:
 
     name = "autoscaler"
 
-    def __init__(self, authenticator: Any):
+    def __init__(self, authenticator: RequestAuthenticator):
         self._authenticator = authenticator
 
     def admit(self, request: web.Request, body: Any) -> Admitted:

@@ -16,7 +16,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable, Protocol
 
 from benchmark import (
     BenchmarkAction,
@@ -24,25 +25,37 @@ from benchmark import (
     BenchmarkReport,
     BenchmarkStatus,
     BenchmarkStore,
-    NullTelemetry,
-    SamplerTelemetry,
     WrapperTarget,
     cached_benchmark,
     render_progress,
 )
 from benchmark.siblings import SiblingFigure, SiblingJudgement, judge_siblings
+from benchmark.telemetry import TelemetrySource
 from config import Settings
 from supervisor.children.child import ChildState
+from supervisor.instances.instance import Instance
 from supervisor.state import OK, Level, Verdict
 
 logger = logging.getLogger(__name__)
 
 
+class BenchmarkHost(Protocol):
+    """What a benchmark run asks of the host that starts it."""
+
+    def telemetry(self, gpu_index: int | None) -> TelemetrySource: ...
+
+    def instance_changed(self, instance: Instance) -> None: ...
+
+    def benchmark_finished(self, instance: Instance) -> None: ...
+
+    def event(self, source: str, text: str) -> None: ...
+
+
 class BenchmarkController:
     """One instance's benchmark: when it runs, its report, and the verdict it gives."""
 
-    def __init__(self, settings: Settings, *, state_dir: Any = None,
-                 lock: asyncio.Lock | None = None, on_done: Any = None):
+    def __init__(self, settings: Settings, *, state_dir: Path | str | None = None,
+                 lock: asyncio.Lock | None = None, on_done: Callable[[], None] | None = None):
         self.settings = settings
         self.store = BenchmarkStore.for_state_dir(state_dir or settings.worker.state_dir)
         self.report: BenchmarkReport | None = None
@@ -57,7 +70,7 @@ class BenchmarkController:
         self._on_done = on_done
 
     # --- what the daemon asks -------------------------------------------------------------------
-    def should_start(self, instance: Any, models_ready: bool) -> bool:
+    def should_start(self, instance: Instance, models_ready: bool) -> bool:
         return (self.pending and not self.running and models_ready
                 and instance.comfyui.state is ChildState.READY
                 and instance.wrapper.state is ChildState.READY)
@@ -119,16 +132,14 @@ class BenchmarkController:
         return body
 
     # --- running --------------------------------------------------------------------------------
-    async def run(self, instance: Any, host: Any) -> None:
+    async def run(self, instance: Instance, host: BenchmarkHost) -> None:
         self.started = self.running = True
         self.progress = None
         host.instance_changed(instance)
         await instance.folders_settled()
         s, plan = self.settings, instance.plan
         target = WrapperTarget(plan.wrapper_url, plan.comfyui_url, plan.folders.output.path)
-        gpu = host.gpu
-        telemetry = SamplerTelemetry(gpu.sampler, plan.gpu.index or 0) if gpu and \
-            gpu.reader.status().state.value == "available" else NullTelemetry()
+        telemetry = host.telemetry(plan.gpu.index)
 
         def on_progress(progress: BenchmarkProgress) -> None:
             self.progress = progress
@@ -182,7 +193,7 @@ class BenchmarkSuite:
         self.models: dict[int, str] = {}
         self._lock = asyncio.Lock() if settings.benchmark.sequential else None
 
-    def for_instance(self, number: int, state_dir: Any, gpu_model: str) -> BenchmarkController:
+    def for_instance(self, number: int, state_dir: Path, gpu_model: str) -> BenchmarkController:
         controller = BenchmarkController(self.settings, state_dir=state_dir, lock=self._lock,
                                          on_done=self.compare_siblings)
         self.controllers[number] = controller

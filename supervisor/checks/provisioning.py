@@ -150,6 +150,10 @@ class Provisioner:
                 "failures": totals.failures, "files": [i.to_dict() for i in self.items]}
 
     # --- running --------------------------------------------------------------------------------
+    async def close(self) -> None:
+        """Close the store's downloads (the daemon stops)."""
+        await self.store.downloader.close()
+
     async def run(self) -> None:
         self.started = True
         if self._before:

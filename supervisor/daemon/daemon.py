@@ -1,11 +1,23 @@
 """`comfy-worker run`: the daemon that a systemd unit starts on a GPU host.
 
-It owns, in start order (and stops in reverse): the GPU monitor, model provisioning, the instances
-(a ComfyUI and an API wrapper per GPU, `supervisor.instances.instance`), the public server with its router,
-the admin socket and the autoscaler reporter. One loop — the *watch loop* — ticks every second: it
-derives the worker state from the instances', pets the systemd watchdog (so a stuck loop is
-caught), and has each instance check that its running prompt is making progress. Signal handlers only set flags; the main
-coroutine does the work.
+The daemon composes named parts and runs them as stages (supervisor/daemon/stages.py), started
+in this order and stopped in reverse:
+
+  systemd → session → provisioning → gpu → autoscaler → instances → admin → metrics → public →
+  watch → requests → drain
+
+* the fleet (`fleet.py`): one ComfyUI and one API wrapper per GPU (`supervisor.instances`) and
+  the router in front of them;
+* the health (`health.py`): each instance's state and the worker's, told to systemd, the
+  metrics, the router and the autoscaler;
+* the watch loop (`watch.py`): once a second it recomputes the health, pets the systemd
+  watchdog, checks that running prompts progress and starts a due benchmark;
+* the snapshot (`snapshot.py`) the admin socket serves, and /health's projection of it;
+* the admin actions (`admin_actions.py`) and the three listeners (`listeners.py`).
+
+Stopping is the reverse: the drain lets queued work finish (worker.drain_timeout; a second
+SIGTERM/SIGINT skips it), what is left is failed, then each part stops within its own timeout.
+Signal handlers only set flags; the main coroutine does the work.
 """
 
 from __future__ import annotations
@@ -15,434 +27,99 @@ import logging
 import os
 import signal
 import time
-from functools import partial
 from pathlib import Path
-from typing import Any
 
 import aiohttp
-from aiohttp import web
 
-from api.host.ports import describe_bind_error
 from config import Settings
-from supervisor.children.child import ChildProcess, ChildSpec, ChildState
-from supervisor.instances.instance import Instance
-from supervisor.instances.probe import learn_flags
-from supervisor.instances.plan import (
-    InstancePlan,
-    PlanError,
-    plan_checked,
-    select_gpus,
-    uses_placeholders,
-)
-from supervisor.reporting.admin import AdminServer
-from supervisor.reporting.families import (
-    benchmark_families,
-    child_families,
-    info_family,
-    instance_families,
-    model_families,
-)
+from supervisor.checks.bench import BenchmarkSuite
+from supervisor.checks.provisioning import Provisioner
+from supervisor.children.child import ChildSpec
+from supervisor.daemon.admin_actions import AdminActions
+from supervisor.daemon.errors import DaemonStartError
+from supervisor.daemon.fleet import Fleet
+from supervisor.daemon.health import SystemdStatus, WorkerFlags, WorkerHealth
+from supervisor.daemon.listeners import AdminPort, MetricsPort, PublicPort
+from supervisor.daemon.metric_sources import register_metric_sources
+from supervisor.daemon.parts import Autoscaler
+from supervisor.daemon.snapshot import Snapshots
+from supervisor.daemon.stages import Stage, Stages
+from supervisor.daemon.watch import WatchLoop
+from supervisor.gpu.monitor import GpuMonitor
 from supervisor.reporting.metrics import WorkerMetrics
-from supervisor.reporting.metrics_server import MetricsServer
 from supervisor.sdnotify import SystemdNotifier
 from supervisor.serving.gates import Gate, OpenGate, TokenGate
-from supervisor.serving.public import PublicServer, RequestHooks
-from supervisor.serving.routing import Router
-from supervisor.state import OK, WorkerState, WorkerStateTracker, combine
+from supervisor.serving.public import RequestHooks
+
+__all__ = ["Daemon", "DaemonStartError", "stop_budget", "stop_timeouts"]
 
 logger = logging.getLogger(__name__)
 
-WATCH_INTERVAL = 1.0
-#: Stop stages, in seconds; their sum must fit in the unit's TimeoutStopSec (a test checks it).
+#: Stop timeouts of the stages that have no setting of their own, in seconds.
 ADMIN_CLOSE_TIMEOUT = 2.0
 PUBLIC_CLOSE_TIMEOUT = 2.0
 METRICS_CLOSE_TIMEOUT = 1.0
 REPORTER_FLUSH_TIMEOUT = 3.0
+GPU_STOP_TIMEOUT = 2.0      # the XID watcher's thread leaves NVML's event wait (1 s)
+QUICK_STOP_TIMEOUT = 0.5    # cancelling tasks, closing a session, a last log line
 
 
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("comfy-worker")
-    except PackageNotFoundError:
-        return "unknown"
-
-
-class DaemonStartError(Exception):
-    """The daemon cannot start; the message says why in words (the CLI prints it)."""
+def stop_timeouts(settings: Settings) -> dict[str, tuple[float, str]]:
+    """Each stage's stop timeout (seconds) and where it comes from, in stop order."""
+    child = ChildSpec(name="budget", command=["true"],
+                      stop_timeout=settings.supervisor.child_stop_timeout).stop_budget()
+    return {
+        "drain": (settings.worker.drain_timeout, "worker.drain_timeout"),
+        "requests": (QUICK_STOP_TIMEOUT, "QUICK_STOP_TIMEOUT"),
+        "watch": (QUICK_STOP_TIMEOUT, "QUICK_STOP_TIMEOUT"),
+        "public": (PUBLIC_CLOSE_TIMEOUT, "PUBLIC_CLOSE_TIMEOUT"),
+        "metrics": (METRICS_CLOSE_TIMEOUT, "METRICS_CLOSE_TIMEOUT"),
+        "admin": (ADMIN_CLOSE_TIMEOUT, "ADMIN_CLOSE_TIMEOUT"),
+        # Each instance stops its wrapper, then its ComfyUI; the instances stop at once.
+        "instances": (2 * child, "2 × supervisor.child_stop_timeout + kill and reap"),
+        "autoscaler": (REPORTER_FLUSH_TIMEOUT + QUICK_STOP_TIMEOUT, "REPORTER_FLUSH_TIMEOUT"),
+        "gpu": (GPU_STOP_TIMEOUT, "GPU_STOP_TIMEOUT"),
+        "provisioning": (QUICK_STOP_TIMEOUT, "QUICK_STOP_TIMEOUT"),
+        "session": (QUICK_STOP_TIMEOUT, "QUICK_STOP_TIMEOUT"),
+        "systemd": (QUICK_STOP_TIMEOUT, "QUICK_STOP_TIMEOUT"),
+    }
 
 
 def stop_budget(settings: Settings) -> float:
-    """The longest a clean stop can take: drain, then each child's TERM→KILL, then the rest."""
-    child = ChildSpec(name="budget", command=["true"],
-                      stop_timeout=settings.supervisor.child_stop_timeout).stop_budget()
-    return (settings.worker.drain_timeout + PUBLIC_CLOSE_TIMEOUT + METRICS_CLOSE_TIMEOUT
-            + ADMIN_CLOSE_TIMEOUT
-            + 2 * child + REPORTER_FLUSH_TIMEOUT)
-
-
-def public_api_document(settings: Settings, auth: Any) -> dict[str, Any]:
-    """The public port's OpenAPI document, built on each GET /openapi.json (in a thread): the
-    modifier files are read as the wrapper reads them, so an operator's own are listed too."""
-    from api.contract.modifiers import registry_from_settings
-    from api.contract.openapi import public_document
-
-    required = None
-    if auth == "autoscaler":
-        from supervisor.autoscaler import REQUIRED_AUTH_FIELDS
-
-        required = REQUIRED_AUTH_FIELDS
-    return public_document(registry_from_settings(settings), auth,
-                           docs_public=settings.worker.docs_public, required_auth_fields=required)
+    """The longest a clean stop can take: every stage's stop timeout, added up."""
+    return sum(seconds for seconds, _ in stop_timeouts(settings).values())
 
 
 class Daemon:
     def __init__(self, settings: Settings, *, environ: dict[str, str] | None = None,
-                 gpu_monitor: Any = None, benchmark: Any = None, autoscaler: Any = None,
-                 provisioner: Any = None):
+                 gpu_monitor: GpuMonitor | None = None, benchmark: BenchmarkSuite | None = None,
+                 autoscaler: Autoscaler | None = None, provisioner: Provisioner | None = None):
         self.settings = settings
-        self.environ = dict(os.environ if environ is None else environ)
-        self.tracker = WorkerStateTracker()
-        self.metrics = WorkerMetrics()
-        self.notifier = SystemdNotifier(self.environ)
-        self.gpu = gpu_monitor
-        self.benchmark = benchmark     # a BenchmarkSuite: one controller per instance
-        self.autoscaler = autoscaler
-        self.provisioner = provisioner
         self.started_at = time.time()
-        self.draining = False
-        self.stopping = False
+        self.flags = WorkerFlags()
+        self.metrics = WorkerMetrics()
+        self.notifier = SystemdNotifier(dict(os.environ if environ is None else environ))
+        self.gpu, self.autoscaler, self.provisioner = gpu_monitor, autoscaler, provisioner
+        self.session: aiohttp.ClientSession | None = None
+        self._provisioning: asyncio.Task | None = None
+        self.fleet = Fleet(settings, self.flags, session=lambda: self.session, gpu=gpu_monitor,
+                           benchmark=benchmark)
+        self.health = WorkerHealth(self.fleet.instances, self.flags, gpu=gpu_monitor,
+                                   models=provisioner, started_at=self.started_at)
+        self.watch = WatchLoop(self.health, self.fleet, self.notifier)
+        self.gate = self._gate()
+        self.snapshots = Snapshots(health=self.health, flags=self.flags, fleet=self.fleet,
+                                   metrics=self.metrics, max_waiting=settings.worker.queue_size,
+                                   auth=self.gate.name, gpu=gpu_monitor, provisioner=provisioner,
+                                   started_at=self.started_at)
+        self._listen()
+        register_metric_sources(self.metrics, self.fleet, queue_size=settings.worker.queue_size,
+                                gpu=gpu_monitor, provisioner=provisioner)
+        self.stages = Stages(self._stages())
         self._stop_requests = 0
         self._stop_event = asyncio.Event()
         self._stop_now = asyncio.Event()   # a second SIGTERM/SIGINT: skip the drain
-        self._last_tick = time.monotonic()
-        self._events: list[dict[str, Any]] = []
-        self._announced_ready = False
-        self.instances: list[Instance] = []
-        self.comfy_flags = None
-        self.router = Router(settings.worker.queue_size, restarting=self._restarting)
-        self.public: PublicServer | None = None
-        self.admin: AdminServer | None = None
-        self.metrics_server: MetricsServer | None = None
-        self._register_metric_sources()
-        self._public_runner: web.AppRunner | None = None
-        self._session: aiohttp.ClientSession | None = None
-        self._tasks: list[asyncio.Task] = []
 
-    # --- instances ------------------------------------------------------------------------------
-    def _common(self) -> dict[str, Any]:
-        s = self.settings.supervisor
-        return dict(probe_interval=s.probe_interval, probe_timeout=s.probe_timeout,
-                    hang_timeout=s.hang_timeout, backoff_initial=s.backoff_initial,
-                    backoff_max=s.backoff_max, crash_loop_count=s.crash_loop_count,
-                    crash_loop_window=s.crash_loop_window, failed_cooldown=s.failed_cooldown,
-                    stop_timeout=s.child_stop_timeout, log_max_bytes=s.log_max_bytes,
-                    log_backups=s.log_backups)
-
-    def _plan(self) -> list[InstancePlan]:
-        """One instance per chosen GPU (supervisor/instances/plan.py), from the first GPU read."""
-        latest = self.gpu.latest() if self.gpu else None
-        gpus = latest.gpus if latest is not None else ()
-        templated = uses_placeholders(self.settings)
-        usable = [g for g in gpus if g.available]
-        if not templated and len(usable) > 1:
-            logger.warning("comfyui.command has no placeholders, so one instance serves this "
-                           "host's %d GPUs; write --port {port} and {instance_folders} in it to "
-                           "run one per GPU (README: multi-GPU hosts)", len(usable))
-        try:
-            slots = select_gpus(self.settings.comfyui.gpus, gpus, templated=templated)
-            return plan_checked(self.settings, slots, self.comfy_flags)
-        except PlanError as exc:
-            raise DaemonStartError(str(exc)) from None
-
-    def _build_instances(self) -> None:
-        for plan in self._plan():
-            instance = Instance(plan, self.settings, self, self._common(), lambda: self._session)
-            if self.benchmark is not None:
-                instance.benchmark = self.benchmark.for_instance(
-                    plan.number, plan.state_dir, plan.gpu.name or "")
-            self.instances.append(instance)
-            self.router.add(instance)
-            if plan.count > 1:
-                logger.info("%s: ComfyUI %s, wrapper %s%s", instance.label, plan.comfyui_url,
-                            plan.wrapper_url, f", CUDA_VISIBLE_DEVICES={plan.gpu.uuid}"
-                            if plan.pinned else "")
-
-    @property
-    def comfyui(self) -> ChildProcess:
-        """The first instance's ComfyUI (the only one on a one-GPU host)."""
-        return self.instances[0].comfyui
-
-    @property
-    def wrapper(self) -> ChildProcess:
-        return self.instances[0].wrapper
-
-    def instance(self, number: int) -> Instance | None:
-        return self.instances[number] if 0 <= number < len(self.instances) else None
-
-    # What an instance asks of its host (supervisor.instances.instance.InstanceHost).
-    def comfyui_lost(self, instance: Instance, reason: str) -> None:
-        if self.router.running_on(instance.number):
-            what = "ComfyUI" if len(self.instances) == 1 else f"ComfyUI of {instance.label}"
-            self._tasks.append(asyncio.get_running_loop().create_task(
-                self._abort_running(instance, f"{what} died during the request: {reason}"),
-                name="abort-running"))
-
-    def instance_changed(self, instance: Instance) -> None:
-        self._recompute()
-
-    def benchmark_finished(self, instance: Instance) -> None:
-        self._recompute()   # a sibling's verdict may have changed too
-        if self.autoscaler:
-            self.autoscaler.state_changed(self)
-
-    def event(self, source: str, text: str) -> None:
-        self._event(source, text)
-
-    def _restarting(self) -> bool:
-        """A child is on its way back (not failed, not stopping): worth waiting for."""
-        coming_back = (ChildState.RESTARTING, ChildState.STARTING)
-        return not (self.stopping or self.draining) and any(
-            i.comfyui.state in coming_back or i.wrapper.state in coming_back
-            for i in self.instances if not i.draining)
-
-    async def _abort_running(self, instance: Instance, message: str) -> None:
-        """Answer the request ComfyUI was running with a 502 now; the ones queued behind it stay
-        with the wrapper, which runs them on the new ComfyUI (or, on a multi-GPU host, move to
-        another instance). The wrapper is asked which one runs (this project's says so in
-        /health); for another wrapper, the oldest is taken."""
-        running: str | None = None
-        known = False
-        assert self._session is not None
-        try:
-            async with self._session.get(f"{instance.wrapper_url}/health",
-                                         timeout=aiohttp.ClientTimeout(total=0.5)) as response:
-                detail = await response.json(content_type=None)
-            if isinstance(detail, dict) and "running" in detail:
-                running, known = detail["running"], True
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
-            pass
-        if self.router.abort_running(instance, message, running, known):
-            logger.warning("request in flight failed: %s", message)
-
-    def _event(self, source: str, text: str) -> None:
-        self._events.append({"at": time.time(), "source": source, "event": text})
-        del self._events[:-100]
-
-    # --- state ----------------------------------------------------------------------------------
-    def _recompute(self) -> None:
-        if not self.instances:
-            return
-        models = self.provisioner.verdict() if self.provisioner else OK
-        provisioning = self.provisioner.reason() if self.provisioner else ""
-        for instance in self.instances:
-            gpu = OK
-            if self.gpu:
-                gpu = self.gpu.verdict(instance.plan.gpu.index if instance.plan.pinned else None)
-            instance.derive(gpu=gpu, models=models, provisioning=provisioning,
-                            draining=self.draining, stopping=self.stopping)
-        state, reason = combine([(i.label, i.state, i.reason) for i in self.instances])
-        self.router.changed()
-        if self.tracker.update(state, reason):
-            self.metrics.set_state(state)
-            self.notifier.status(f"{state.value}: {reason}")
-            if state.serving and not self._announced_ready:
-                self._announced_ready = True
-                self.notifier.ready(f"{state.value}: {reason}")
-            if self.autoscaler:
-                self.autoscaler.state_changed(self)
-
-    def max_perf(self) -> float | None:
-        """Requests per second the host can serve: the sum over the instances that serve."""
-        figures = [i.benchmark.max_perf() for i in self.instances
-                   if i.benchmark is not None and i.state.serving]
-        known = [f for f in figures if f is not None]
-        return sum(known) if known else None
-
-    # --- watch loop -----------------------------------------------------------------------------
-    async def _watch(self) -> None:
-        interval = self.notifier.watchdog_interval()
-        while not self.stopping:
-            self._last_tick = time.monotonic()
-            self._recompute()
-            for instance in self.instances:
-                instance.check_stall()
-            if interval is not None:
-                self.notifier.watchdog()
-            for instance in self.instances:
-                bench = instance.benchmark
-                if bench is not None and bench.should_start(instance, self.models_ready):
-                    self._tasks.append(asyncio.create_task(
-                        bench.run(instance, self), name=f"benchmark{instance.plan.suffix}"))
-            await asyncio.sleep(WATCH_INTERVAL)
-
-    # --- metrics --------------------------------------------------------------------------------
-    def _register_metric_sources(self) -> None:
-        """What /metrics reads at each scrape; each part is asked, nothing is copied ahead."""
-        from benchmark import BenchmarkStatus
-
-        states = [state.value for state in ChildState]
-        verdicts = [status.value for status in BenchmarkStatus]
-        self.metrics.add_source(self._info_families)
-        self.metrics.add_source(lambda: child_families(self.instances, states))
-        self.metrics.add_source(lambda: instance_families(
-            self.instances, [state.value for state in WorkerState], self.router.load))
-        if self.benchmark is not None:
-            self.metrics.add_source(lambda: benchmark_families(self.instances, verdicts))
-        if self.gpu is not None:
-            self.metrics.add_source(self.gpu.metric_families)
-        if self.provisioner is not None:
-            self.metrics.add_source(lambda: model_families(self.provisioner.totals(),
-                                                           self.provisioner.missing()))
-        self.metrics.queue_capacity.set(self.settings.worker.queue_size)
-
-    @property
-    def models_ready(self) -> bool:
-        """Every before_ready model of the manifest is in place (true without a manifest)."""
-        return self.provisioner is None or self.provisioner.ready
-
-    def _info_families(self):
-        latest = self.gpu.latest() if self.gpu else None
-        return info_family(_version(), self.instances[0].comfyui_version if self.instances else "",
-                           (latest.driver_version if latest else None) or "",
-                           (latest.cuda_version if latest else None) or "")
-
-    def liveness(self) -> tuple[bool, str]:
-        age = time.monotonic() - self._last_tick
-        if age > 10 * WATCH_INTERVAL + 5:
-            return False, f"the watch loop has not ticked for {age:.0f} s"
-        return True, f"the watch loop ticked {age:.1f} s ago"
-
-    # --- snapshot -------------------------------------------------------------------------------
-    def _first(self) -> Instance | None:
-        return self.instances[0] if self.instances else None
-
-    def snapshot(self) -> dict[str, Any]:
-        first = self._first()
-        latest = self.gpu.latest() if self.gpu else None
-        return {
-            "worker": {"state": self.tracker.state.value, "reason": self.tracker.reason,
-                       "since": self.tracker.since, "pid": os.getpid(),
-                       "uptime_s": round(time.time() - self.started_at, 1),
-                       "draining": self.draining,
-                       "history": list(self.tracker.history)[-20:]},
-            # The first instance's, as on a one-GPU host; every instance is under "instances".
-            "children": {"comfyui": first.comfyui.snapshot(),
-                         "wrapper": first.wrapper.snapshot()} if first else {},
-            "instances": [i.snapshot(latest, self.router.load(i.number))
-                          for i in self.instances],
-            "queue": {"in_flight": self.router.in_flight, "waiting": self.router.waiting,
-                      "max_waiting": self.settings.worker.queue_size,
-                      "comfyui": first.watch.activity().to_dict() if first else {},
-                      "wrapper": first.wrapper_detail if first else {},
-                      "served": self._served()},
-            "gpu": self.gpu.snapshot() if self.gpu else {"status": "not monitored"},
-            "benchmark": first.benchmark.snapshot() if first and first.benchmark
-            else {"status": "disabled"},
-            "max_perf": self.max_perf(),
-            "models": self.provisioner.snapshot() if self.provisioner else {"status": "none"},
-            "events": self._events[-30:],
-            "auth": self.public.gate.name if self.public else None,
-        }
-
-    def _served(self) -> dict[str, float]:
-        counts: dict[str, float] = {}
-        for metric in self.metrics.requests.collect():
-            for sample in metric.samples:
-                if sample.name.endswith("_total") and sample.value:
-                    counts[sample.labels["status"]] = sample.value
-        return counts
-
-    def public_snapshot(self) -> dict[str, Any]:
-        """What /health shows the world: states and reasons, no logs, no paths, no pids.
-
-        Built from the parts directly: /health is probed often, the full snapshot is not."""
-        first = self._first()
-        bench = first.benchmark.snapshot() if first and first.benchmark else \
-            {"status": "disabled"}
-        return {
-            "children": {kind: {"state": child.state.value, "reason": child.reason,
-                                "restarts": child.restarts}
-                         for kind, child in (("comfyui", first.comfyui),
-                                             ("wrapper", first.wrapper))} if first else {},
-            "instances": [i.public_view(self.router.load(i.number)) for i in self.instances],
-            "gpu": {"verdict": self.gpu.verdict_summary() if self.gpu else None},
-            "benchmark": {k: bench.get(k) for k in ("status", "reason", "seconds", "its",
-                                                    "expected_seconds", "max_perf", "causes")},
-            "max_perf": self.max_perf(),
-            "queue": {"in_flight": self.router.in_flight, "waiting": self.router.waiting},
-            "models": self._models_summary(),
-        }
-
-    def _models_summary(self) -> dict[str, Any]:
-        if not self.provisioner:
-            return {"status": "none"}
-        snap = self.provisioner.snapshot()
-        return {k: snap[k] for k in ("status", "reason", "done_bytes", "total_bytes", "failures")}
-
-    # --- admin actions --------------------------------------------------------------------------
-    def _chosen(self, params: dict[str, str]) -> list[Instance] | dict[str, Any]:
-        """The instances an admin action is for: `instance=N`, else all of them."""
-        raw = params.get("instance")
-        if raw in (None, ""):
-            return list(self.instances)
-        if not raw.isdigit() or self.instance(int(raw)) is None:
-            return {"ok": False,
-                    "message": f"no instance {raw}: this host runs instances 0 to "
-                               f"{len(self.instances) - 1}"}
-        return [self.instances[int(raw)]]
-
-    def _which(self, chosen: list[Instance]) -> str:
-        if len(self.instances) == 1:
-            return ""
-        if len(chosen) == len(self.instances):
-            return " (all instances)"
-        return " (" + ", ".join(i.label for i in chosen) + ")"
-
-    async def _restart_comfyui(self, params: dict[str, str]) -> dict[str, Any]:
-        chosen = self._chosen(params)
-        if isinstance(chosen, dict):
-            return chosen
-        await asyncio.gather(*(i.comfyui.restart("operator asked (comfy-worker restart-comfyui)")
-                               for i in chosen))
-        return {"ok": True, "message": "ComfyUI is restarting" + self._which(chosen)}
-
-    async def _drain(self, params: dict[str, str]) -> dict[str, Any]:
-        chosen = self._chosen(params)
-        if isinstance(chosen, dict):
-            return chosen
-        if len(chosen) == len(self.instances):
-            self.draining = True
-        for instance in chosen:
-            instance.draining = True
-        self._recompute()
-        return {"ok": True, "message": "draining: no new work; the queue finishes"
-                + self._which(chosen)}
-
-    async def _resume(self, params: dict[str, str]) -> dict[str, Any]:
-        chosen = self._chosen(params)
-        if isinstance(chosen, dict):
-            return chosen
-        self.draining = False
-        for instance in chosen:
-            instance.draining = False
-        self._recompute()
-        return {"ok": True, "message": "taking work again" + self._which(chosen)}
-
-    async def _rerun_benchmark(self, params: dict[str, str]) -> dict[str, Any]:
-        if not self.benchmark:
-            return {"ok": False, "message": "the benchmark is disabled"}
-        chosen = self._chosen(params)
-        if isinstance(chosen, dict):
-            return chosen
-        answers = [i.benchmark.rerun() for i in chosen if i.benchmark is not None]
-        self._recompute()
-        refused = [a for a in answers if not a["ok"]]
-        return refused[0] if refused else {"ok": True, "message": answers[0]["message"]
-                                           + self._which(chosen)}
-
-    # --- run ------------------------------------------------------------------------------------
     def _gate(self) -> Gate:
         if self.autoscaler:
             return self.autoscaler.gate()
@@ -451,6 +128,123 @@ class Daemon:
         logger.warning("UNSECURED=true: the public port accepts work from anyone who reaches it")
         return OpenGate()
 
+    def _listen(self) -> None:
+        """Who hears of what: the router after every recompute, the rest on each change."""
+        self.fleet.on_change = self.health.recompute
+        self.fleet.on_capacity = self._capacity_changed
+        self.health.on_recompute.append(self.fleet.router.changed)
+        tracker = self.health.tracker
+        tracker.add_listener(lambda old, new, reason: self.metrics.set_state(new))
+        tracker.add_listener(SystemdStatus(self.notifier))
+        if self.autoscaler:
+            autoscaler = self.autoscaler
+            tracker.add_listener(lambda old, new, reason: autoscaler.state_changed())
+
+    def _capacity_changed(self) -> None:
+        self.health.recompute()
+        if self.autoscaler:
+            self.autoscaler.state_changed()
+
+    # --- stages ---------------------------------------------------------------------------------
+    def _stages(self) -> list[Stage]:
+        s, fleet = self.settings, self.fleet
+        timeouts = stop_timeouts(s)
+        autoscaler = self.autoscaler
+        actions = AdminActions(fleet, self.health, self.flags)
+        admin = AdminPort(Path(s.worker.admin_socket), snapshot=self.snapshots.build,
+                          actions=actions.table())
+        metrics = MetricsPort(s, self.metrics, fleet, close_timeout=METRICS_CLOSE_TIMEOUT)
+        public = PublicPort(
+            s, tracker=self.health.tracker, gate=self.gate, fleet=fleet, metrics=self.metrics,
+            hooks=autoscaler.hooks() if autoscaler else RequestHooks(),
+            snapshot=self.snapshots.public, liveness=self.watch.liveness,
+            required_auth_fields=autoscaler.required_auth_fields if autoscaler else None,
+            close_timeout=PUBLIC_CLOSE_TIMEOUT)
+        stages = [
+            Stage("systemd", self._announce_start, self._announce_stopped),
+            Stage("session", self._open_session, self._close_session),
+            Stage("provisioning", self._start_provisioning, self._stop_provisioning)
+            if self.provisioner else None,
+            Stage("gpu", self._start_gpu, self.gpu.stop) if self.gpu else None,
+            Stage("autoscaler", lambda: autoscaler.start(self.health.readiness),
+                  autoscaler.stop) if autoscaler else None,
+            Stage("instances", fleet.start, fleet.stop),
+            Stage("admin", admin.start, admin.stop),
+            Stage("metrics", metrics.start, metrics.stop) if s.metrics.port else None,
+            Stage("public", public.start, public.stop),
+            Stage("watch", self.watch.start, self.watch.stop, running=self.watch.running),
+            Stage("requests", stop=self._fail_what_is_left),
+            Stage("drain", stop=self._drain, running=self._in_flight),
+        ]
+        return [Stage(st.name, st.start, st.stop, *timeouts[st.name], running=st.running)
+                for st in stages if st is not None]
+
+    async def _announce_start(self) -> None:
+        s = self.settings
+        self.metrics.set_state(self.health.state)
+        self.notifier.status("starting: launching ComfyUI and the wrapper")
+        Path(s.worker.log_dir).mkdir(parents=True, exist_ok=True)
+        Path(s.worker.state_dir).mkdir(parents=True, exist_ok=True)
+
+    async def _announce_stopped(self) -> None:
+        logger.info("stopped")
+        self.notifier.close()
+
+    async def _open_session(self) -> None:
+        self.session = aiohttp.ClientSession()
+
+    async def _close_session(self) -> None:
+        if self.session:
+            await self.session.close()
+
+    async def _start_provisioning(self) -> None:
+        assert self.provisioner is not None
+        # Downloads start at once, while ComfyUI starts: they are usually the long part.
+        self.provisioner.on_change = self.health.recompute
+        self._provisioning = asyncio.create_task(self.provisioner.run(), name="provisioning")
+
+    async def _stop_provisioning(self) -> None:
+        assert self.provisioner is not None and self._provisioning is not None
+        self._provisioning.cancel()
+        await asyncio.gather(self._provisioning, return_exceptions=True)
+        await self.provisioner.close()
+
+    async def _start_gpu(self) -> None:
+        assert self.gpu is not None
+        self.gpu.our_pids = self.fleet.pids
+        self.gpu.on_change = self.health.recompute
+        await self.gpu.start()
+
+    async def _drain(self) -> None:
+        """The worker stops: no new work; what is queued may finish (unless asked twice)."""
+        self.flags.stopping = True
+        self.health.recompute()
+        self.notifier.stopping("stopping: draining, then stopping the children")
+        if self._stop_requests > 1:
+            return
+        router = self.fleet.router
+
+        async def idle() -> None:
+            while router.busy:
+                await asyncio.sleep(0.1)
+
+        waiter = asyncio.create_task(idle())
+        second = asyncio.create_task(self._stop_now.wait())
+        try:
+            await asyncio.wait({waiter, second}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+            second.cancel()
+
+    def _in_flight(self) -> str:
+        router = self.fleet.router
+        return f"{router.in_flight} request(s) in flight, {router.waiting} waiting"
+
+    async def _fail_what_is_left(self) -> None:
+        self.fleet.router.abort_all("the worker is stopping; the request did not finish within "
+                                    "the drain time")
+
+    # --- run ------------------------------------------------------------------------------------
     def request_stop(self, signame: str) -> None:
         self._stop_requests += 1
         if self._stop_requests == 1:
@@ -465,127 +259,9 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop, signal.Signals(sig).name)
-        self._session = aiohttp.ClientSession()
         try:
-            await self._start()
+            await self.stages.start()
             await self._stop_event.wait()
         finally:
-            await self._shutdown()
+            await self.stages.stop()
         return 0
-
-    async def _start(self) -> None:
-        s = self.settings
-        self.metrics.set_state(self.tracker.state)
-        self.notifier.status("starting: launching ComfyUI and the wrapper")
-        Path(s.worker.log_dir).mkdir(parents=True, exist_ok=True)
-        Path(s.worker.state_dir).mkdir(parents=True, exist_ok=True)
-        if self.provisioner:
-            # Downloads start at once, while ComfyUI starts: they are usually the long part.
-            self.provisioner.on_change = self._recompute
-            self._tasks.append(asyncio.create_task(self.provisioner.run(), name="provisioning"))
-        if self.gpu:
-            self.gpu.our_pids = lambda: set().union(*(i.pids() for i in self.instances))
-            self.gpu.on_change = self._recompute
-            await self.gpu.start()
-        self.comfy_flags = await learn_flags(s)
-        self._build_instances()
-        for instance in self.instances:
-            await instance.start()
-        hooks = self.autoscaler.hooks() if self.autoscaler else RequestHooks()
-        gate = self._gate()
-        self.public = PublicServer(
-            tracker=self.tracker, gate=gate, router=self.router, metrics=self.metrics, max_waiting=s.worker.queue_size,
-            max_json_depth=s.worker.max_json_depth, request_timeout=s.api.request_timeout,
-            liveness=self.liveness, snapshot=self.public_snapshot, hooks=hooks,
-            document=partial(public_api_document, s, gate.name),
-            docs_public=s.worker.docs_public)
-        app = self.public.build_app(s.worker.max_body_bytes)
-        self._public_runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
-                                            shutdown_timeout=PUBLIC_CLOSE_TIMEOUT)
-        await self._public_runner.setup()
-        ssl_context = None
-        if s.worker.use_ssl:
-            import ssl
-
-            ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            ssl_context.load_cert_chain(str(s.worker.ssl_cert), str(s.worker.ssl_key))
-        try:
-            await web.TCPSite(self._public_runner, s.worker.host, s.worker.port,
-                              ssl_context=ssl_context).start()
-        except OSError as exc:
-            reason = await asyncio.to_thread(describe_bind_error, s.worker.port, exc)
-            logger.error("public port (worker.port): %s", reason)
-            raise DaemonStartError(f"public port (worker.port): {reason}") from None
-        logger.info("public server on %s://%s:%d", "https" if ssl_context else "http",
-                    s.worker.host, s.worker.port)
-        self.admin = AdminServer(Path(s.worker.admin_socket), snapshot=self.snapshot, actions={
-            "restart/comfyui": self._restart_comfyui, "drain": self._drain,
-            "resume": self._resume, "benchmark": self._rerun_benchmark})
-        try:
-            await self.admin.start()
-        except OSError as exc:
-            logger.error("admin socket %s unavailable (%s); `comfy-worker health` will read "
-                         "only what it can see directly", s.worker.admin_socket, exc)
-            self.admin = None
-        if s.metrics.port:
-            wrappers = [(i.wrapper_url, {"comfy_instance": str(i.number),
-                                         "gpu": "" if i.plan.gpu.index is None
-                                         else str(i.plan.gpu.index)}) for i in self.instances]
-            self.metrics_server = MetricsServer(
-                self.metrics, wrapper_url=self.instances[0].wrapper_url, wrappers=wrappers,
-                token=s.metrics.token, close_timeout=METRICS_CLOSE_TIMEOUT)
-            try:
-                await self.metrics_server.start(s.metrics.host, s.metrics.port)
-            except OSError as exc:
-                # Serving goes on without figures; Prometheus' `up` shows the gap.
-                logger.error("metrics listener %s:%d unavailable (%s); set metrics.port "
-                             "(METRICS_PORT) to a free port, or 0 to turn it off",
-                             s.metrics.host, s.metrics.port, exc)
-        if self.autoscaler:
-            await self.autoscaler.start(self)
-        self._tasks.append(asyncio.create_task(self._watch(), name="watch"))
-
-    async def _drain_queue(self) -> None:
-        if not self.public:
-            return
-        deadline = time.monotonic() + self.settings.worker.drain_timeout
-        while self.router.busy and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
-
-    async def _shutdown(self) -> None:
-        self.stopping = True
-        self._recompute()
-        self.notifier.stopping("stopping: draining, then stopping the children")
-        if self._stop_requests <= 1:
-            waiter = asyncio.create_task(self._drain_queue())
-            second = asyncio.create_task(self._stop_now.wait())
-            await asyncio.wait({waiter, second}, return_when=asyncio.FIRST_COMPLETED)
-            waiter.cancel()
-            second.cancel()
-        if self.public:
-            self.router.abort_all("the worker is stopping; the request did not finish within "
-                                  "the drain time")
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._public_runner:
-            await self._public_runner.cleanup()
-        if self.metrics_server:
-            await self.metrics_server.close()
-        if self.admin:
-            try:
-                await asyncio.wait_for(self.admin.close(), ADMIN_CLOSE_TIMEOUT)
-            except asyncio.TimeoutError:
-                logger.warning("admin socket did not close in %g s", ADMIN_CLOSE_TIMEOUT)
-        # All at once: the stop budget (stop_budget) counts one instance's children.
-        await asyncio.gather(*(i.stop() for i in self.instances))
-        if self.autoscaler:
-            await self.autoscaler.stop()
-        if self.gpu:
-            await self.gpu.stop()
-        if self.provisioner:
-            await self.provisioner.store.downloader.close()
-        if self._session:
-            await self._session.close()
-        logger.info("stopped")
-        self.notifier.close()

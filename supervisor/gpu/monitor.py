@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterable
 
 from prometheus_client.core import Metric
 
+from benchmark.telemetry import NullTelemetry, SamplerTelemetry, TelemetrySource
 from config import Settings
 from supervisor.gpu import (
     AsyncNvmlReader,
@@ -113,6 +114,17 @@ class GpuMonitor:
         if index is None:
             return self._verdict
         return self._per_gpu.get(index, self._verdict)
+
+    @property
+    def available(self) -> bool:
+        """NVML answered: the GPUs can be read (not a host without a driver)."""
+        return self.reader.status().available
+
+    def telemetry(self, index: int | None) -> TelemetrySource:
+        """The telemetry of GPU `index` (None: the first) for a benchmark; none without NVML."""
+        if not self.available:
+            return NullTelemetry()
+        return SamplerTelemetry(self.sampler, index or 0)
 
     def verdict_summary(self) -> dict[str, Any]:
         return {"level": self._verdict.level.value, "reasons": list(self._verdict.reasons),

@@ -31,7 +31,10 @@ from api.comfy.failures import startup_failures
 from api.comfy.folders import guessed
 from api.host.ports import local_port
 from api.host.processes import process_tree
+from benchmark.models import BenchmarkReport
+from config import Settings
 from supervisor.children.child import ChildProcess, ChildSpec, ChildState, ProbeFailed
+from supervisor.gpu.model import GpuSnapshot
 from supervisor.instances.plan import InstancePlan
 from supervisor.instances.watch import ComfyWatch
 from supervisor.state import (
@@ -55,7 +58,8 @@ def _make_dirs(paths: Any) -> None:
 class InstanceHost(Protocol):
     """What an instance asks of the daemon that composes it."""
 
-    stopping: bool
+    @property
+    def stopping(self) -> bool: ...
 
     def comfyui_lost(self, instance: "Instance", reason: str) -> None: ...
 
@@ -64,8 +68,25 @@ class InstanceHost(Protocol):
     def event(self, source: str, text: str) -> None: ...
 
 
+class InstanceBenchmark(Protocol):
+    """What an instance reads of its benchmark (supervisor.checks.bench.BenchmarkController)."""
+
+    started: bool
+    running: bool
+    pending: bool
+    report: BenchmarkReport | None
+
+    def verdict(self) -> Verdict: ...
+
+    def status(self) -> str: ...
+
+    def max_perf(self) -> float | None: ...
+
+    def snapshot(self) -> dict[str, Any]: ...
+
+
 class Instance:
-    def __init__(self, plan: InstancePlan, settings: Any, host: InstanceHost,
+    def __init__(self, plan: InstancePlan, settings: Settings, host: InstanceHost,
                  common: dict[str, Any], session: Callable[[], aiohttp.ClientSession | None]):
         self.plan = plan
         self.number = plan.number
@@ -82,7 +103,7 @@ class Instance:
         # With one instance the worker's own log line says it all.
         self.tracker = WorkerStateTracker(
             name=self.label, level=logging.INFO if plan.count > 1 else logging.DEBUG)
-        self.benchmark: Any = None        # a supervisor.checks.bench.BenchmarkController, when enabled
+        self.benchmark: InstanceBenchmark | None = None   # when the benchmark is enabled
         self.draining = False
         self.comfyui_version = ""
         self._version_pending = True      # read from /system_stats once per ComfyUI start
@@ -346,7 +367,7 @@ class Instance:
             self.comfyui.report_hang(reason)
 
     # --- views ----------------------------------------------------------------------------------
-    def gpu_view(self, latest: Any) -> dict[str, Any]:
+    def gpu_view(self, latest: GpuSnapshot | None) -> dict[str, Any]:
         gpu = self.plan.gpu
         body: dict[str, Any] = {"index": gpu.index, "uuid": gpu.uuid, "name": gpu.name,
                                 "pinned": self.plan.pinned,
@@ -358,8 +379,9 @@ class Instance:
             body["utilization_pct"] = record.utilization.gpu_pct
         return body
 
-    def snapshot(self, latest: Any = None, in_flight: int = 0) -> dict[str, Any]:
-        """The admin view: everything an operator reads in `comfy-worker health`."""
+    def snapshot(self, latest: GpuSnapshot | None = None, in_flight: int = 0) -> dict[str, Any]:
+        """Everything an operator reads in `comfy-worker health`; the public /health view is a
+        projection of it (supervisor.daemon.snapshot.public_instance)."""
         return {
             "instance": self.number, "label": self.label,
             "state": self.state.value, "reason": self.reason, "since": self.tracker.since,
@@ -373,27 +395,9 @@ class Instance:
             "benchmark": self.benchmark.snapshot() if self.benchmark else {"status": "disabled"},
             "comfyui": self.watch.activity().to_dict(),
             "comfyui_version": self.comfyui_version,
-            "comfyui_flags": self.plan.flags.to_dict() if self.plan.flags else None,
+            # "note": how the flags are known, in words fit for /health (no paths).
+            "comfyui_flags": {**self.plan.flags.to_dict(), "note": self.plan.flags.public_note}
+            if self.plan.flags else None,
             "assets": self.plan.assets.to_dict(),
-            "in_flight": in_flight, "served": self.served,
-        }
-
-    def public_view(self, in_flight: int = 0) -> dict[str, Any]:
-        """What /health shows: states and reasons, no pids, paths or logs."""
-        bench = self.benchmark.snapshot() if self.benchmark else {"status": "disabled"}
-        gpu = self.plan.gpu
-        return {
-            "instance": self.number, "state": self.state.value, "reason": self.reason,
-            "gpu": {"index": gpu.index, "uuid": gpu.uuid, "name": gpu.name,
-                    "verdict": self.gpu_verdict.level.value},
-            "children": {kind: {"state": child.state.value, "reason": child.reason,
-                                "restarts": child.restarts}
-                         for kind, child in (("comfyui", self.comfyui),
-                                             ("wrapper", self.wrapper))},
-            "benchmark": {k: bench.get(k) for k in ("status", "reason", "seconds", "its",
-                                                    "max_perf", "causes")},
-            "comfyui_version": self.comfyui_version,
-            "comfyui_flags": self.plan.flags.public_note if self.plan.flags else None,
-            "assets": self.plan.assets.mode.value,
             "in_flight": in_flight, "served": self.served,
         }

@@ -12,9 +12,12 @@ the scrape target and would rename ours to `exported_instance`.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Callable, Iterable
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from supervisor.checks.provisioning import Totals
+from supervisor.instances.instance import Instance
 
 
 def info_family(version: str, comfyui_version: str, driver_version: str,
@@ -31,12 +34,12 @@ def info_family(version: str, comfyui_version: str, driver_version: str,
 INSTANCE = ["comfy_instance", "gpu"]
 
 
-def _who(instance: Any) -> list[str]:
+def _who(instance: Instance) -> list[str]:
     gpu = instance.plan.gpu.index
     return [str(instance.number), "" if gpu is None else str(gpu)]
 
 
-def child_families(instances: Iterable[Any], states: Iterable[str]) -> Iterable[Metric]:
+def child_families(instances: Iterable[Instance], states: Iterable[str]) -> Iterable[Metric]:
     """`instances`: objects with `number`, `plan.gpu.index`, and `comfyui` and `wrapper` children
     (each with `restarts` and `state`, a ChildState)."""
     states = list(states)
@@ -59,8 +62,8 @@ def child_families(instances: Iterable[Any], states: Iterable[str]) -> Iterable[
     yield from (restarts, ready, state)
 
 
-def instance_families(instances: Iterable[Any], states: Iterable[str],
-                      load: Any) -> Iterable[Metric]:
+def instance_families(instances: Iterable[Instance], states: Iterable[str],
+                      load: Callable[[int], int]) -> Iterable[Metric]:
     """Each instance's state, the requests handed to it (`load(number)`) and those it served."""
     states = list(states)
     state = GaugeMetricFamily("comfy_worker_instance_state",
@@ -84,7 +87,7 @@ def instance_families(instances: Iterable[Any], states: Iterable[str],
 
 
 # --- benchmark --------------------------------------------------------------------------------------
-def benchmark_families(instances: Iterable[Any], verdicts: Iterable[str]) -> Iterable[Metric]:
+def benchmark_families(instances: Iterable[Instance], verdicts: Iterable[str]) -> Iterable[Metric]:
     """`instances`: with `benchmark`, a controller whose `report` is the last
     `benchmark.BenchmarkReport` (None before the first one)."""
     verdicts = list(verdicts)
@@ -151,7 +154,7 @@ def benchmark_families(instances: Iterable[Any], verdicts: Iterable[str]) -> Ite
 
 
 # --- models -----------------------------------------------------------------------------------------
-def model_families(totals: Any, missing: int) -> Iterable[Metric]:
+def model_families(totals: Totals, missing: int) -> Iterable[Metric]:
     """`totals`: `supervisor.checks.provisioning.Totals` of the manifest's files."""
     yield GaugeMetricFamily("comfy_worker_models_downloaded_bytes",
                             "Bytes of the manifest's model files in place or received so far.",
