@@ -7,7 +7,10 @@ Starts the ComfyUI simulator and a `comfy-worker api` subprocess pointed at it, 
 1. *sequential*: ``--n`` tiny workflows (EmptyImage 64x64 -> SaveImage, a new colour each time so
    that nothing is served from ComfyUI's cache) through ``POST /generate/sync`` on the wrapper and
    the same number with ``ComfyClient.run_prompt`` straight on ComfyUI, interleaved so that both
-   see the same machine; p50/p90/mean of each and what the wrapper adds.
+   see the same machine; p50/p90/mean of each and what the wrapper adds. Beside them (unless
+   ``--no-floor``) the same through a bare aiohttp proxy around ``run_prompt``
+   (``tests/perf/bare_proxy.py``): the cost of one HTTP hop in Python on this machine, which
+   the wrapper cannot go below.
 2. *back-to-back*: ``--concurrent`` requests at once through the wrapper, ``--rounds`` times: the
    total time against ``concurrent x`` the sequential median, and the idle time ComfyUI had
    between one prompt's end and the next one's start, read from ComfyUI's own timestamps
@@ -22,9 +25,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import sys
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Iterator
 
 import aiohttp
 
@@ -33,11 +37,16 @@ from simulator.testing import SimulatorStartError, start_simulator
 from tests.perf.common import (
     Counter,
     PerfError,
+    Service,
     Summary,
     back_to_back_round,
+    clean_env,
     common_arguments,
     cpu_per_request,
+    free_port,
     gap_figures,
+    http_status,
+    launch,
     note,
     percentile,
     post_generate,
@@ -45,6 +54,7 @@ from tests.perf.common import (
     run_script,
     run_window,
     run_windows,
+    serving,
     start_wrapper,
     table,
     timed,
@@ -64,36 +74,44 @@ async def _direct(client: ComfyClient, graph: dict[str, Any]) -> Any:
     return result
 
 
-async def sequential(n: int, direct: Call, wrapped: Call) -> dict[str, Any]:
+async def sequential(n: int, direct: Call, wrapped: Call, floor: Call | None = None
+                     ) -> dict[str, Any]:
+    """`floor`, when given, is a bare HTTP hop in front of ComfyUI (tests/perf/bare_proxy.py):
+    what the wrapper adds beyond it is the wrapper's own work."""
     note(f"sequential: {n} requests per path, interleaved")
-    direct_s: list[float] = []
-    wrapper_s: list[float] = []
+    paths: dict[str, Call] = {"direct": direct, "wrapper": wrapped}
+    if floor is not None:
+        paths["floor"] = floor
+    samples: dict[str, list[float]] = {name: [] for name in paths}
     paired_ms: list[float] = []
     comfy_run_ms: list[float] = []
+    names = list(paths)
     for i in range(n):
-        # Alternate which path goes first so that neither always follows the other.
-        if i % 2 == 0:
-            d, result = await timed(direct)
-            w, _ = await timed(wrapped)
-        else:
-            w, _ = await timed(wrapped)
-            d, result = await timed(direct)
-        direct_s.append(d)
-        wrapper_s.append(w)
-        paired_ms.append((w - d) * 1000)
+        # Rotate the order so that no path always runs right after the same other one.
+        took: dict[str, float] = {}
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            took[name], answer = await timed(paths[name])
+            if name == "direct":
+                result = answer
+        for name, seconds in took.items():
+            samples[name].append(seconds)
+        paired_ms.append((took["wrapper"] - took["direct"]) * 1000)
         window = run_window(result.prompt_id, result.history or {})
         if window is not None:
             comfy_run_ms.append(float(window.end_ms - window.start_ms))
-    direct_summary = Summary.of_seconds(direct_s)
-    wrapper_summary = Summary.of_seconds(wrapper_s)
-    return {
-        "ms": {"direct": direct_summary.to_json(), "wrapper": wrapper_summary.to_json(),
+    summaries = {name: Summary.of_seconds(values) for name, values in samples.items()}
+    direct_summary, wrapper_summary = summaries["direct"], summaries["wrapper"]
+    report = {
+        "ms": {**{name: s.to_json() for name, s in summaries.items()},
                "comfyui_run": Summary.of_ms(comfy_run_ms).to_json()},
         "added_ms": {"p50": round(wrapper_summary.p50 - direct_summary.p50, 3),
                      "p90": round(wrapper_summary.p90 - direct_summary.p90, 3),
                      "mean": round(wrapper_summary.mean - direct_summary.mean, 3),
                      "paired_median": round(percentile(paired_ms, 50), 3)},
     }
+    if "floor" in summaries:
+        report["floor_added_ms"] = {"p50": round(summaries["floor"].p50 - direct_summary.p50, 3)}
+    return report
 
 
 async def comfyui_alone(client: ComfyClient, session: aiohttp.ClientSession, comfy_url: str,
@@ -108,7 +126,8 @@ async def comfyui_alone(client: ComfyClient, session: aiohttp.ClientSession, com
 
 
 async def measure(args: argparse.Namespace, comfy_url: str, output_dir: Path,
-                  wrapper_url: str, pids: dict[str, int]) -> dict[str, Any]:
+                  wrapper_url: str, pids: dict[str, int], floor_url: str | None = None
+                  ) -> dict[str, Any]:
     counter = Counter()
     timeout = aiohttp.ClientTimeout(total=60)
     async with aiohttp.ClientSession(timeout=timeout) as session, \
@@ -120,11 +139,17 @@ async def measure(args: argparse.Namespace, comfy_url: str, output_dir: Path,
         async def wrapped() -> Any:
             return await post_generate(session, wrapper_url, tiny_graph(counter.next()))
 
+        async def floor() -> Any:
+            assert floor_url is not None
+            return await post_generate(session, floor_url, tiny_graph(counter.next()))
+
         note(f"warm-up: {args.warmup} requests per path")
         for _ in range(args.warmup):
             await direct()
             await wrapped()
-        seq = await sequential(args.n, direct, wrapped)
+            if floor_url:
+                await floor()
+        seq = await sequential(args.n, direct, wrapped, floor if floor_url else None)
 
         cpu: dict[str, dict[str, float]] = {}
         if args.cpu_n:
@@ -151,6 +176,7 @@ async def measure(args: argparse.Namespace, comfy_url: str, output_dir: Path,
         "n": args.n,
         "sequential_ms": seq["ms"],
         "added_ms": seq["added_ms"],
+        "floor_added_ms": seq.get("floor_added_ms"),
         "cpu_ms_per_request": cpu,
         "back_to_back": {"concurrent": args.concurrent, "single_p50_ms": single_ms,
                          "rounds": rounds},
@@ -168,16 +194,21 @@ def render(report: dict[str, Any]) -> str:
     alone = report["comfyui_alone"]
     targets = report["targets"]
     cols = ("p50", "p90", "mean", "min", "max")
+    rows = [("direct ComfyClient", *(seq["direct"][c] for c in cols)),
+            ("through the wrapper", *(seq["wrapper"][c] for c in cols))]
+    if "floor" in seq:
+        rows.append(("through a bare proxy", *(seq["floor"][c] for c in cols)))
+    rows.append(("ComfyUI run itself", *(seq["comfyui_run"][c] for c in cols)))
     lines = [
         f"Sequential tiny workflow (EmptyImage 64x64 -> SaveImage), n={report['n']} per path, ms",
-        table(("path", *cols),
-              [("direct ComfyClient", *(seq["direct"][c] for c in cols)),
-               ("through the wrapper", *(seq["wrapper"][c] for c in cols)),
-               ("ComfyUI run itself", *(seq["comfyui_run"][c] for c in cols))]),
+        table(("path", *cols), rows),
         f"wrapper adds: p50 {added['p50']:+.2f} ms, p90 {added['p90']:+.2f} ms, "
         f"mean {added['mean']:+.2f} ms "
         f"(median of paired differences {added['paired_median']:+.2f} ms)",
     ]
+    if report.get("floor_added_ms"):
+        lines.append(f"a bare aiohttp proxy around ComfyClient.run_prompt (one HTTP hop, nothing "
+                     f"else) adds: p50 {report['floor_added_ms']['p50']:+.2f} ms")
     cpu = report["cpu_ms_per_request"]
     if cpu:
         procs = ("client", "wrapper", "comfyui")
@@ -219,17 +250,32 @@ def main(argv: list[str] | None = None) -> int:
                                      description=__doc__.split("\n\n")[0])
     common_arguments(parser, default_n=200)
     parser.add_argument("--rounds", type=int, default=3, help="back-to-back rounds (default 3)")
+    parser.add_argument("--no-floor", action="store_true",
+                        help="skip the bare-proxy path (tests/perf/bare_proxy.py)")
     args = parser.parse_args(argv)
 
     def body(workdir: Path) -> dict:
         note(f"starting the simulator and the wrapper (work folder {workdir})")
         with start_simulator(workdir, "--step-seconds", str(args.step_seconds)) as sim, \
-                start_wrapper(workdir, sim.url, sim.output_dir) as wrapper:
+                start_wrapper(workdir, sim.url, sim.output_dir) as wrapper, \
+                contextlib.ExitStack() as floor:
+            floor_url = None if args.no_floor else floor.enter_context(
+                start_bare_proxy(workdir, sim.url)).url
             pids = {"wrapper": wrapper.process.pid, "comfyui": sim.process.pid}
-            return run_bounded(measure(args, sim.url, sim.output_dir, wrapper.url, pids),
-                               args.time_limit)
+            return run_bounded(measure(args, sim.url, sim.output_dir, wrapper.url, pids,
+                                       floor_url), args.time_limit)
 
     return run_script("wrapper_latency", args, body, render, (SimulatorStartError,))
+
+@contextlib.contextmanager
+def start_bare_proxy(workdir: Path, comfy_url: str) -> Iterator[Service]:
+    port = free_port()
+    service = launch("the bare proxy", [sys.executable, "-m", "tests.perf.bare_proxy",
+                                        "--comfy-url", comfy_url, "--port", str(port)],
+                     clean_env(), workdir / "bare-proxy.log", f"http://127.0.0.1:{port}")
+    with serving(service, lambda: http_status(service.url + "/health") == 200, 30) as started:
+        yield started
+
 
 if __name__ == "__main__":
     sys.exit(main())
