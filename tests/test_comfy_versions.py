@@ -178,3 +178,37 @@ def test_a_busy_port_and_an_unknown_flag_name_the_fix():
     flag = exit_cause(["usage: main.py [-h]", "main.py: error: unrecognized arguments: "
                        "--disable-assets"], known=rules)
     assert "this ComfyUI does not know --disable-assets" in flag
+
+
+# --- the watcher ----------------------------------------------------------------------------------
+def test_the_watcher_reads_the_queue_from_the_jobs_api_where_comfyui_has_it(tmp_path, comfy_api):
+    from api.comfy import ComfyClient
+    from simulator.testing import start_simulator
+    from supervisor.instances.watch import ComfyWatch
+    from tests.support.procs import post_json
+    from tests.support.workflows import sampler_graph
+
+    async def watched(url: str) -> tuple[str, object]:
+        client = ComfyClient(url)
+        watch = ComfyWatch(client, output_at=lambda: None, interval=0.2)
+        watch.start()
+        try:
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                activity = watch.activity()
+                if activity.running and activity.pending == 2:
+                    return watch.source, activity
+                await asyncio.sleep(0.1)
+            raise AssertionError(f"the watcher saw {watch.activity()}")
+        finally:
+            await watch.stop()
+            await client.close()
+
+    with start_simulator(tmp_path, "--step-seconds", "1") as sim:
+        for seed in range(3):   # one runs (hours), two wait
+            graph = sampler_graph(10_000)
+            graph["3"]["inputs"]["seed"] = seed
+            assert post_json(sim.url + "/prompt", {"prompt": graph, "client_id": "t"})[0] == 200
+        source, activity = asyncio.run(watched(sim.url))
+    assert source == ("GET /api/jobs" if comfy_api == "0.38.1" else "GET /queue")
+    assert activity.seconds_since_progress is not None

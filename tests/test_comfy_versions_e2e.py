@@ -152,7 +152,11 @@ def test_a_start_script_with_its_own_help_is_run_on_assumed_flags_and_says_so(tm
     with start_daemon(tmp_path, comfy_port=port, extra_env=env) as worker:
         first = worker.status()["instances"][0]
         assert first["comfyui_flags"]["guessed"]
-        assert first["assets"]["mode"] == "unknown"
+        # ComfyUI's own feature flags say what the plan could not know: assets run
+        assert first["assets"] == {"mode": "on", "why": "ComfyUI's feature flags say on",
+                                   "database": None}
+        assert "ComfyUI runs its assets database although comfyui.assets is \"off\"" \
+            in worker.log()
         assert "--disable-assets" not in comfyui_argv(worker.comfy_url)
         assert "set comfyui.version (COMFYUI_VERSION_OVERRIDE)" in worker.log()
         status, health = get_json(worker.url + "/health")

@@ -27,6 +27,7 @@ import aiohttp
 
 from api.comfy import ComfyClient
 from api.comfy import folders as comfy_folders
+from api.comfy.capabilities import Capabilities
 from api.comfy.failures import startup_failures
 from api.comfy.folders import guessed
 from api.host.ports import local_port
@@ -35,7 +36,7 @@ from benchmark.models import BenchmarkReport
 from config import Settings
 from supervisor.children.child import ChildProcess, ChildSpec, ChildState, ProbeFailed
 from supervisor.gpu.model import GpuSnapshot
-from supervisor.instances.plan import InstancePlan
+from supervisor.instances.plan import AssetsMode, InstancePlan
 from supervisor.instances.watch import ComfyWatch
 from supervisor.state import (
     OK,
@@ -106,6 +107,7 @@ class Instance:
         self.benchmark: InstanceBenchmark | None = None   # when the benchmark is enabled
         self.draining = False
         self.comfyui_version = ""
+        self.capabilities: Capabilities | None = None
         self._version_pending = True      # read from /system_stats once per ComfyUI start
         self.served = 0
         self.gpu_verdict: Verdict = OK
@@ -228,7 +230,10 @@ class Instance:
         if new in (ChildState.RESTARTING, ChildState.FAILED):
             self.host.event(child.name, f"{old.value} -> {new.value}: {reason}")
         if new is ChildState.STARTING:
+            # A new process, maybe another version: learn what it is and can do again.
             self._version_pending = True
+            self.comfy_client.forget_capabilities()
+            self.watch.comfyui_started()
         if new is ChildState.READY and not self.host.stopping:
             if guessed(self.plan.folders):
                 self._folders_task = asyncio.get_running_loop().create_task(
@@ -255,21 +260,41 @@ class Instance:
         self.host.instance_changed(self)
 
     async def _learn_comfyui_version(self) -> None:
+        """What this ComfyUI is (its version, jobs API, assets; api/comfy/capabilities.py),
+        asked once per start: shown in /health and the info metric, and checked against what
+        was planned before it started."""
         try:
-            stats = await self.comfy_client.system_stats(
+            caps = await self.comfy_client.capabilities(
                 timeout=self.settings.supervisor.probe_timeout)
         except Exception as exc:  # a label and a line of /health: asked again at the next probe
             logger.debug("ComfyUI version not read: %s", exc)
             return
         self._version_pending = False
-        version = stats.comfyui_version or ""
+        self.capabilities = caps
+        version = caps.version or ""
         if version and version != self.comfyui_version:
             flags = self.plan.flags
-            logger.info("%s: ComfyUI %s (Python %s, PyTorch %s); its flags: %s", self.label,
-                        version, (stats.python_version or "?").split()[0],
-                        stats.pytorch_version or "?",
+            logger.info("%s: %s; its flags: %s", self.label, caps.describe(),
                         flags.source if flags else "not asked")
         self.comfyui_version = version
+        self._check_assets(caps)
+
+    def _check_assets(self, caps: Capabilities) -> None:
+        """ComfyUI's own word on its assets (its feature flags, newer ComfyUI) wins over the
+        plan's; a ComfyUI running them against comfyui.assets = "off" is said."""
+        if "assets" not in caps.features:
+            return
+        planned = self.plan.assets
+        actual = AssetsMode.ON if caps.assets else AssetsMode.OFF
+        if planned.mode is actual:
+            return
+        if planned.mode is AssetsMode.OFF or (actual is AssetsMode.ON
+                                              and self.settings.comfyui.assets == "off"):
+            logger.warning("%s: ComfyUI runs its assets database although comfyui.assets is "
+                           "\"off\" (%s); set comfyui.version (COMFYUI_VERSION_OVERRIDE) so "
+                           "--disable-assets is passed", self.label, planned.why)
+        self.plan = dataclasses.replace(self.plan, assets=dataclasses.replace(
+            planned, mode=actual, why=f"ComfyUI's feature flags say {actual.value}"))
 
     async def folders_settled(self) -> None:
         """Returns once a guess of ComfyUI's folders was checked against the running ComfyUI
@@ -393,8 +418,9 @@ class Instance:
                         for folder in (getattr(self.plan.folders, kind),)},
             "children": {"comfyui": self.comfyui.snapshot(), "wrapper": self.wrapper.snapshot()},
             "benchmark": self.benchmark.snapshot() if self.benchmark else {"status": "disabled"},
-            "comfyui": self.watch.activity().to_dict(),
+            "comfyui": {**self.watch.activity().to_dict(), "read_from": self.watch.source},
             "comfyui_version": self.comfyui_version,
+            "comfyui_capabilities": self.capabilities.to_json() if self.capabilities else None,
             # "note": how the flags are known, in words fit for /health (no paths).
             "comfyui_flags": {**self.plan.flags.to_dict(), "note": self.plan.flags.public_note}
             if self.plan.flags else None,

@@ -9,7 +9,9 @@ What ComfyUI lets an outsider see (facts of ComfyUI 0.3.x): its `progress`, `exe
 only when a prompt came without one), while `status` frames (the queue count) go to every socket.
 So the watch combines:
 
-* `GET /queue` once a second: which prompt runs, how many wait (the queue depth);
+* once a second, which prompt runs and how many wait (the queue depth): from
+  `GET /api/jobs?status=in_progress,pending` where ComfyUI has the jobs API (a few hundred bytes:
+  ids and states), else from `GET /queue`, which carries every queued prompt's whole graph;
 * its own WebSocket: any frame naming the running prompt (seen when a wrapper submits without a
   client id) and the broadcast `status` frames;
 * ComfyUI's own console: a sampler prints a tqdm bar that ComfyUI redraws at every step, and the
@@ -35,7 +37,7 @@ from typing import Any
 
 import aiohttp
 
-from api.comfy import ComfyClient, ComfyError
+from api.comfy import ComfyClient, ComfyError, JobState
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +69,12 @@ class ComfyWatch:
 
     def __init__(self, client: ComfyClient, *, output_at: Callable[[], float | None],
                  wrapper_progress_at: Callable[[], float | None] = lambda: None,
-                 interval: float = POLL_INTERVAL) -> None:
+                 interval: float = POLL_INTERVAL, jobs_api: bool | None = None) -> None:
         self.client = client
+        #: Read the queue through the jobs API: None asks ComfyUI (its capabilities), once per
+        #: start; False keeps to `GET /queue` (what a test compares against).
+        self._jobs_api = jobs_api
+        self._ask_jobs_api = jobs_api is None
         self.output_at = output_at
         self.wrapper_progress_at = wrapper_progress_at
         self.interval = interval
@@ -100,6 +106,16 @@ class ComfyWatch:
     def reset(self) -> None:
         """Forget the running prompt (after ComfyUI was restarted)."""
         self.running, self.pending, self._progress_at, self._evidence = None, 0, None, ""
+
+    def comfyui_started(self) -> None:
+        """A new ComfyUI process: it may be another version, so ask again how to read its queue."""
+        if self._ask_jobs_api:
+            self._jobs_api = None
+
+    @property
+    def source(self) -> str:
+        """Where the queue is read from, for the snapshot."""
+        return {True: "GET /api/jobs", False: "GET /queue"}.get(self._jobs_api, "not known yet")
 
     # --- lifecycle --------------------------------------------------------------------------
     def start(self) -> None:
@@ -144,12 +160,24 @@ class ComfyWatch:
     async def _poll_loop(self) -> None:
         while True:
             try:
-                queue = await self.client.queue(timeout=max(1.0, self.interval * 2))
+                running, pending = await self._read_queue(max(1.0, self.interval * 2))
             except ComfyError:
                 pass  # ComfyUI down or busy: the child's own probes judge that
             else:
-                self._seen_queue(queue.running[0] if queue.running else None, len(queue.pending))
+                self._seen_queue(running, pending)
             await asyncio.sleep(self.interval)
+
+    async def _read_queue(self, timeout: float) -> tuple[str | None, int]:
+        """The running prompt's id and how many wait."""
+        if self._jobs_api is None:
+            self._jobs_api = (await self.client.capabilities(timeout=timeout)).jobs_api
+        if self._jobs_api:
+            page = await self.client.jobs(status=(JobState.IN_PROGRESS, JobState.PENDING),
+                                          timeout=timeout)
+            running = next((j.id for j in page.jobs if j.status is JobState.IN_PROGRESS), None)
+            return running, max(0, page.total - (running is not None))
+        queue = await self.client.queue(timeout=timeout)
+        return (queue.running[0] if queue.running else None), len(queue.pending)
 
     async def _ws_loop(self) -> None:
         assert self._session is not None
