@@ -156,7 +156,7 @@ SETTINGS: tuple[Setting, ...] = (
             ["/opt/ComfyUI/venv/bin/python", "main.py", "--listen", "127.0.0.1", "--port", "{port}",
              "--disable-auto-launch", "{instance_folders}"],
             "Command that starts ComfyUI; a template with placeholders such as {port} and "
-            "{instance_folders} (README: multi-GPU hosts).", ("COMFYUI_COMMAND",)),
+            "{instance_folders} (docs/multi-gpu.md).", ("COMFYUI_COMMAND",)),
     Setting("comfyui", "gpus", GpuSelection(), "all",
             "GPUs that each get an instance (ComfyUI + wrapper): \"all\" (every GPU NVML "
             "reports), or a list of indexes, or of UUIDs. Instance i listens on the ports of "

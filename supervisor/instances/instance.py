@@ -414,7 +414,7 @@ class Instance:
             "gpu": self.gpu_view(latest),
             "comfyui_url": self.plan.comfyui_url, "wrapper_url": self.plan.wrapper_url,
             "folders": {kind: {"path": str(folder.path), "why": folder.why}
-                        for kind in ("output", "input", "temp", "models")
+                        for kind in ("output", "input", "temp", "models", "user")
                         for folder in (getattr(self.plan.folders, kind),)},
             "children": {"comfyui": self.comfyui.snapshot(), "wrapper": self.wrapper.snapshot()},
             "benchmark": self.benchmark.snapshot() if self.benchmark else {"status": "disabled"},

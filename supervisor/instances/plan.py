@@ -39,7 +39,7 @@ from api.comfy.folders import ComfyFolders, discover
 
 logger = logging.getLogger(__name__)
 
-#: Every placeholder, with what it becomes (the README's table is written from this).
+#: Every placeholder, with what it becomes (the table in docs/multi-gpu.md says the same).
 PLACEHOLDERS: dict[str, str] = {
     "instance": "the instance number: 0, 1, ... in GPU order",
     "port": "the port of the child the template belongs to (ComfyUI's in comfyui.*, the "

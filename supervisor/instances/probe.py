@@ -25,8 +25,10 @@ import os
 import shlex
 import signal
 import time
+from pathlib import Path
 
 from api.comfy.flags import ComfyFlags, assumed, for_version, parse_help, version_file
+from config import Settings
 from supervisor.children.child import dies_with_parent
 from supervisor.instances.plan import GpuSlot, help_command
 from supervisor.sdnotify import strip_notify_env
@@ -40,7 +42,7 @@ HELP_TIMEOUT = 15.0
 _MAX_OUTPUT = 256 * 1024
 
 
-async def learn_flags(settings, gpu: GpuSlot = GpuSlot(), *,
+async def learn_flags(settings: Settings, gpu: GpuSlot = GpuSlot(), *,
                       timeout: float = HELP_TIMEOUT) -> ComfyFlags:
     """The flags this host's ComfyUI accepts (see the module's doc). Never raises."""
     version = settings.comfyui.version
@@ -73,7 +75,7 @@ async def learn_flags(settings, gpu: GpuSlot = GpuSlot(), *,
     return flags
 
 
-async def _fallback(settings, reason: str) -> ComfyFlags:
+async def _fallback(settings: Settings, reason: str) -> ComfyFlags:
     """Asking failed: the version the checkout states (comfyui_version.py in comfyui.cwd or
     install_path), else 0.3.64's flags, with a warning naming the setting."""
     c = settings.comfyui
@@ -91,7 +93,8 @@ async def _fallback(settings, reason: str) -> ComfyFlags:
     return flags
 
 
-async def _run(argv: list[str], env: dict[str, str], cwd, timeout: float) -> tuple[int, str]:
+async def _run(argv: list[str], env: dict[str, str], cwd: Path | None,
+               timeout: float) -> tuple[int, str]:
     """Run ``argv`` in its own process group (killed whole on timeout) and return its exit
     status and output (stdout and stderr together)."""
     environ = dict(os.environ)
