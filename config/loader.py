@@ -234,11 +234,14 @@ def load_settings(config_path: str | os.PathLike[str] | None = None,
 def _cross_checks(values: dict[str, Any], sources: dict[str, Source]) -> list[str]:
     """Rules that involve more than one setting."""
     problems = []
-    if values["worker.use_ssl"]:
+    # Behind the autoscaler an empty worker.ssl_cert/ssl_key means the instance certificate
+    # (autoscaler.instance_cert/instance_key), as Vast's start script sets USE_SSL up.
+    if values["worker.use_ssl"] and not values["autoscaler.report_addr"]:
         for name in ("worker.ssl_cert", "worker.ssl_key"):
             if values[name] is None:
                 problems.append(f"{name}: required when worker.use_ssl is true "
-                                f"(use_ssl from {sources['worker.use_ssl']})")
+                                f"(use_ssl from {sources['worker.use_ssl']}) and the worker is "
+                                "not behind the autoscaler (REPORT_ADDR unset)")
     if values["supervisor.backoff_initial"] > values["supervisor.backoff_max"]:
         problems.append("supervisor.backoff_initial: larger than supervisor.backoff_max "
                         f"(from {sources['supervisor.backoff_initial']})")

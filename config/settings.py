@@ -94,10 +94,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("worker", "unsecured", Bool(), False,
             "Serve without any authentication (logs a warning). Never silently open.", ("UNSECURED",)),
     Setting("worker", "use_ssl", Bool(), False, "Serve the public port over TLS.", ("USE_SSL",)),
-    Setting("worker", "ssl_cert", PathType(), "", "TLS certificate (PEM) when use_ssl.",
-            ("WORKER_SSL_CERT",)),
-    Setting("worker", "ssl_key", PathType(), "", "TLS private key (PEM) when use_ssl.",
-            ("WORKER_SSL_KEY",)),
+    Setting("worker", "ssl_cert", PathType(), "",
+            "TLS certificate (PEM) when use_ssl (behind the autoscaler, empty: "
+            "autoscaler.instance_cert).", ("WORKER_SSL_CERT",)),
+    Setting("worker", "ssl_key", PathType(), "",
+            "TLS private key (PEM) when use_ssl (behind the autoscaler, empty: "
+            "autoscaler.instance_key).", ("WORKER_SSL_KEY",)),
     Setting("worker", "max_body_bytes", Int(1024, 1024 * _MIB), 64 * _MIB,
             "Largest request body accepted on the public port (413 above).",
             ("WORKER_MAX_BODY_BYTES",)),
@@ -348,7 +350,25 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("autoscaler", "public_ipaddr", Str(), "", "Public address the autoscaler routes to.",
             ("PUBLIC_IPADDR",)),
     Setting("autoscaler", "report_interval", Float(0.1, 3600), 10.0,
-            "Seconds between status reports.", ("AUTOSCALER_REPORT_INTERVAL",)),
+            "Seconds between status reports when nothing happens (sooner after request "
+            "activity or a change of state).", ("AUTOSCALER_REPORT_INTERVAL",)),
+    Setting("autoscaler", "workload", Float(0.001, 1e12), 100.0,
+            "Workload of one request: the unit of every load field and of max_perf (requests "
+            "per second x this). 100 as Vast's ComfyUI worker (the vastai SDK's default); the "
+            "client's auth_data.cost is not used.", ("AUTOSCALER_WORKLOAD",)),
+    Setting("autoscaler", "max_queue_time", Float(0, 86400), 10.0,
+            "Refuse a request (429 with Retry-After, reported Rejected) when its estimated wait "
+            "(the work ahead x the benchmark's seconds per request, less the running request's "
+            "progress) is longer than this; 0 turns it off. 10 as Vast's ComfyUI worker.",
+            ("AUTOSCALER_MAX_QUEUE_TIME",)),
+    Setting("autoscaler", "max_sessions", Int(0, 1_000_000), 10,
+            "Sessions open at once (/session/create answers 429 beyond); 0: no limit. 10 as "
+            "the vastai SDK.", ("AUTOSCALER_MAX_SESSIONS",)),
+    Setting("autoscaler", "instance_cert", PathType(), "/etc/instance.crt",
+            "The TLS certificate Vast installs on the instance: served with USE_SSL behind the "
+            "autoscaler unless worker.ssl_cert is set.", ("AUTOSCALER_INSTANCE_CERT",)),
+    Setting("autoscaler", "instance_key", PathType(), "/etc/instance.key",
+            "The private key of autoscaler.instance_cert.", ("AUTOSCALER_INSTANCE_KEY",)),
     Setting("autoscaler", "legacy_signatures", Bool(), False,
             "Also accept the older format that signs every auth_data field.",
             ("AUTOSCALER_LEGACY_SIGNATURES",)),

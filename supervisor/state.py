@@ -118,15 +118,19 @@ Listener = Callable[[WorkerState, WorkerState, str], None]
 
 @dataclass(frozen=True)
 class Readiness:
-    """What the worker tells a scheduler outside it (the autoscaler): its state and reason, what
-    it can serve (`max_perf`: requests per second, the sum over the instances that serve; None
-    before a benchmark figure) and how long it took to first serve (`loadtime`, seconds; None
-    until then)."""
+    """What the worker tells a scheduler outside it (the autoscaler).
+
+    `max_perf`: requests per second it can serve now, the sum over the instances that serve
+    (None without a benchmark figure); `started_at`: when the worker started (epoch seconds);
+    `fatal`: why it will not serve again by itself (a crash loop that gave up, a critical XID, a
+    slow or failed benchmark on every instance; empty otherwise). A restart in progress, a hot
+    GPU or a model download are not fatal: they show in the state and in `max_perf`."""
 
     state: WorkerState
     reason: str
     max_perf: float | None = None
-    loadtime: float | None = None
+    started_at: float = 0.0
+    fatal: str = ""
 
 
 def combine(instances: list[tuple[str, WorkerState, str]]) -> tuple[WorkerState, str]:

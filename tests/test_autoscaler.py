@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import aiohttp
+import psutil
 import pytest
 import pytest_asyncio
 
@@ -40,7 +42,8 @@ WORKER_URL = "http://203.0.113.7:41234"
 STATUS_FIELDS = {
     "id", "mtoken", "version", "loadtime", "cur_load", "rej_load", "new_load", "error_msg",
     "max_perf", "cur_perf", "cur_capacity", "max_capacity", "num_requests_working",
-    "num_requests_recieved", "additional_disk_usage", "working_request_idxs", "url",
+    "num_requests_recieved", "additional_disk_usage", "disk_usage", "working_request_idxs",
+    "url",
 }
 
 
@@ -365,7 +368,7 @@ async def test_reports_carry_the_protocol_fields(session, fake_autoscaler):
     assert await reporter.report_now()
 
     report = fake_autoscaler.statuses[-1]
-    assert set(report) == STATUS_FIELDS
+    assert set(report) - {"_at"} == STATUS_FIELDS   # _at: when the fake received it
     assert report["id"] == 42 and report["mtoken"] == "master-token"
     assert report["url"] == "http://203.0.113.7:41234"
     assert report["version"]
@@ -431,26 +434,28 @@ async def test_explicit_timestamps_are_passed_through(session, fake_autoscaler):
         10.0, 11.0, 12.5)
 
 
-async def test_state_change_is_reported_at_once_and_loadtime_only_once(session, fake_autoscaler):
+async def test_state_change_is_reported_at_once_and_loadtime_in_every_report(
+        session, fake_autoscaler):
     reporter = make_reporter(session, fake_autoscaler.url, interval=30.0, min_interval=5.0)
     async with reporter:
-        await fake_autoscaler.wait_for_status()  # the first report goes out on start
+        first = await fake_autoscaler.wait_for_status()  # the first report goes out on start
+        assert (first["loadtime"], first["max_perf"]) == (0, 0)
         loop = asyncio.get_running_loop()
         changed_at = loop.time()
-        reporter.set_state(True, max_perf=0.25, loadtime=12.5)
+        reporter.set_state(loadtime=12.5, max_perf=25.0)
         ready = await fake_autoscaler.wait_for_status(lambda r: r["loadtime"] > 0, timeout=2.0)
         assert loop.time() - changed_at < 1.0   # not the 30 s cadence
-        assert (ready["loadtime"], ready["max_perf"]) == (12.5, 0.25)
+        assert (ready["loadtime"], ready["max_perf"]) == (12.5, 25.0)
         assert await reporter.report_now()
-        assert fake_autoscaler.statuses[-1]["loadtime"] == 0   # sent once, not repeated
+        assert fake_autoscaler.statuses[-1]["loadtime"] == 12.5   # in every report, as the SDK
 
-        reporter.set_state(False, error_msg="ComfyUI exited with code 1")
+        reporter.set_state(loadtime=12.5, max_perf=25.0, error_msg="ComfyUI failed: crash loop")
         errored = await fake_autoscaler.wait_for_status(lambda r: r["error_msg"], timeout=2.0)
-        assert errored["max_perf"] == 0.25         # kept: None means "unchanged"
+        assert (errored["loadtime"], errored["max_perf"]) == (12.5, 25.0)
 
         # Setting the same state again is not a change and sends nothing.
         count = len(fake_autoscaler.statuses)
-        reporter.set_state(False, error_msg="ComfyUI exited with code 1")
+        reporter.set_state(loadtime=12.5, max_perf=25.0, error_msg="ComfyUI failed: crash loop")
         await asyncio.sleep(0.2)
         assert len(fake_autoscaler.statuses) == count
 
@@ -560,10 +565,18 @@ async def test_final_flush_on_stop_delivers_last_counts(session, fake_autoscaler
     assert fake_autoscaler.deletes[-1]["requests"][0]["request_idx"] == 9
 
 
-async def test_disk_usage_is_reported_as_a_number(session, fake_autoscaler, tmp_path):
+async def test_disk_usage_is_measured_as_the_sdk_does(session, fake_autoscaler, tmp_path):
     reporter = make_reporter(session, fake_autoscaler.url, disk_path=str(tmp_path))
     assert await reporter.report_now()
-    assert isinstance(fake_autoscaler.statuses[-1]["additional_disk_usage"], float)
+    first = fake_autoscaler.statuses[-1]
+    # Used GiB of the filesystem, as psutil reads it (the SDK's disk_usage("/").used / 2**30).
+    used = psutil.disk_usage(str(tmp_path)).used / 2**30
+    assert abs(first["disk_usage"] - used) < 0.5
+    assert await reporter.report_now()
+    second = fake_autoscaler.statuses[-1]
+    # The change since the last delivered report (whatever else on the machine wrote).
+    assert second["additional_disk_usage"] == pytest.approx(
+        second["disk_usage"] - first["disk_usage"])
 
 
 async def test_route_gives_auth_data_the_worker_accepts(session, fake_autoscaler):
@@ -586,3 +599,80 @@ async def test_route_gives_auth_data_the_worker_accepts(session, fake_autoscaler
     async with session.post(fake_autoscaler.url + "/route/",
                             json={**body, "api_key": "wrong"}) as resp:
         assert resp.status == 401
+
+
+# --------------------------------------------------------------------------- the link's rules
+
+async def test_rejected_requests_count_once_and_not_as_new_load(session, fake_autoscaler):
+    reporter = make_reporter(session, fake_autoscaler.url)
+    reporter.request_rejected(100.0, request_idx=7)
+    reporter.request_received(8, 100.0)
+    assert await reporter.report_now()
+    report = fake_autoscaler.statuses[-1]
+    assert (report["num_requests_recieved"], report["new_load"], report["rej_load"]) == \
+        (2, 100, 100)
+
+
+async def test_a_session_holds_its_workload_until_it_closes(session, fake_autoscaler):
+    reporter = make_reporter(session, fake_autoscaler.url)
+    reporter.session_opened(30, 100.0)
+    reporter.session_request(100.0)
+    reporter.session_request_done(100.0, RequestOutcome.SUCCESS)
+    assert await reporter.report_now()
+    report = fake_autoscaler.statuses[-1]
+    assert (report["cur_load"], report["working_request_idxs"], report["new_load"],
+            report["cur_perf"], report["num_requests_recieved"]) == (100, [30], 200, 100, 1)
+    reporter.session_closed(30)
+    assert await reporter.report_now() and await reporter.flush_deletes()
+    report = fake_autoscaler.statuses[-1]
+    assert (report["cur_load"], report["working_request_idxs"], report["cur_perf"]) == \
+        (0, [], 100)
+    (done,) = fake_autoscaler.deletes[-1]["requests"]
+    assert (done["request_idx"], done["status"], done["success"]) == (30, "Success", True)
+
+
+def link_settings(**env: str):
+    from config import load_settings
+
+    return load_settings(None, environ={
+        "REPORT_ADDR": "http://unused", "CONTAINER_ID": "42", "PUBLIC_IPADDR": "203.0.113.7",
+        "AUTOSCALER_REPORT_INTERVAL": "0.2", **env})
+
+
+async def test_ready_only_once_the_key_is_here_then_loadtime_in_every_report(fake_autoscaler):
+    from supervisor.autoscaler.link import AutoscalerLink
+    from supervisor.state import Readiness, WorkerState
+
+    fake_autoscaler.pubkey_ready = False
+    started = time.time() - 30
+    now = {"readiness": Readiness(WorkerState.READY, "ready", 0.5, started)}
+    link = AutoscalerLink(make_env(fake_autoscaler.url), link_settings())
+    await link.start(lambda: now["readiness"])
+    try:
+        serving = await fake_autoscaler.wait_for_status(timeout=3.0)
+        await asyncio.sleep(0.5)
+        # Serving, but a routed request could not be verified yet: not ready.
+        assert all(r["loadtime"] == 0 and r["max_perf"] == 0 for r in fake_autoscaler.statuses)
+        assert serving["error_msg"] == ""
+        fake_autoscaler.pubkey_ready = True
+        ready = await fake_autoscaler.wait_for_status(lambda r: r["loadtime"] > 0, timeout=5.0)
+        # 0.5 requests per second of 100 workload each; the time since the worker started.
+        assert ready["max_perf"] == 50.0 and ready["loadtime"] >= 30
+        # An instance out for a restart: less capacity, the same loadtime, no error.
+        now["readiness"] = Readiness(WorkerState.UNHEALTHY, "ComfyUI restarting", None, started)
+        mark = time.time()
+        link.state_changed()
+        out = await fake_autoscaler.wait_for_status(
+            lambda r: r["_at"] > mark and r["max_perf"] == 0, timeout=3.0)
+        assert (out["loadtime"], out["error_msg"]) == (ready["loadtime"], "")
+        # What will not heal is error_msg, and it stays once the state moves on.
+        now["readiness"] = Readiness(WorkerState.UNHEALTHY, "x", None, started,
+                                     fatal="ComfyUI failed: crash loop")
+        link.state_changed()
+        now["readiness"] = Readiness(WorkerState.STARTING, "y", None, started)
+        link.state_changed()
+        await fake_autoscaler.wait_for_status(lambda r: r["error_msg"], timeout=3.0)
+        await asyncio.sleep(0.5)
+        assert fake_autoscaler.statuses[-1]["error_msg"] == "ComfyUI failed: crash loop"
+    finally:
+        await link.stop()

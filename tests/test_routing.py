@@ -97,3 +97,44 @@ async def test_a_restart_is_waited_out():
     only.accepting = True
     router.changed()
     assert await task == "done"
+
+
+# --- the estimated wait (the autoscaler's max_queue_time) ----------------------------------------
+def test_the_estimated_wait_is_the_work_ahead_over_the_rate():
+    from supervisor.serving.estimate import Lane, estimated_wait
+    from supervisor.serving.routing import Handed
+
+    idle = Handed((), None)
+    assert estimated_wait([], 3, now=100.0) is None            # no benchmark figure: unknown
+    assert estimated_wait([Lane(5.0, idle)], 0, now=100.0) == 0
+    # One GPU, 5 s a request: the running one half done (2.5 s in), one behind it in the
+    # wrapper, two waiting at the public port: 0.5 + 1 + 2 requests of work, 5 s each.
+    busy = Handed((97.5, 98.0), None)
+    assert estimated_wait([Lane(5.0, busy)], 2, now=100.0) == pytest.approx(17.5)
+    # The one behind started only when the one before it ended (last_done_at), not when handed.
+    after = Handed((90.0,), 99.0)
+    assert estimated_wait([Lane(5.0, after)], 0, now=100.0) == pytest.approx(4.0)
+    # A request past its figure counts as almost done, not as negative work.
+    late = Handed((80.0,), None)
+    assert estimated_wait([Lane(5.0, late)], 1, now=100.0) == pytest.approx(5.0)
+    # Two GPUs share the line: twice the rate.
+    assert estimated_wait([Lane(5.0, busy), Lane(5.0, idle)], 2, now=100.0) == \
+        pytest.approx(17.5 / 2)
+
+
+async def test_the_router_says_what_each_instance_holds():
+    router = router_with(Spot(0))
+    release = asyncio.Event()
+
+    async def work(instance):
+        await release.wait()
+        return instance.number
+
+    first = asyncio.create_task(router.run(work, lambda: None))
+    second = asyncio.create_task(router.run(work, lambda: None))
+    await asyncio.sleep(0.05)
+    held = router.handed(0)
+    assert len(held.handed_at) == 2 and held.last_done_at is None
+    release.set()
+    await asyncio.gather(first, second)
+    assert router.handed(0).handed_at == () and router.handed(0).last_done_at is not None

@@ -183,21 +183,21 @@ def verify(
     """
     parsed = parse_auth_data(auth_data)
     if key is None:
-        raise AuthError(401, "public key not yet fetched")
+        raise AuthError(401, "public key not yet fetched", parsed)
     try:
         signature = base64.b64decode(parsed.signature)
     except (binascii.Error, ValueError):
-        raise AuthError(401, "invalid signature") from None
+        raise AuthError(401, "invalid signature", parsed) from None
 
     candidates = [signed_message(auth_data)]
     if legacy:
         candidates.extend(legacy_messages(auth_data))
     if not any(_signature_matches(key, signature, message) for message in candidates):
         log.debug("signature check failed for reqnum %s (url %s)", parsed.reqnum, parsed.url)
-        raise AuthError(401, "invalid signature")
+        raise AuthError(401, "invalid signature", parsed)
 
     if expected_url is not None and parsed.url.rstrip("/") != expected_url.rstrip("/"):
-        raise AuthError(401, "request was signed for another worker")
+        raise AuthError(401, "request was signed for another worker", parsed)
     return parsed
 
 
@@ -302,8 +302,16 @@ class RequestAuthenticator:
         self._replay = replay_guard if replay_guard is not None else ReplayGuard()
         self._expected_url = expected_url
 
-    def authenticate(self, auth_data: Mapping[str, Any] | None) -> AuthData | None:
-        """The verified ``auth_data``, ``None`` for an allowed bare request; or AuthError."""
+    @property
+    def unsecured(self) -> bool:
+        return self._unsecured
+
+    def authenticate(self, auth_data: Mapping[str, Any] | None, *,
+                     replay: bool = True) -> AuthData | None:
+        """The verified ``auth_data``, ``None`` for an allowed bare request; or AuthError.
+
+        ``replay=False`` skips the replay guard: the requests of a session all carry the
+        session's own auth_data, as the autoscaler routed it once."""
         if self._unsecured:
             return None if auth_data is None else parse_auth_data(auth_data)
         if auth_data is None:
@@ -311,6 +319,10 @@ class RequestAuthenticator:
         parsed = verify(
             auth_data, self._keys.key, legacy=self._legacy, expected_url=self._expected_url
         )
-        # Only verified pairs are remembered, so unsigned junk cannot fill the guard.
-        self._replay.check_and_remember(parsed.signature, parsed.reqnum)
+        if replay:
+            # Only verified pairs are remembered, so unsigned junk cannot fill the guard.
+            try:
+                self._replay.check_and_remember(parsed.signature, parsed.reqnum)
+            except AuthError:
+                raise AuthError(401, "replayed request") from None
         return parsed

@@ -7,6 +7,7 @@ start-up, and the public server maps :class:`AuthError` to an HTTP response.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 
 class AutoscalerError(Exception):
@@ -45,7 +46,9 @@ class AuthError(AutoscalerError):
     the response body; neither carries key material or the signature itself.
     """
 
-    def __init__(self, status: int, reason: str) -> None:
+    def __init__(self, status: int, reason: str, auth: "Any" = None) -> None:
         self.status = status
         self.reason = reason
+        #: The well-formed auth_data whose check failed (an ``auth.AuthData``), when it was.
+        self.auth = auth
         super().__init__(f"{status} {reason}")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import aiohttp
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
@@ -51,6 +51,7 @@ class PublicKeyFetcher:
         max_backoff: float = 60.0,
         timeout: float = 10.0,
         failure_log_every: int = 10,
+        on_key: Callable[[], None] | None = None,
     ) -> None:
         if not report_addrs:
             raise ValueError("report_addrs is empty; pass at least one autoscaler address")
@@ -63,6 +64,7 @@ class PublicKeyFetcher:
         self._key: RSAPublicKey | None = None
         self._got_key = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._on_key = on_key
         self.attempts = 0
 
     @property
@@ -99,6 +101,8 @@ class PublicKeyFetcher:
                     self._got_key.set()
                     self._failures.succeeded()
                     log.info("autoscaler public key fetched from %s", addr)
+                    if self._on_key is not None:
+                        self._on_key()
                     return
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, self._max_backoff)

@@ -3,14 +3,18 @@
 Protocol facts (public vastai SDK, server library):
 
 * ``POST {addr}/worker_status/`` with the fields of :class:`WorkerStatus`; each
-  comma-separated ``REPORT_ADDR`` is tried in turn until one answers. A report is due every
-  ~10 s, sooner after a change (the SDK checks every second whether something happened).
-* Load is measured in workload units (this worker: cost 1 per request). ``cur_load`` is the
-  workload in flight (queued or running); ``new_load`` the workload received since the last
-  delivered report less what was cancelled; ``rej_load`` the workload refused since then;
-  ``cur_perf`` the workload served successfully since then; ``num_requests_recieved`` (sic)
-  counts every request received since start; ``loadtime`` is sent once, on the first report
-  after the worker became ready, and 0 otherwise; ``cur_capacity`` and ``max_capacity`` are 0.
+  comma-separated ``REPORT_ADDR`` is tried in turn until one answers. The SDK checks every
+  second and sends after request activity, else 10 s after the last delivered report
+  (``vastai/serverless/server/lib/metrics.py`` ``_send_metrics_loop``).
+* Load is measured in the worker's workload unit (the caller passes each request's workload:
+  one unit, ``autoscaler.workload``, 100 by default as in the SDK's ``DEFAULT_WORKLOAD``).
+  ``cur_load`` is the workload in flight (queued, running, and open sessions); ``new_load``
+  the workload accepted since the last delivered report less what was cancelled; ``rej_load``
+  the workload refused since then; ``cur_perf`` the workload served since then (a sum, not a
+  rate); ``num_requests_recieved`` (sic) counts the requests received since start, each once,
+  accepted or refused; ``loadtime`` is sent in every report once the worker is ready (0
+  before); ``disk_usage`` is the root filesystem's used GiB and ``additional_disk_usage`` its
+  change since the last delivered report; ``cur_capacity`` and ``max_capacity`` are 0.
 * ``POST {addr}/delete_requests/`` with ``{"worker_id", "mtoken", "requests": [...]}`` tells
   it which ``request_idx`` are done, with ``success``, ``status`` ("Success", "Error",
   "Cancelled", "Rejected") and the three epoch timestamps.
@@ -35,8 +39,8 @@ from enum import Enum
 from typing import Any
 
 import aiohttp
-import psutil
 
+from .disk import disk_used_gib
 from .env import AutoscalerEnv
 from .failures import FailureLog, wait_event
 
@@ -48,8 +52,6 @@ PROTOCOL_VERSION = "1.1.0"
 # The SDK never posts finished requests to this address (it does not accept them); skipping it
 # saves a doomed request per batch when a host lists it in REPORT_ADDR.
 DELETE_REQUESTS_SKIP = frozenset({"https://cloud.vast.ai/api/v0"})
-
-_GIB = float(2**30)
 
 
 class RequestOutcome(str, Enum):
@@ -90,11 +92,12 @@ class WorkerStatus:
     error_msg: str
     max_perf: float
     cur_perf: float
-    cur_capacity: float
-    max_capacity: float
+    cur_capacity: int
+    max_capacity: int
     num_requests_working: int
     num_requests_recieved: int
     additional_disk_usage: float
+    disk_usage: float
     working_request_idxs: list[int]
     url: str
 
@@ -104,9 +107,10 @@ class WorkerStatus:
 
 @dataclass
 class _InFlight:
-    cost: float
+    workload: float
     entered_queue_at: float
     work_started_at: float = 0.0
+    is_session: bool = False
 
 
 @dataclass
@@ -132,10 +136,9 @@ class _Window:
 
 @dataclass
 class _State:
-    ready: bool = False
+    loadtime: float = 0.0    # 0 until ready, then in every report
     error_msg: str = ""
     max_perf: float = 0.0
-    pending_loadtime: float | None = None
 
 
 @dataclass
@@ -197,7 +200,6 @@ class StatusReporter:
         self._disk_path = disk_path
         self._delete_batch = delete_batch
         self._clock = clock
-        self._started_mono = time.monotonic()
 
         self._in_flight: dict[int, _InFlight] = {}
         self._window = _Window()
@@ -225,13 +227,46 @@ class StatusReporter:
 
     # ----------------------------------------------------------------- request accounting
 
-    def request_received(self, request_idx: int, cost: float = 1.0) -> None:
+    def request_received(self, request_idx: int, workload: float = 1.0,
+                         entered_queue_at: float | None = None) -> None:
         """An authenticated request was accepted (queued or started); it is now in flight."""
         if request_idx in self._in_flight:
             log.debug("request_idx %s received twice while in flight", request_idx)
-        self._in_flight[request_idx] = _InFlight(cost=cost, entered_queue_at=self._clock())
-        self._window.received += cost
+        self._in_flight[request_idx] = _InFlight(
+            workload=workload, entered_queue_at=_first(entered_queue_at, self._clock()))
+        self._window.received += workload
         self._total_received += 1
+        self._mark_dirty()
+
+    def session_opened(self, request_idx: int, workload: float = 1.0) -> None:
+        """A session began: it holds its workload (cur_load, working_request_idxs) until closed."""
+        now = self._clock()
+        self._in_flight[request_idx] = _InFlight(workload=workload, entered_queue_at=now,
+                                                 work_started_at=now, is_session=True)
+        self._window.received += workload
+        self._total_received += 1
+        self._mark_dirty()
+
+    def session_closed(self, request_idx: int) -> None:
+        """A session ended (closed or expired): served, and finished as a Success."""
+        self.request_finished(request_idx, True, RequestOutcome.SUCCESS)
+
+    def session_request(self, workload: float = 1.0) -> None:
+        """A request inside a session was accepted: new load, but no request of its own."""
+        self._window.received += workload
+        self._mark_dirty()
+
+    def session_request_rejected(self, workload: float = 1.0) -> None:
+        """A request inside a session was refused: rejected load, no request of its own."""
+        self._window.rejected += workload
+        self._mark_dirty()
+
+    def session_request_done(self, workload: float, status: RequestOutcome | str) -> None:
+        outcome = _outcome_text(status)
+        if outcome == RequestOutcome.CANCELLED.value:
+            self._window.cancelled += workload
+        elif outcome == RequestOutcome.SUCCESS.value:
+            self._window.served += workload
         self._mark_dirty()
 
     def request_started(self, request_idx: int) -> None:
@@ -255,12 +290,12 @@ class StatusReporter:
         :meth:`request_started` and to now for completion.
         """
         entry = self._in_flight.pop(request_idx, None)
-        cost = entry.cost if entry is not None else 1.0
+        workload = entry.workload if entry is not None else 1.0
         outcome = _outcome_text(status)
         if outcome == RequestOutcome.CANCELLED.value:
-            self._window.cancelled += cost
+            self._window.cancelled += workload
         elif success:
-            self._window.served += cost
+            self._window.served += workload
         recorded_queued = entry.entered_queue_at if entry is not None else None
         recorded_started = entry.work_started_at if entry is not None else None
         self._queue_delete(
@@ -270,20 +305,24 @@ class StatusReporter:
                 status=outcome,
                 entered_queue_at=_first(entered_queue_at, recorded_queued),
                 work_started_at=_first(work_started_at, recorded_started),
-                work_completed_at=_first(work_completed_at, self._clock()),
+                # A cancelled request did not complete (the SDK sends 0.0, "never").
+                work_completed_at=0.0 if outcome == RequestOutcome.CANCELLED.value
+                else _first(work_completed_at, self._clock()),
             )
         )
         self._mark_dirty()
 
     def request_rejected(
-        self, cost: float = 1.0, request_idx: int | None = None
+        self, workload: float = 1.0, request_idx: int | None = None,
+        entered_queue_at: float | None = None,
     ) -> None:
-        """A request was refused before any work (queue full, bad signature, not ready).
+        """A request was refused before any work (bad signature, not serving, queue full,
+        estimated wait too long): counted once, in ``rej_load`` and not in ``new_load``.
 
         With a ``request_idx`` it is also reported as finished with status "Rejected", so the
         autoscaler can route it elsewhere at once.
         """
-        self._window.rejected += cost
+        self._window.rejected += workload
         self._total_received += 1
         if request_idx is not None:
             entry = self._in_flight.pop(request_idx, None)
@@ -292,7 +331,8 @@ class StatusReporter:
                     request_idx=request_idx,
                     success=False,
                     status=RequestOutcome.REJECTED.value,
-                    entered_queue_at=entry.entered_queue_at if entry else self._clock(),
+                    entered_queue_at=entry.entered_queue_at if entry else
+                    _first(entered_queue_at, self._clock()),
                     work_started_at=0.0,
                     work_completed_at=0.0,
                 )
@@ -303,31 +343,24 @@ class StatusReporter:
 
     def set_state(
         self,
-        ready: bool,
+        *,
+        loadtime: float,
+        max_perf: float,
         error_msg: str = "",
-        max_perf: float | None = None,
-        loadtime: float | None = None,
     ) -> None:
-        """Update readiness, error text and benchmark result; a change is reported at once.
-
-        ``max_perf`` ``None`` keeps the last value. ``loadtime`` is used when the worker turns
-        ready (default: seconds since this reporter was created) and sent in one report only.
+        """What the worker can do: ``loadtime`` (seconds from start to ready; 0 before, then
+        sent in every report), ``max_perf`` (workload per second) and ``error_msg`` (what will
+        not heal). A change is reported at once.
         """
         state = self._state
         changes: list[str] = []
-        if ready != state.ready:
-            changes.append(f"ready {state.ready} -> {ready}")
-            state.ready = ready
-            if ready:
-                if loadtime is None:
-                    loadtime = time.monotonic() - self._started_mono
-                state.pending_loadtime = float(loadtime)
-            else:
-                state.pending_loadtime = None
+        if float(loadtime) != state.loadtime:
+            changes.append(f"loadtime {state.loadtime:g} -> {float(loadtime):g}")
+            state.loadtime = float(loadtime)
         if error_msg != state.error_msg:
             changes.append(f"error_msg {state.error_msg!r} -> {error_msg!r}")
             state.error_msg = error_msg
-        if max_perf is not None and float(max_perf) != state.max_perf:
+        if float(max_perf) != state.max_perf:
             changes.append(f"max_perf {state.max_perf:g} -> {float(max_perf):g}")
             state.max_perf = float(max_perf)
         if changes:
@@ -399,8 +432,6 @@ class StatusReporter:
                                          self._status_failures)
             if ok:
                 self._window.subtract(sent_window)
-                if status.loadtime and self._state.pending_loadtime == status.loadtime:
-                    self._state.pending_loadtime = None
                 if self._disk.current_gb is not None:
                     self._disk.baseline_gb = self._disk.current_gb
                 self.stats.reports_sent += 1
@@ -524,11 +555,11 @@ class StatusReporter:
         if self._disk_path is None:
             return
         try:
-            usage = await asyncio.to_thread(psutil.disk_usage, self._disk_path)
+            used = await asyncio.to_thread(disk_used_gib, self._disk_path)
         except OSError as exc:
             log.debug("disk usage of %s unavailable: %s", self._disk_path, exc)
             return
-        self._disk.current_gb = usage.used / _GIB
+        self._disk.current_gb = used
         if self._disk.baseline_gb is None:
             self._disk.baseline_gb = self._disk.current_gb
 
@@ -539,18 +570,19 @@ class StatusReporter:
             id=self._env.container_id,
             mtoken=self._env.master_token,
             version=self._version,
-            loadtime=state.pending_loadtime or 0.0,
-            cur_load=float(sum(entry.cost for entry in self._in_flight.values())),
+            loadtime=state.loadtime,
+            cur_load=float(sum(entry.workload for entry in self._in_flight.values())),
             rej_load=max(window.rejected, 0.0),
             new_load=max(window.received - window.cancelled, 0.0),
             error_msg=state.error_msg,
             max_perf=state.max_perf,
             cur_perf=max(window.served, 0.0),
-            cur_capacity=0.0,
-            max_capacity=0.0,
+            cur_capacity=0,
+            max_capacity=0,
             num_requests_working=len(self._in_flight),
             num_requests_recieved=self._total_received,
             additional_disk_usage=self._disk.additional_gb,
+            disk_usage=self._disk.current_gb or 0.0,
             working_request_idxs=list(self._in_flight),
             url=self._env.public_url,
         )

@@ -3,8 +3,8 @@
 The daemon composes named parts and runs them as stages (supervisor/daemon/stages.py), started
 in this order and stopped in reverse:
 
-  systemd → session → provisioning → gpu → autoscaler → instances → admin → metrics → public →
-  watch → requests → drain
+  systemd → session → provisioning → gpu → autoscaler → tls → instances → admin → metrics →
+  public → watch → requests → drain
 
 * the fleet (`fleet.py`): one ComfyUI and one API wrapper per GPU (`supervisor.instances`) and
   the router in front of them;
@@ -17,7 +17,9 @@ in this order and stopped in reverse:
 
 Stopping is the reverse: the drain lets queued work finish (worker.drain_timeout; a second
 SIGTERM/SIGINT skips it), what is left is failed, then each part stops within its own timeout.
-Signal handlers only set flags; the main coroutine does the work.
+Signal handlers only set flags; the main coroutine does the work. The autoscaler's
+POST /pyworker/update stops it the same way, and `run()` then returns EXIT_RESTART so that the
+service manager starts the (updated) worker again.
 """
 
 from __future__ import annotations
@@ -49,11 +51,15 @@ from supervisor.gpu.monitor import GpuMonitor
 from supervisor.reporting.metrics import WorkerMetrics
 from supervisor.sdnotify import SystemdNotifier
 from supervisor.serving.gates import Gate, OpenGate, TokenGate
-from supervisor.serving.public import RequestHooks
+from supervisor.serving.public import RequestHooks, WaitLimit
 
-__all__ = ["Daemon", "DaemonStartError", "stop_budget", "stop_timeouts"]
+__all__ = ["EXIT_RESTART", "Daemon", "DaemonStartError", "stop_budget", "stop_timeouts"]
 
 logger = logging.getLogger(__name__)
+
+#: The exit status after POST /pyworker/update (EX_TEMPFAIL): not 0, so that a service manager
+#: that restarts only a failed worker (systemd's Restart=on-failure) starts it again.
+EXIT_RESTART = 75
 
 #: Stop timeouts of the stages that have no setting of their own, in seconds.
 ADMIN_CLOSE_TIMEOUT = 2.0
@@ -62,6 +68,7 @@ METRICS_CLOSE_TIMEOUT = 1.0
 REPORTER_FLUSH_TIMEOUT = 3.0
 GPU_STOP_TIMEOUT = 2.0      # the XID watcher's thread leaves NVML's event wait (1 s)
 QUICK_STOP_TIMEOUT = 0.5    # cancelling tasks, closing a session, a last log line
+NOTHING_TO_STOP = 0.1       # a stage whose stop does nothing that waits
 
 
 def stop_timeouts(settings: Settings) -> dict[str, tuple[float, str]]:
@@ -70,13 +77,14 @@ def stop_timeouts(settings: Settings) -> dict[str, tuple[float, str]]:
                       stop_timeout=settings.supervisor.child_stop_timeout).stop_budget()
     return {
         "drain": (settings.worker.drain_timeout, "worker.drain_timeout"),
-        "requests": (QUICK_STOP_TIMEOUT, "QUICK_STOP_TIMEOUT"),
+        "requests": (NOTHING_TO_STOP, "NOTHING_TO_STOP"),
         "watch": (QUICK_STOP_TIMEOUT, "QUICK_STOP_TIMEOUT"),
         "public": (PUBLIC_CLOSE_TIMEOUT, "PUBLIC_CLOSE_TIMEOUT"),
         "metrics": (METRICS_CLOSE_TIMEOUT, "METRICS_CLOSE_TIMEOUT"),
         "admin": (ADMIN_CLOSE_TIMEOUT, "ADMIN_CLOSE_TIMEOUT"),
         # Each instance stops its wrapper, then its ComfyUI; the instances stop at once.
         "instances": (2 * child, "2 × supervisor.child_stop_timeout + kill and reap"),
+        "tls": (NOTHING_TO_STOP, "NOTHING_TO_STOP"),
         "autoscaler": (REPORTER_FLUSH_TIMEOUT + QUICK_STOP_TIMEOUT, "REPORTER_FLUSH_TIMEOUT"),
         "gpu": (GPU_STOP_TIMEOUT, "GPU_STOP_TIMEOUT"),
         "provisioning": (QUICK_STOP_TIMEOUT, "QUICK_STOP_TIMEOUT"),
@@ -117,6 +125,7 @@ class Daemon:
                                 gpu=gpu_monitor, provisioner=provisioner)
         self.stages = Stages(self._stages())
         self._stop_requests = 0
+        self._exit_status = 0
         self._stop_event = asyncio.Event()
         self._stop_now = asyncio.Event()   # a second SIGTERM/SIGINT: skip the drain
 
@@ -139,6 +148,9 @@ class Daemon:
         if self.autoscaler:
             autoscaler = self.autoscaler
             tracker.add_listener(lambda old, new, reason: autoscaler.state_changed())
+            autoscaler.on_update = self._update_requested
+            fleet = self.fleet
+            autoscaler.model_server = lambda: fleet.first.wrapper_url if fleet.first else None
 
     def _capacity_changed(self) -> None:
         self.health.recompute()
@@ -159,7 +171,11 @@ class Daemon:
             hooks=autoscaler.hooks() if autoscaler else RequestHooks(),
             snapshot=self.snapshots.public, liveness=self.watch.liveness,
             required_auth_fields=autoscaler.required_auth_fields if autoscaler else None,
-            close_timeout=PUBLIC_CLOSE_TIMEOUT)
+            close_timeout=PUBLIC_CLOSE_TIMEOUT,
+            # The SDK's estimated-wait refusal, behind the autoscaler only.
+            wait_limit=WaitLimit(s.autoscaler.max_queue_time, fleet.estimated_wait)
+            if autoscaler else None,
+            routes=autoscaler.routes() if autoscaler else None)
         stages = [
             Stage("systemd", self._announce_start, self._announce_stopped),
             Stage("session", self._open_session, self._close_session),
@@ -168,6 +184,7 @@ class Daemon:
             Stage("gpu", self._start_gpu, self.gpu.stop) if self.gpu else None,
             Stage("autoscaler", lambda: autoscaler.start(self.health.readiness),
                   autoscaler.stop) if autoscaler else None,
+            Stage("tls", public.load_tls),
             Stage("instances", fleet.start, fleet.stop),
             Stage("admin", admin.start, admin.stop),
             Stage("metrics", metrics.start, metrics.stop) if s.metrics.port else None,
@@ -255,13 +272,23 @@ class Daemon:
             self._stop_now.set()
         self._stop_event.set()
 
+    def _update_requested(self) -> None:
+        self._exit_status = EXIT_RESTART
+        self.request_stop("POST /pyworker/update")
+
     async def run(self) -> int:
+        """Run until stopped; the exit status (EXIT_RESTART after an update request)."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop, signal.Signals(sig).name)
         try:
-            await self.stages.start()
+            try:
+                await self.stages.start()
+            except DaemonStartError as exc:
+                if self.autoscaler:
+                    self.autoscaler.start_failed(str(exc))
+                raise
             await self._stop_event.wait()
         finally:
             await self.stages.stop()
-        return 0
+        return self._exit_status

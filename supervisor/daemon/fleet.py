@@ -33,6 +33,7 @@ from supervisor.instances.plan import (
     uses_placeholders,
 )
 from supervisor.instances.probe import learn_flags
+from supervisor.serving.estimate import Lane, estimated_wait
 from supervisor.serving.routing import Router
 
 logger = logging.getLogger(__name__)
@@ -126,6 +127,15 @@ class Fleet:
 
     def pids(self) -> set[int]:
         return set().union(*(i.pids() for i in self.instances))
+
+    def estimated_wait(self) -> float | None:
+        """Seconds a request arriving now would wait (None before a benchmark figure)."""
+        lanes = []
+        for instance in self.instances:
+            perf = instance.benchmark.max_perf() if instance.benchmark else None
+            if instance.accepting and perf:
+                lanes.append(Lane(1.0 / perf, self.router.handed(instance.number)))
+        return estimated_wait(lanes, self.router.waiting, time.monotonic())
 
     # --- what an instance asks of its host (InstanceHost) ---------------------------------------
     @property

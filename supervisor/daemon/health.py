@@ -14,10 +14,12 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
 
+from supervisor.children.child import ChildState
 from supervisor.instances.instance import Instance
 from supervisor.sdnotify import SystemdNotifier
 from supervisor.state import (
     OK,
+    Level,
     Readiness,
     Verdict,
     WorkerState,
@@ -40,6 +42,8 @@ class GpuVerdicts(Protocol):
     """The GPU policy's verdict (supervisor.gpu.monitor.GpuMonitor)."""
 
     def verdict(self, index: int | None = None) -> Verdict: ...
+
+    def critical(self, index: int | None = None) -> tuple[str, ...]: ...
 
 
 class ModelsCheck(Protocol):
@@ -65,7 +69,8 @@ class WorkerHealth:
         self.models = models
         self.started_at = time.time() if started_at is None else started_at
         self.tracker = WorkerStateTracker()
-        #: Called on every recompute, changed or not, before the tracker (the router hands out room).
+        #: Called on every recompute, changed or not, before the tracker is told (the router
+        #: hands out room there).
         self.on_recompute: list[Callable[[], None]] = []
 
     @property
@@ -100,10 +105,35 @@ class WorkerHealth:
         known = [f for f in figures if f is not None]
         return sum(known) if known else None
 
+    def _fatal(self, instance: Instance) -> str:
+        """Why this instance will not serve again by itself ('' when it may)."""
+        for name, child in (("ComfyUI", instance.comfyui), ("the wrapper", instance.wrapper)):
+            if child.state is ChildState.FAILED:   # a crash loop that gave up
+                return f"{name} failed: {child.reason}"
+        if self.gpu is not None:
+            critical = self.gpu.critical(instance.plan.gpu.index if instance.plan.pinned
+                                         else None)
+            if critical:
+                return "; ".join(critical)
+        bench = instance.benchmark
+        if bench is not None and not bench.running and \
+                bench.verdict().level is Level.UNHEALTHY:   # slow (refused), or could not run
+            return bench.verdict().reason
+        return ""
+
+    def fatal(self) -> str:
+        """Why the worker will not serve again by itself: every instance has such a reason."""
+        reasons = [(i, self._fatal(i)) for i in self.instances]
+        if not reasons or not all(why for _, why in reasons):
+            return ""
+        if len(reasons) == 1:
+            return reasons[0][1]
+        return "; ".join(f"{i.label}: {why}" for i, why in reasons)
+
     def readiness(self) -> Readiness:
         tracker = self.tracker
-        loadtime = (tracker.first_ready_at - self.started_at) if tracker.first_ready_at else None
-        return Readiness(tracker.state, tracker.reason, self.max_perf(), loadtime)
+        return Readiness(tracker.state, tracker.reason, self.max_perf(), self.started_at,
+                         self.fatal())
 
 
 class SystemdStatus:

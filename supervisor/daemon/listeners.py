@@ -27,7 +27,7 @@ from supervisor.reporting.admin import AdminServer
 from supervisor.reporting.metrics import WorkerMetrics
 from supervisor.reporting.metrics_server import MetricsServer
 from supervisor.serving.gates import Gate
-from supervisor.serving.public import PublicServer, RequestHooks
+from supervisor.serving.public import PublicServer, RequestHooks, WaitLimit
 from supervisor.state import WorkerStateTracker
 
 logger = logging.getLogger(__name__)
@@ -42,6 +42,48 @@ def public_api_document(settings: Settings, auth: str,
                            required_auth_fields=required_auth_fields)
 
 
+def tls_files(settings: Settings) -> tuple[tuple[Path, str], tuple[Path, str]] | None:
+    """The certificate and key the public port serves with USE_SSL, each with the settings that
+    name it (None without TLS). Behind the autoscaler an unset worker.ssl_cert/ssl_key is the
+    certificate Vast installs on the instance (autoscaler.instance_cert/instance_key)."""
+    w, a = settings.worker, settings.autoscaler
+    if not w.use_ssl:
+        return None
+    behind = bool(a.report_addr)
+    pairs = []
+    for kind, own, instance in (("cert", w.ssl_cert, a.instance_cert),
+                                ("key", w.ssl_key, a.instance_key)):
+        ours = f"worker.ssl_{kind} (WORKER_SSL_{kind.upper()})"
+        if own or not behind:
+            pairs.append((Path(own), ours))
+        else:
+            pairs.append((Path(instance), f"autoscaler.instance_{kind} "
+                          f"(AUTOSCALER_INSTANCE_{kind.upper()}), or {ours}"))
+    return pairs[0], pairs[1]
+
+
+def load_tls(settings: Settings) -> ssl.SSLContext | None:
+    """The public port's TLS context; DaemonStartError names a missing or unusable file and the
+    settings that choose it."""
+    files = tls_files(settings)
+    if files is None:
+        return None
+    (cert, cert_names), (key, key_names) = files
+    for what, path, names in (("certificate", cert, cert_names), ("private key", key, key_names)):
+        if not path.is_file():
+            raise DaemonStartError(
+                f"USE_SSL is true but the TLS {what} {path} does not exist: set {names} to "
+                "its path, or USE_SSL=false to serve plain HTTP")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(str(cert), str(key))
+    except (ssl.SSLError, OSError) as exc:
+        raise DaemonStartError(f"USE_SSL is true but the TLS certificate {cert} and key {key} "
+                               f"cannot be used ({exc}); set {cert_names} and {key_names}") \
+            from None
+    return context
+
+
 class PublicPort:
     """`/generate/sync`, `/health`, `/health/live` and the docs on worker.host:worker.port."""
 
@@ -49,7 +91,8 @@ class PublicPort:
                  fleet: Fleet, metrics: WorkerMetrics, hooks: RequestHooks,
                  snapshot: Callable[[], dict[str, Any]],
                  liveness: Callable[[], tuple[bool, str]],
-                 required_auth_fields: tuple[str, ...] | None, close_timeout: float):
+                 required_auth_fields: tuple[str, ...] | None, close_timeout: float,
+                 wait_limit: WaitLimit | None = None, routes: list[web.RouteDef] | None = None):
         s = settings
         self.settings = settings
         self.close_timeout = close_timeout
@@ -59,16 +102,13 @@ class PublicPort:
             request_timeout=s.api.request_timeout, liveness=liveness, snapshot=snapshot,
             hooks=hooks, document=partial(public_api_document, s, gate.name,
                                           required_auth_fields),
-            docs_public=s.worker.docs_public)
+            docs_public=s.worker.docs_public, wait_limit=wait_limit, routes=routes or ())
+        self._ssl: ssl.SSLContext | None = None
         self._runner: web.AppRunner | None = None
 
-    def _ssl_context(self) -> ssl.SSLContext | None:
-        w = self.settings.worker
-        if not w.use_ssl:
-            return None
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        context.load_cert_chain(str(w.ssl_cert), str(w.ssl_key))
-        return context
+    async def load_tls(self) -> None:
+        """Read the TLS files before the children start: a missing one stops the start."""
+        self._ssl = await asyncio.to_thread(load_tls, self.settings)
 
     async def start(self) -> None:
         w = self.settings.worker
@@ -76,7 +116,7 @@ class PublicPort:
         self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
                                      shutdown_timeout=self.close_timeout)
         await self._runner.setup()
-        ssl_context = self._ssl_context()
+        ssl_context = self._ssl
         try:
             await web.TCPSite(self._runner, w.host, w.port, ssl_context=ssl_context).start()
         except OSError as exc:

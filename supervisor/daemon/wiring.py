@@ -36,14 +36,17 @@ class Components(TypedDict, total=False):
 def _autoscaler(settings: Settings, environ: dict[str, str]) -> Autoscaler | None:
     # Imported only in autoscaler mode: it brings in `cryptography`.
     from supervisor.autoscaler import AutoscalerEnv, AutoscalerEnvError
-    from supervisor.autoscaler.link import AutoscalerLink
+    from supervisor.autoscaler.link import AutoscalerLink, with_ssl
 
     environ.setdefault("REPORT_ADDR", settings.autoscaler.report_addr)
     try:
         env = AutoscalerEnv.from_environ(environ, settings.worker.port)
     except AutoscalerEnvError as exc:
         raise WiringError(f"autoscaler mode (REPORT_ADDR is set): {exc}") from None
-    return AutoscalerLink(env, settings) if env is not None else None
+    if env is None:
+        return None
+    # The public URL's scheme follows what the public port serves (USE_SSL or the file).
+    return AutoscalerLink(with_ssl(env, settings.worker.use_ssl), settings)
 
 
 def _provisioner(settings: Settings, environ: dict[str, str]) -> Provisioner | None:

@@ -26,6 +26,7 @@ from supervisor.gpu import (
     GpuSnapshot,
     HealthLevel,
     NvmlReader,
+    Severity,
     XidEventWatcher,
     evaluate,
 )
@@ -125,6 +126,21 @@ class GpuMonitor:
         if not self.available:
             return NullTelemetry()
         return SamplerTelemetry(self.sampler, index or 0)
+
+    def critical(self, index: int | None = None) -> tuple[str, ...]:
+        """Critical events (an XID or a double-bit ECC error the policy calls critical) of GPU
+        `index` (None: of any GPU), and those no GPU claims: what a restart does not heal."""
+        found: dict[str, None] = {}
+        for event in self.watcher.events():
+            if event.severity is not Severity.CRITICAL:
+                continue
+            if index is not None and event.gpu_index not in (None, index):
+                continue
+            what = f"XID {event.xid} ({event.meaning})" if event.kind is EventKind.XID \
+                else event.meaning
+            gpu = "?" if event.gpu_index is None else event.gpu_index
+            found[f"GPU {gpu}: {what}"] = None
+        return tuple(found)
 
     def verdict_summary(self) -> dict[str, Any]:
         return {"level": self._verdict.level.value, "reasons": list(self._verdict.reasons),

@@ -16,20 +16,24 @@ from aiohttp import web
 logger = logging.getLogger(__name__)
 
 
-class Rejected(Exception):
-    """A request refused at the door; `status` is 401 or 422, `reason` says why."""
-
-    def __init__(self, status: int, reason: str):
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
-
-
 @dataclass(frozen=True)
 class Admitted:
     payload: dict[str, Any]          # what goes to the wrapper: {"input": {...}}
     request_idx: int | None = None   # the autoscaler's id for the request
-    cost: float = 1.0
+    session: str | None = None       # the autoscaler session the request runs in
+
+
+class Rejected(Exception):
+    """A request refused at the door; `status` is 401, 410 or 422, `reason` says why.
+
+    `refused` is the request as far as it was read (its request_idx), when it is to be reported
+    as refused (a bad signature is; a malformed envelope or a replay is not)."""
+
+    def __init__(self, status: int, reason: str, refused: Admitted | None = None):
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+        self.refused = refused
 
 
 def split_body(body: Any) -> tuple[dict[str, Any] | None, Any]:

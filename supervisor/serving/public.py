@@ -14,10 +14,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import aiohttp
 from aiohttp import web
@@ -27,6 +28,7 @@ from api.contract.http import error_middleware, expect_handler
 from api.contract.http import json_response as _json
 from api.contract.request import RequestInvalid, parse_json_body
 from supervisor.reporting.metrics import WorkerMetrics
+from supervisor.instances.instance import Instance
 from supervisor.serving.gates import Admitted, Gate, Rejected, TokenGate
 from supervisor.serving.routing import Aborted, NotServing, Router
 from supervisor.state import WorkerStateTracker
@@ -35,15 +37,35 @@ logger = logging.getLogger(__name__)
 
 _PASS_HEADERS = ("X-Return-Outputs-As-Base64", "X-Include-ComfyUI-Response")
 
+#: The status a request gets when its client went away before the answer (nginx's, and the
+#: vastai SDK's, "client closed request"); nobody reads it but the accounting.
+CLIENT_GONE = 499
+
 
 @dataclass
 class RequestHooks:
-    """Callbacks for the autoscaler reporter; each is optional and must not raise."""
+    """Callbacks for the autoscaler reporter; each is optional and must not raise.
+
+    Every request that passed the door ends in exactly one of `finished` (it was accepted:
+    `received`, then `started` once handed to an instance) and `rejected` (refused before any
+    work: a bad signature, not serving, queue full, an estimated wait too long). `finished`
+    gets the HTTP status (499: the client went away) and the epoch times it entered the queue,
+    began and ended; `rejected` the refused request as far as it was read (None when its
+    auth_data could not be read), the HTTP status and the time it arrived."""
 
     received: Callable[[Admitted], None] | None = None
     started: Callable[[Admitted], None] | None = None
     finished: Callable[[Admitted, int, float, float, float], None] | None = None
-    rejected: Callable[[Admitted | None], None] | None = None
+    rejected: Callable[[Admitted | None, int, float], None] | None = None
+
+
+@dataclass(frozen=True)
+class WaitLimit:
+    """Refuse a request (429, Retry-After) whose estimated wait is longer than `max_seconds`;
+    `estimate()` is the wait in seconds a new request would have now (None: not known)."""
+
+    max_seconds: float
+    estimate: Callable[[], float | None]
 
 
 class PublicServer:
@@ -53,7 +75,8 @@ class PublicServer:
                  snapshot: Callable[[], dict[str, Any]], hooks: RequestHooks | None = None,
                  router: Router | None = None,
                  retry_after: int = 10, document: DocumentFactory | None = None,
-                 docs_public: bool = False):
+                 docs_public: bool = False, wait_limit: WaitLimit | None = None,
+                 routes: Sequence[web.RouteDef] = ()):
         self.tracker = tracker
         self.gate = gate
         self.metrics = metrics
@@ -66,6 +89,8 @@ class PublicServer:
         self.retry_after = retry_after
         self.document = document
         self.docs_public = docs_public
+        self.wait_limit = wait_limit
+        self.routes = tuple(routes)
         self.session: aiohttp.ClientSession | None = None
 
     def build_app(self, max_body_bytes: int) -> web.Application:
@@ -74,6 +99,7 @@ class PublicServer:
         app.router.add_post("/generate/sync", self.generate_sync, expect_handler=expect_handler)
         app.router.add_get("/health", self.health)
         app.router.add_get("/health/live", self.live)
+        app.router.add_routes(self.routes)
         if self.document is not None:
             add_doc_routes(app, self.document, title="comfy-worker", guard=self._docs_guard)
         app.cleanup_ctx.append(self._session_ctx)
@@ -110,14 +136,38 @@ class PublicServer:
         arrived = time.monotonic()
         status = 500
         try:
-            response = await self._generate(request, arrived)
+            response = await self._generate(request)
             status = response.status
             return response
+        except asyncio.CancelledError:
+            status = CLIENT_GONE
+            raise
         finally:
             self.metrics.requests.labels(str(status)).inc()
             self.metrics.duration.observe(time.monotonic() - arrived)
 
-    async def _generate(self, request: web.Request, arrived: float) -> web.Response:
+    def _refuse(self, refused: Admitted | None, response: web.Response,
+                entered: float) -> web.Response:
+        if self.hooks.rejected:
+            self.hooks.rejected(refused, response.status, entered)
+        return response
+
+    def _too_long(self) -> web.Response | None:
+        """429 when the estimated wait is longer than the limit (None: it may queue)."""
+        limit = self.wait_limit
+        if limit is None or limit.max_seconds <= 0:
+            return None
+        wait = limit.estimate()
+        if wait is None or wait <= limit.max_seconds:
+            return None
+        retry = max(1, math.ceil(wait - limit.max_seconds))
+        return _json({"error": f"estimated wait {wait:.1f} s is longer than max_queue_time "
+                               f"{limit.max_seconds:g} s; retry later",
+                      "estimated_wait_s": round(wait, 1), "state": self.tracker.state.value,
+                      "reason": "busy"}, 429, {"Retry-After": str(retry)})
+
+    async def _generate(self, request: web.Request) -> web.Response:
+        entered = time.time()
         try:
             body = parse_json_body(await request.read(), self.max_json_depth)
         except RequestInvalid as exc:
@@ -125,23 +175,24 @@ class PublicServer:
         try:
             admitted = self.gate.admit(request, body)
         except Rejected as exc:
-            return _json({"error": exc.reason}, exc.status)
+            response = _json({"error": exc.reason}, exc.status)
+            return self._refuse(exc.refused, response, entered) if exc.refused else response
         if not isinstance(admitted.payload, dict) or "input" not in admitted.payload:
             return _json({"error": "invalid request: 1 problem",
                           "errors": {"input": "missing; the body must be {\"input\": {...}}"}},
                          400)
+        if not self.tracker.state.serving:
+            return self._refuse(admitted, self._unavailable(), entered)
+        if self.router.full():
+            return self._refuse(admitted, _json(
+                {"error": f"queue full ({self.router.max_waiting} waiting); retry later",
+                 "state": self.tracker.state.value, "reason": "busy"}, 503,
+                {"Retry-After": str(self.retry_after)}), entered)
+        too_long = self._too_long()
+        if too_long is not None:
+            return self._refuse(admitted, too_long, entered)
         if self.hooks.received:
             self.hooks.received(admitted)
-        if not self.tracker.state.serving:
-            if self.hooks.rejected:
-                self.hooks.rejected(admitted)
-            return self._unavailable()
-        if self.router.full():
-            if self.hooks.rejected:
-                self.hooks.rejected(admitted)
-            return _json({"error": f"queue full ({self.router.max_waiting} waiting); "
-                                   "retry later", "state": self.tracker.state.value,
-                          "reason": "busy"}, 503, {"Retry-After": str(self.retry_after)})
 
         headers = {h: request.headers[h] for h in _PASS_HEADERS if h in request.headers}
         started_at = [0.0]
@@ -154,10 +205,9 @@ class PublicServer:
                 self.hooks.started(admitted)
 
         self.metrics.queue_depth.set(self.router.waiting + 1)
-        entered = time.time()
         status = 502
         try:
-            async def work(instance: Any) -> web.Response:
+            async def work(instance: Instance) -> web.Response:
                 return await self._forward(instance, admitted.payload, headers)
 
             # The router waits out a restart, and turns the request away when nothing serves.
@@ -169,6 +219,9 @@ class PublicServer:
             return self._unavailable()
         except Aborted as exc:
             return _json({"error": str(exc), "status": "failed"}, 502)
+        except asyncio.CancelledError:
+            status = CLIENT_GONE
+            raise
         finally:
             self.metrics.in_flight.set(self.router.in_flight)
             self.metrics.queue_depth.set(self.router.waiting)
@@ -176,7 +229,7 @@ class PublicServer:
                 self.hooks.finished(admitted, status, entered, started_at[0] or entered,
                                     time.time())
 
-    async def _forward(self, instance: Any, payload: dict[str, Any], headers: dict[str, str]
+    async def _forward(self, instance: Instance, payload: dict[str, Any], headers: dict[str, str]
                        ) -> web.Response:
         assert self.session is not None
         try:
@@ -227,7 +280,7 @@ def _request_id(payload: dict[str, Any]) -> str:
     return str(rid)
 
 
-def _with_served_by(data: bytes, content_type: str, instance: Any) -> bytes:
+def _with_served_by(data: bytes, content_type: str, instance: Instance) -> bytes:
     """The wrapper's JSON answer with `served_by` (instance and GPU) as its first field.
 
     Spliced in as bytes: an answer can carry megabytes of base64 that need not be parsed again."""

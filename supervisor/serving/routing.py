@@ -48,6 +48,16 @@ class _Ticket:
     request_id: str | None = None
     abort_reason: str | None = None
     requeue: bool = False
+    handed_at: float = 0.0      # time.monotonic() when the instance got it
+
+
+@dataclass(frozen=True)
+class Handed:
+    """What one instance holds now: when each of its requests was handed to it (oldest first,
+    monotonic seconds) and when it last finished one (None: not yet)."""
+
+    handed_at: tuple[float, ...]
+    last_done_at: float | None
 
 
 class Router:
@@ -63,6 +73,7 @@ class Router:
         self._queue: deque[asyncio.Future] = deque()
         self._in_flight: dict[asyncio.Future, _Ticket] = {}
         self._seq = itertools.count()
+        self._last_done: dict[int, float] = {}
 
     def add(self, instance: Any) -> None:
         self.instances.append(instance)
@@ -87,6 +98,12 @@ class Router:
 
     def running_on(self, number: int) -> int:
         return sum(1 for t in self._in_flight.values() if t.instance.number == number)
+
+    def handed(self, number: int) -> Handed:
+        """The requests instance `number` holds now, for an estimate of the wait."""
+        times = sorted(t.handed_at for t in self._in_flight.values()
+                       if t.instance.number == number)
+        return Handed(tuple(times), self._last_done.get(number))
 
     def full(self) -> bool:
         return self._pick() is None and self.waiting >= self.max_waiting
@@ -170,7 +187,7 @@ class Router:
         front = False
         while True:
             instance = await self._acquire(front)
-            ticket = _Ticket(instance, next(self._seq), request_id)
+            ticket = _Ticket(instance, next(self._seq), request_id, handed_at=time.monotonic())
             future = asyncio.ensure_future(work(instance))
             self._in_flight[future] = ticket
             try:
@@ -190,6 +207,8 @@ class Router:
                 raise
             finally:
                 del self._in_flight[future]
+                if future.done() and not future.cancelled():
+                    self._last_done[instance.number] = time.monotonic()
                 self._release(instance)
 
     # --- failing work from outside --------------------------------------------------------------

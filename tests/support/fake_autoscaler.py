@@ -5,7 +5,14 @@ It speaks the worker-facing half of the protocol on 127.0.0.1 over real HTTP:
 * ``GET /pubkey/`` serves the PEM of an RSA key generated for the test run;
 * ``POST /worker_status/`` and ``POST /delete_requests/`` are recorded for assertions;
 * ``POST /route/`` answers a client's ``{"endpoint", "api_key", "cost"}`` with signed
-  ``auth_data`` for the registered worker URL, so a client can be tested end to end.
+  ``auth_data`` for the registered worker URL, so a client can be tested end to end. With
+  ``route_when_ready`` it routes, as an autoscaler does, only to a worker whose last report says
+  it is ready (``loadtime`` > 0), at the ``url`` that report gives; until then it answers
+  without a ``url`` and the client polls with the same ``request_idx`` (the vastai SDK's client
+  does).
+
+Every record carries ``_at``, the time (``time.time()``) it arrived; ``pubkey_served_at`` lists
+when the key was handed out; ``routed`` the auth_data ``/route/`` handed out.
 
 It can go down in two ways: ``Outage.ERROR_503`` (answers every call with 503) and
 ``Outage.CLOSED`` (its port is closed and open connections dropped), and come back up on the
@@ -22,6 +29,7 @@ import enum
 import functools
 import json
 import threading
+import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -75,16 +83,20 @@ class FakeAutoscaler:
         *,
         api_key: str | None = None,
         legacy_signatures: bool = False,
+        route_when_ready: bool = False,
     ) -> None:
         self.key = key if key is not None else shared_private_key()
         self.api_key = api_key
         self.legacy_signatures = legacy_signatures
+        self.route_when_ready = route_when_ready
         self.worker_url: str | None = None
         self.pubkey_ready = True
+        self.pubkey_served_at: list[float] = []
         self.outage = Outage.NONE
         self.statuses: list[dict[str, Any]] = []
         self.deletes: list[dict[str, Any]] = []
         self.routes: list[dict[str, Any]] = []
+        self.routed: list[dict[str, Any]] = []     # the auth_data /route/ handed out
         self.hits: Counter[str] = Counter()
         self.port: int | None = None
         self.host = LOOPBACK
@@ -219,15 +231,23 @@ class FakeAutoscaler:
     async def _pubkey(self, request: web.Request) -> web.StreamResponse:
         if not self.pubkey_ready:
             return web.Response(status=503, text="key not ready")
+        self.pubkey_served_at.append(time.time())
         return web.Response(text=self.pem, content_type="text/plain")
 
     async def _worker_status(self, request: web.Request) -> web.StreamResponse:
-        await self._record(self.statuses, await request.json())
+        report = await request.json()
+        if self.route_when_ready and report.get("loadtime") and not report.get("error_msg"):
+            self.worker_url = report["url"]
+        await self._record(self.statuses, {**report, "_at": time.time()})
         return web.json_response({"ok": True})
 
     async def _delete_requests(self, request: web.Request) -> web.StreamResponse:
-        await self._record(self.deletes, await request.json())
+        await self._record(self.deletes, {**await request.json(), "_at": time.time()})
         return web.json_response({"ok": True})
+
+    def finished(self) -> list[dict[str, Any]]:
+        """Every entry of every /delete_requests/ batch, in the order they came."""
+        return [item for batch in list(self.deletes) for item in batch["requests"]]
 
     async def _route(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
@@ -239,14 +259,18 @@ class FakeAutoscaler:
             return web.json_response({"error": "invalid api_key"}, status=401)
         if self.worker_url is None:
             # No worker ready: the client is expected to ask again with this request_idx.
-            self._request_idx += 1
-            return web.json_response({"request_idx": self._request_idx, "status": "WAITING"})
+            idx = body.get("request_idx")
+            if not idx:
+                self._request_idx += 1
+                idx = self._request_idx
+            return web.json_response({"request_idx": idx, "status": "WAITING"})
         auth = self.make_auth_data(
             cost=body["cost"],
             endpoint=body["endpoint"],
             request_idx=body.get("request_idx") or None,
         )
         auth["__request_id"] = uuid.uuid4().hex  # extra fields must not upset the worker
+        self.routed.append({**auth, "_at": time.time()})
         return web.json_response(auth)
 
 
