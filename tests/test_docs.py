@@ -4,6 +4,7 @@ they are for, and a settings table that matches the declarations."""
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -156,3 +157,61 @@ def test_settings_page_is_in_sync_with_declarations():
     assert committed == render_settings_docs(), (
         "docs/settings.md drifted from config/settings.py: regenerate it with "
         "`comfy-worker config docs > docs/settings.md`")
+
+
+_DOCS_REF = re.compile(r"\bdocs/([\w-]+\.md)(?:#([\w-]+))?")
+_README_SECTION = re.compile(r"README(?!\.md)")
+_NOT_CODE = {"tests/test_docs.py"}  # this file names the README as the page it checks
+
+
+def code_files() -> list[Path]:
+    """The tracked files that are not pages: source, settings, unit, image, rules, scripts."""
+    listed = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True)
+    if listed.returncode != 0:
+        pytest.skip(f"not a git checkout, so no list of tracked files: {listed.stderr.strip()}")
+    listed = listed.stdout.split()
+    return [ROOT / name for name in listed
+            if not name.endswith(".md") and name not in _NOT_CODE
+            and (ROOT / name).is_file() and (ROOT / name).stat().st_size < 1_000_000]
+
+
+def stale_doc_references(path: Path, root: Path = ROOT) -> list[str]:
+    """A page (docs/x.md, docs/x.md#anchor) named in code that is not there, and a README
+    section named in code: the README only links, the facts live in docs/."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        return []
+    where = path.relative_to(root)
+    problems = []
+    for number, line in enumerate(text.splitlines(), 1):
+        for page, anchor in _DOCS_REF.findall(line):
+            dest = root / "docs" / page
+            if not dest.exists():
+                problems.append(f"{where}:{number}: docs/{page} does not exist")
+            elif anchor and anchor not in anchors(dest):
+                problems.append(f"{where}:{number}: no heading with the anchor #{anchor} in "
+                                f"docs/{page}")
+        if _README_SECTION.search(line):
+            problems.append(f"{where}:{number}: names a README section; point at the docs/ "
+                            "page that has it")
+    return problems
+
+
+def test_the_code_points_at_pages_that_exist():
+    problems = [problem for path in code_files() for problem in stale_doc_references(path)]
+    assert not problems, "\n".join(problems)
+
+
+def test_the_reference_check_finds_a_readme_section_and_a_missing_page(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "real.md").write_text("# Real\n\n## A heading\n")
+    code = tmp_path / "code.py"
+    code.write_text('log("see docs/real.md#a-heading")  # readme = "README.md"\n'
+                    'log("(README: multi-GPU hosts)")\n'
+                    "# docs/gone.md, docs/real.md#no-such-heading\n")
+    assert stale_doc_references(code, root=tmp_path) == [
+        "code.py:2: names a README section; point at the docs/ page that has it",
+        "code.py:3: docs/gone.md does not exist",
+        "code.py:3: no heading with the anchor #no-such-heading in docs/real.md",
+    ]

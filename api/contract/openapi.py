@@ -41,7 +41,7 @@ def _answer(description: str, *names: str, headers: dict[str, Any] | None = None
 _RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before trying again.",
                                 "schema": {"type": "string"}}}
 
-# The status codes of a request that ran (or was meant to), as the README's table has them.
+# The status codes of a request that ran (or was meant to), as docs/api.md#status-codes has them.
 _RAN = {
     "400": _answer("Invalid request: every problem at once, keyed by field; or ComfyUI refused "
                    "the workflow (its error and node_errors intact); or an input image could "

@@ -82,7 +82,7 @@ class Fleet:
         if not templated and len(usable) > 1:
             logger.warning("comfyui.command has no placeholders, so one instance serves this "
                            "host's %d GPUs; write --port {port} and {instance_folders} in it to "
-                           "run one per GPU (README: multi-GPU hosts)", len(usable))
+                           "run one per GPU (docs/multi-gpu.md)", len(usable))
         try:
             slots = select_gpus(self.settings.comfyui.gpus, gpus, templated=templated)
             return plan_checked(self.settings, slots, self.comfy_flags)

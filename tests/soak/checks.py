@@ -16,7 +16,8 @@ from typing import Any
 
 import psutil
 
-#: Every status a request may end with, as the README documents them (400 is not sent here).
+#: Every status a request may end with in the soak, as docs/api.md#status-codes documents them
+#: (400 is not sent here; no fault fills a disk, so no 507).
 DOCUMENTED = {200, 400, 422, 499, 502, 503, 504}
 _IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 

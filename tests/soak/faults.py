@@ -182,7 +182,8 @@ class Injector:
         os.kill(pid, signal.SIGKILL)
         # It appears once the daemon has seen ComfyUI die (a leftover starting up, another
         # worker's ComfyUI): within those milliseconds a prompt already on its way may still
-        # reach whatever answers (see the README), which is not what this fault measures.
+        # reach whatever answers (docs/operations.md#children-crashes-hangs-stalls-strangers),
+        # which is not what this fault measures.
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
             child = (await self.worker.status() or {}).get("children", {}).get("comfyui", {})
