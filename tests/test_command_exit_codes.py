@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import asyncio
 import os
+import re
 import socket
 import sys
 import threading
@@ -25,6 +26,7 @@ from supervisor.commands.cli import COMMANDS, main
 from supervisor.reporting.admin import AdminServer
 from tests.support import procs
 from tests.support.procs import ROOT, base_env
+from tests.support.systemd_unit import parse_unit
 
 BAD_PORT = {"WORKER_PORT": "70000"}
 
@@ -172,10 +174,28 @@ def test_a_done_action_is_0_and_a_refused_one_is_1_with_the_daemons_words(invoke
 # --- where the policy is written -----------------------------------------------------------------
 def test_help_lists_the_exit_codes():
     text = CliRunner().invoke(main, ["--help"], terminal_width=100).stdout
-    assert "Exit codes" in text
+    acting, _, judging = text.partition("exit with their verdict instead")
+    assert "Exit codes" in acting and judging
     for row in app.EXIT_CODES:
-        assert f"  {row.code}  {row.acting.split()[0]}" in text
-        assert f"  {row.code}  {row.judging.split()[0]}" in text
+        assert re.search(rf"^ +{row.code} +{re.escape(row.acting.split()[0])}", acting, re.M)
+        if row.judging:
+            assert re.search(rf"^ +{row.code} +{re.escape(row.judging.split()[0])}", judging,
+                             re.M)
+        else:  # a code the judging commands never exit with is not in their list
+            assert not re.search(rf"^ +{row.code} ", judging, re.M)
+
+
+def test_run_exits_75_for_a_restart_the_unit_and_the_image_act_on():
+    """The code `run` ends with after POST /pyworker/update is in the table, is not 0 (which
+    systemd's Restart=on-failure and a runtime's --restart on-failure leave stopped), and the
+    shipped unit does not count it as success or exclude it from restarts."""
+    assert app.Outcome.RESTART_REQUESTED == 75
+    (row,) = [row for row in app.EXIT_CODES if row.code == app.Outcome.RESTART_REQUESTED]
+    assert row.acting.startswith("run only: restart requested") and not row.judging
+    service = parse_unit()["Service"]
+    assert service["Restart"][-1] in ("on-failure", "always")
+    for key in ("SuccessExitStatus", "RestartPreventExitStatus"):
+        assert "75" not in " ".join(service.get(key, [])).split(), key
 
 
 def test_the_docs_hold_the_exit_code_table():

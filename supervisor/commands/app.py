@@ -34,6 +34,8 @@ class Outcome(enum.IntEnum):
     FAILED = 1          # the request, the action or a file did not succeed, or a part is missing
     BAD_SETTINGS = 2    # a setting, an option or a file is wrong
     NO_DAEMON = 3       # the daemon's admin socket did not answer
+    RESTART_REQUESTED = 75  # run: the autoscaler asked for an update (EX_TEMPFAIL, not 0, so
+    #                         that systemd's Restart=on-failure starts the worker again)
 
 
 class Verdict(enum.IntEnum):
@@ -166,7 +168,7 @@ def settings(ctx: click.Context) -> Settings:
 class Meaning:
     code: int
     acting: str     # run, demo, api, config, client, models, restart-comfyui, drain, resume
-    judging: str    # health, gpu, benchmark
+    judging: str = ""   # health, gpu, benchmark; "" for a code they never exit with
 
 
 JUDGING = ("health", "gpu", "benchmark")
@@ -182,14 +184,16 @@ EXIT_CODES: Sequence[Meaning] = (
                "no answer, permission denied)",
             "unknown: no verdict, because the daemon is not reachable or a setting or an "
             "option is wrong (health still prints what the host shows)"),
+    Meaning(75, "run only: restart requested: the autoscaler asked for an update (POST "
+                "/pyworker/update); the service manager starts the worker again"),
 )
 
 
 def exit_codes_help() -> str:
     """The epilog of `comfy-worker --help` (\\b keeps click from re-wrapping it)."""
     def rows(column: Callable[[Meaning], str]) -> list[str]:
-        return [textwrap.fill(column(row), 76, initial_indent=f"  {row.code}  ",
-                              subsequent_indent="     ") for row in EXIT_CODES]
+        return [textwrap.fill(column(row), 76, initial_indent=f"  {row.code:<2}  ",
+                              subsequent_indent="      ") for row in EXIT_CODES if column(row)]
 
     return "\n".join(["\b", "Exit codes (errors go to stderr as \"comfy-worker: <message>\"):",
                       *rows(lambda row: row.acting), "",
@@ -201,5 +205,5 @@ def exit_codes_markdown() -> str:
     """The "Exit codes" table of the docs (a test checks that they hold this text)."""
     lines = [f"| Code | Commands that act | Commands that judge ({', '.join(JUDGING)}) |",
              "|---|---|---|"]
-    lines += [f"| {row.code} | {row.acting} | {row.judging} |" for row in EXIT_CODES]
+    lines += [f"| {row.code} | {row.acting} | {row.judging or '—'} |" for row in EXIT_CODES]
     return "\n".join(lines) + "\n"

@@ -17,12 +17,16 @@ from supervisor.commands import app
 from supervisor.commands.admin_socket import announce_demo_socket, forget_demo_socket
 from supervisor.commands.demo import demo_environment
 from supervisor.daemon import preflight
-from supervisor.daemon.daemon import Daemon, DaemonStartError
+from supervisor.daemon.daemon import Daemon, DaemonStartError, Ending
 from supervisor.daemon.wiring import WiringError, build_components
 
 
-def run_daemon(settings: Settings) -> int:
-    """Run the daemon until it is stopped; its exit status."""
+#: How the daemon's ending becomes the exit status (app.EXIT_CODES says what each means).
+ENDINGS = {Ending.STOPPED: app.Outcome.OK, Ending.RESTART_REQUESTED: app.Outcome.RESTART_REQUESTED}
+
+
+def run_daemon(settings: Settings) -> app.Outcome:
+    """Run the daemon until it is stopped; how it ended."""
     setup_logging(settings.worker.log_level, settings.secrets(), name="[supervisor]")
     problems = preflight.check(settings)
     if problems:
@@ -36,14 +40,14 @@ def run_daemon(settings: Settings) -> int:
         raise app.BadSettings(str(exc)) from None
     daemon = Daemon(settings, **components)
     try:
-        return asyncio.run(daemon.run())
+        return ENDINGS[asyncio.run(daemon.run())]
     except DaemonStartError as exc:
         raise app.Failed(str(exc)) from None
 
 
 @app.command("run")
 @click.pass_context
-def run(ctx: click.Context) -> int:
+def run(ctx: click.Context) -> app.Outcome:
     """Run the worker daemon: ComfyUI, the wrapper, the public port (systemd starts this)."""
     return run_daemon(app.settings(ctx))
 
@@ -55,7 +59,7 @@ def run(ctx: click.Context) -> int:
 @click.option("--gpus", type=click.IntRange(1, 16), default=1, show_default=True,
               help="Fake GPUs: one instance (simulator + wrapper) each.")
 @click.pass_context
-def demo(ctx: click.Context, port: int, state_dir: str, gpus: int) -> int:
+def demo(ctx: click.Context, port: int, state_dir: str, gpus: int) -> app.Outcome:
     """Run the whole worker with the ComfyUI simulator: no GPU, no ComfyUI needed."""
     token = os.environ.get("WORKER_AUTH_TOKEN") or secrets.token_urlsafe(18)
     env = demo_environment(Path(state_dir).resolve(), port, token, gpus)

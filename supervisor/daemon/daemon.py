@@ -18,13 +18,14 @@ in this order and stopped in reverse:
 Stopping is the reverse: the drain lets queued work finish (worker.drain_timeout; a second
 SIGTERM/SIGINT skips it), what is left is failed, then each part stops within its own timeout.
 Signal handlers only set flags; the main coroutine does the work. The autoscaler's
-POST /pyworker/update stops it the same way, and `run()` then returns EXIT_RESTART so that the
-service manager starts the (updated) worker again.
+POST /pyworker/update stops it the same way, and `run()` then returns `Ending.RESTART_REQUESTED`,
+which the `run` command turns into an exit status the service manager restarts (75).
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import os
 import signal
@@ -53,13 +54,17 @@ from supervisor.sdnotify import SystemdNotifier
 from supervisor.serving.gates import Gate, OpenGate, TokenGate
 from supervisor.serving.public import RequestHooks, WaitLimit
 
-__all__ = ["EXIT_RESTART", "Daemon", "DaemonStartError", "stop_budget", "stop_timeouts"]
+__all__ = ["Daemon", "DaemonStartError", "Ending", "stop_budget", "stop_timeouts"]
 
 logger = logging.getLogger(__name__)
 
-#: The exit status after POST /pyworker/update (EX_TEMPFAIL): not 0, so that a service manager
-#: that restarts only a failed worker (systemd's Restart=on-failure) starts it again.
-EXIT_RESTART = 75
+
+class Ending(enum.Enum):
+    """Why `Daemon.run()` returned; the `run` command maps it to the process's exit status."""
+
+    STOPPED = "stopped"                        # SIGTERM or SIGINT: stay stopped
+    RESTART_REQUESTED = "restart requested"    # POST /pyworker/update: start again, updated
+
 
 #: Stop timeouts of the stages that have no setting of their own, in seconds.
 ADMIN_CLOSE_TIMEOUT = 2.0
@@ -125,7 +130,7 @@ class Daemon:
                                 gpu=gpu_monitor, provisioner=provisioner)
         self.stages = Stages(self._stages())
         self._stop_requests = 0
-        self._exit_status = 0
+        self._ending = Ending.STOPPED
         self._stop_event = asyncio.Event()
         self._stop_now = asyncio.Event()   # a second SIGTERM/SIGINT: skip the drain
 
@@ -273,11 +278,11 @@ class Daemon:
         self._stop_event.set()
 
     def _update_requested(self) -> None:
-        self._exit_status = EXIT_RESTART
+        self._ending = Ending.RESTART_REQUESTED
         self.request_stop("POST /pyworker/update")
 
-    async def run(self) -> int:
-        """Run until stopped; the exit status (EXIT_RESTART after an update request)."""
+    async def run(self) -> Ending:
+        """Run until stopped; why it stopped (RESTART_REQUESTED after an update request)."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop, signal.Signals(sig).name)
@@ -291,4 +296,4 @@ class Daemon:
             await self._stop_event.wait()
         finally:
             await self.stages.stop()
-        return self._exit_status
+        return self._ending
