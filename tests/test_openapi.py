@@ -8,8 +8,10 @@ and bodies built near each modifier's bounds. For each one, "the schema accepts 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import string
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -28,8 +30,11 @@ from api.wrapper.server import build_app, merge_blocks
 from api.wrapper.service import build_graph
 from api.wrapper.webhooks import WebhookSettings
 from supervisor.autoscaler import REQUIRED_AUTH_FIELDS
+from supervisor.autoscaler.env import AutoscalerEnv
+from supervisor.autoscaler.link import AutoscalerLink
 from supervisor.serving.gates import TokenGate
 from supervisor.serving.public import PublicServer
+from supervisor.state import Readiness, WorkerState
 from tests.support.bodies import documents, odd_values
 
 LIMITS = {"api.max_dimension": 256, "api.max_steps": 50}
@@ -41,6 +46,7 @@ SCHEMA = Draft202012Validator(standalone("GenerateRequest", WRAPPER["components"
 AGREE = settings(max_examples=400, deadline=None, database=None,
                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 METHODS = {"get", "post", "put", "delete", "patch"}
+MASTER = "master-token"
 
 
 def public_documents():
@@ -84,14 +90,108 @@ def test_wrapper_document_lists_exactly_the_routes_the_wrapper_registers():
     assert registered(app) == operations(WRAPPER)
 
 
+def public_app(gate, routes=()):
+    """The public port's app as the daemon builds it (listeners.PublicPort), for one gate."""
+    server = PublicServer(tracker=None, gate=gate, metrics=None, max_waiting=1, max_json_depth=8,
+                          request_timeout=1, liveness=lambda: (True, ""), snapshot=dict,
+                          document=dict, routes=routes)
+    return server.build_app(1024)
+
+
+def autoscaler_link(report_addr: str = "http://unused"):
+    """The daemon's AutoscalerLink, from the settings and environment a Vast instance has."""
+    from config import load_settings
+
+    env = AutoscalerEnv(report_addrs=(report_addr,), container_id=42, master_token=MASTER,
+                        public_ip="203.0.113.7", public_port=41234, worker_port=3000)
+    settings = load_settings(None, environ={"REPORT_ADDR": report_addr, "CONTAINER_ID": "42",
+                                            "PUBLIC_IPADDR": "203.0.113.7",
+                                            "AUTOSCALER_REPORT_INTERVAL": "0.2"})
+    return AutoscalerLink(env, settings)
+
+
 def test_public_document_lists_exactly_the_routes_the_public_port_registers():
-    server = PublicServer(tracker=None, gate=TokenGate("t"), metrics=None, max_waiting=1, max_json_depth=8, request_timeout=1,
-                          liveness=lambda: (True, ""), snapshot=dict, document=dict)
-    app = server.build_app(1024)
-    for document in public_documents().values():
-        assert registered(app) == operations(document)
+    app = public_app(TokenGate("t"))
+    docs = public_documents()
+    for mode in ("token", "token-docs-public", "unsecured"):
+        assert registered(app) == operations(docs[mode]), mode
     # and nothing of the wrapper's own routes leaks into it
-    assert ("POST", "/generate") not in operations(public_documents()["token"])
+    assert ("POST", "/generate") not in operations(docs["token"])
+
+
+def test_autoscaler_document_lists_exactly_the_routes_the_public_port_registers_then():
+    """Behind the autoscaler the daemon adds the link's routes (sessions, update): each one
+    the app answers is in the document, and the document lists nothing it does not answer."""
+    link = autoscaler_link()
+    app = public_app(link.gate(), link.routes())
+    documented = operations(public_documents()["autoscaler"])
+    assert registered(app) == documented
+    assert {("POST", "/session/create"), ("POST", "/session/end"), ("POST", "/session/get"),
+            ("POST", "/session/health"), ("POST", "/pyworker/update")} <= documented
+
+
+def documented_answer(document, path: str, status: int):
+    """A validator for the body the document gives `path` for `status` (KeyError: none)."""
+    answer = document["paths"][path]["post"]["responses"][str(status)]
+    schema = answer["content"]["application/json"]["schema"]
+    return Draft202012Validator({**schema, "components": document["components"]})
+
+
+async def test_the_autoscaler_routes_answer_as_documented(fake_autoscaler):
+    """Each session and update answer of the real routes, signed by a stand-in autoscaler,
+    has a status the document lists for that route and a body its schema accepts."""
+    from aiohttp import ClientSession
+    from aiohttp.test_utils import TestServer
+
+    document = public_documents()["autoscaler"]
+    link = autoscaler_link(fake_autoscaler.url)
+    updates = []
+    link.on_update = lambda: updates.append(True)
+    await link.start(lambda: Readiness(WorkerState.READY, "ready", 0.5, time.time()))
+    seen = []
+    try:
+        for _ in range(100):            # the public key, fetched from the stand-in
+            if link.verifies:
+                break
+            await asyncio.sleep(0.05)
+        assert link.verifies
+        async with TestServer(public_app(link.gate(), link.routes())) as server, \
+                ClientSession() as http:
+            async def post(path, expected, body=None, **kwargs):
+                async with http.post(server.make_url(path), json=body, **kwargs) as answer:
+                    got = (answer.status, await answer.json())
+                assert got[0] == expected, (path, got)
+                errors = [e.message for e in documented_answer(document, path, got[0])
+                          .iter_errors(got[1])]
+                assert not errors, (path, got, errors)
+                seen.append((path, got[0]))
+                return got[1]
+
+            auth = fake_autoscaler.make_auth_data(url=link.env.public_url, cost=100)
+            options = {"lifetime": 30, "on_close_payload": {"bye": 1}}
+            created = await post("/session/create", 201, {"auth_data": auth, "payload": options})
+            await post("/session/create", 401, {"auth_data": {**auth, "signature": "AAAA"},
+                                                "payload": options})
+            await post("/session/create", 422, {"auth_data": auth, "payload": {"lifetime": 0}})
+            named = {"session_id": created["session_id"], "session_auth": auth}
+            view = await post("/session/get", 200, named)
+            assert view["session_id"] == created["session_id"] and view["lifetime"] == 30
+            assert (await post("/session/health", 200, named))["ok"] is True
+            await post("/session/get", 401, {**named, "session_auth": {"other": 1}})
+            await post("/session/get", 422, {"session_auth": auth})
+            ended = await post("/session/end", 200, named)
+            assert ended["removed_session"] == created["session_id"]
+            await post("/session/end", 400, named)
+            await post("/session/get", 400, named)
+            assert (await post("/session/health", 200, named))["ok"] is False
+            await post("/pyworker/update", 401, headers={"Authorization": "Bearer nope"})
+            assert not updates
+            await post("/pyworker/update", 200, headers={"Authorization": f"Bearer {MASTER}"})
+            assert updates == [True]
+    finally:
+        await link.stop()
+    assert {path for path, _ in seen} == {path for _, path in operations(document)
+                                          if path.startswith(("/session/", "/pyworker/"))}
 
 
 def test_every_status_code_of_the_docs_table_is_documented():
@@ -113,11 +213,23 @@ def test_auth_schemes_follow_the_public_ports_mode():
     assert docs["token"]["paths"]["/docs"]["get"]["security"] == [{"bearer": []}]
     assert docs["token-docs-public"]["paths"]["/docs"]["get"]["security"] == []
     auto = docs["autoscaler"]
-    assert "securitySchemes" not in auto["components"]
     body = auto["paths"]["/generate/sync"]["post"]["requestBody"]["content"]
     assert body["application/json"]["schema"] == {"$ref": "#/components/schemas/AutoscalerRequest"}
     assert auto["components"]["schemas"]["AuthData"]["required"] == list(REQUIRED_AUTH_FIELDS)
     assert "401" in auto["paths"]["/docs"]["get"]["responses"]
+    # The work and the sessions carry their auth in the body (a signed auth_data, then the
+    # session's own as session_auth); only the update takes a bearer token, the MASTER_TOKEN.
+    assert set(auto["components"]["securitySchemes"]) == {"masterToken"}
+    assert auto["paths"]["/pyworker/update"]["post"]["security"] == [{"masterToken": []}]
+    for path in ("/generate/sync", "/session/create", "/session/end", "/session/get",
+                 "/session/health"):
+        assert auto["paths"][path]["post"]["security"] == [], path
+    create = auto["components"]["schemas"]["SessionCreateRequest"]
+    assert create["properties"]["auth_data"] == {"$ref": "#/components/schemas/AuthData"}
+    assert auto["components"]["schemas"]["SessionRequest"]["required"] == ["session_id",
+                                                                            "session_auth"]
+    for mode in ("token", "unsecured"):
+        assert not any(path.startswith(("/session/", "/pyworker/")) for path in docs[mode]["paths"])
 
 
 # --- modifiers ---------------------------------------------------------------------------------------

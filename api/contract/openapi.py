@@ -234,6 +234,67 @@ _ID_PARAMETER = {"name": "request_id", "in": "path", "required": True,
 
 
 # --- the public port ------------------------------------------------------------------------------
+def _autoscaler_paths() -> dict[str, Any]:
+    """What the public port serves besides the work behind the autoscaler: the vastai SDK's
+    session routes (authenticated by the body: a signed auth_data, then the session's own as
+    session_auth) and its update route (the MASTER_TOKEN as a bearer token)."""
+    def op(operation_id: str, summary: str, description: str, body: str | None,
+           responses: dict[str, Any], security: list) -> dict[str, Any]:
+        operation: dict[str, Any] = {"tags": ["autoscaler"], "operationId": operation_id,
+                                     "summary": summary, "description": description,
+                                     "security": security}
+        if body:
+            operation["requestBody"] = _body(body)
+        operation["responses"] = dict(sorted(responses.items()))
+        return {"post": operation}
+
+    malformed = _answer("Not a JSON object, or a field missing or of the wrong type (the "
+                        "message names it).", "Error")
+    unknown = _answer("No such session (never opened, or closed).", "Error")
+    wrong_auth = _answer("session_auth is not the session's auth_data.", "Error")
+    by_session = ("Names the session by session_id, with its auth_data as session_auth "
+                  "(no signature of its own).")
+    return {
+        "/session/create": op(
+            "sessionCreate", "Open a session: this worker kept for several requests.",
+            "auth_data is what the autoscaler's /route/ answered and is checked as a "
+            "request's (signature, URL, replay). The session holds one request's workload in "
+            "the reports until it closes; requests that name its session_id run in it and "
+            "extend it by one lifetime.", "SessionCreateRequest",
+            {"201": _answer("Opened.", "SessionCreated"),
+             "401": _answer("Missing, bad or replayed signature, or the autoscaler's key not "
+                            "yet fetched.", "Error"),
+             "413": _RAN["413"], "422": malformed,
+             "429": _answer("autoscaler.max_sessions are open already (reported Rejected).",
+                            "Error")}, []),
+        "/session/end": op(
+            "sessionEnd", "Close a session.",
+            by_session + " Its requests in flight are cancelled and on_close_payload is posted "
+            "to on_close_route.", "SessionRequest",
+            {"200": _answer("Closed.", "SessionEnded"), "400": unknown, "401": wrong_auth,
+             "410": _answer("It closed meanwhile.", "Error"), "413": _RAN["413"],
+             "422": malformed}, []),
+        "/session/get": op(
+            "sessionGet", "A session as it is now.", by_session, "SessionRequest",
+            {"200": _answer("The session.", "Session"), "400": unknown, "401": wrong_auth,
+             "413": _RAN["413"], "422": malformed}, []),
+        "/session/health": op(
+            "sessionHealth", "Whether a session is open.", by_session, "SessionRequest",
+            {"200": _answer("ok: true while it is open, false for one that is not.",
+                            "SessionHealth"),
+             "401": wrong_auth, "413": _RAN["413"], "422": malformed}, []),
+        "/pyworker/update": op(
+            "pyworkerUpdate", "Restart the worker to update it.",
+            "The worker takes no new work, lets what is queued finish (worker.drain_timeout), "
+            "stops its children and exits with status 75, for its service manager to start "
+            "it again. Needs `Authorization: Bearer <MASTER_TOKEN>`; refused while "
+            "MASTER_TOKEN is unset.", None,
+            {"200": _answer("Accepted: the worker drains, then exits.", "UpdateAccepted"),
+             "401": _answer("Missing or wrong MASTER_TOKEN.", "Error")},
+            [{"masterToken": []}]),
+    }
+
+
 _AUTH_TEXT = {
     "token": "Send `Authorization: Bearer <WORKER_AUTH_TOKEN>` with every request except the "
              "probes (/health, /health/live).",
@@ -267,6 +328,11 @@ def public_document(registry: ModifierRegistry, auth: AuthMode, *, docs_public: 
     }
     if auth != "unsecured":
         responses["401"] = _answer(refused, "Error")
+    if auth == "autoscaler":
+        responses["410"] = _answer("The request names a session_id that is not open.", "Error")
+        responses["429"] = _answer("The estimated wait is over autoscaler.max_queue_time; "
+                                   "retry after Retry-After seconds (reported Rejected).",
+                                   "Error", headers=_RETRY_AFTER)
     generate: dict[str, Any] = {
         "tags": ["generate"], "operationId": "generateSync",
         "summary": "Run a request and answer its result.",
@@ -293,13 +359,16 @@ def public_document(registry: ModifierRegistry, auth: AuthMode, *, docs_public: 
                           "503": _answer("The watch loop is stuck.", "Liveness")}}},
         **_docs_paths("docs", [] if docs_public or auth != "token" else security),
     }
+    if auth == "autoscaler":
+        paths.update(_autoscaler_paths())
     if auth == "autoscaler" and not docs_public:
         for path in ("/openapi.json", "/docs", "/docs/{asset}"):
             paths[path]["get"]["responses"]["401"] = _answer(
                 "Behind the autoscaler the docs are served only with worker.docs_public.",
                 "Error")
     components: dict[str, Any] = {"schemas": {
-        **_components(registry), **schemas.autoscaler_schemas(required_auth_fields)}}
+        **_components(registry), **schemas.autoscaler_schemas(required_auth_fields),
+        **(schemas.session_schemas() if auth == "autoscaler" else {})}}
     # Every JSON answer the wrapper gives (a result, or its refusal) comes with served_by.
     for name in ("Result", "Error"):
         answer = components["schemas"][name]
@@ -308,12 +377,22 @@ def public_document(registry: ModifierRegistry, auth: AuthMode, *, docs_public: 
     if auth == "token":
         components["securitySchemes"] = {"bearer": {
             "type": "http", "scheme": "bearer", "description": _AUTH_TEXT["token"]}}
+    if auth == "autoscaler":
+        components["securitySchemes"] = {"masterToken": {
+            "type": "http", "scheme": "bearer",
+            "description": "The instance's MASTER_TOKEN (from Vast), for /pyworker/update."}}
+    tags = [{"name": "generate"}, {"name": "health"}, {"name": "docs"}]
+    if auth == "autoscaler":
+        tags.append({"name": "autoscaler", "description": "The vastai SDK's session and "
+                                                          "update routes."})
     document: Document = {
         "openapi": "3.1.0",
         "info": _info("comfy-worker",
                       "The public port of a ComfyUI worker: one generation route, guarded by "
-                      "the worker's health, and its probes. " + _AUTH_TEXT[auth]),
-        "tags": [{"name": "generate"}, {"name": "health"}, {"name": "docs"}],
+                      "the worker's health, and its probes"
+                      + (", and the autoscaler's session and update routes. "
+                         if auth == "autoscaler" else ". ") + _AUTH_TEXT[auth]),
+        "tags": tags,
         "paths": paths,
         "components": components,
     }

@@ -262,15 +262,85 @@ def autoscaler_schemas(required_auth_fields: tuple[str, ...] | None) -> dict[str
                 "signature": {"type": "string"}, "url": {"type": "string"},
             },
         }
+    envelope: Schema = {"auth_data": ref("AuthData"), "payload": ref("GenerateRequest")}
+    if required_auth_fields is not None:
+        envelope["session_id"] = {
+            "type": "string", "description": "Run it in this open session (/session/create): "
+                                            "auth_data must then be the session's own; an id "
+                                            "that is not open is a 410."}
     return {
         "AutoscalerRequest": {
             "type": "object", "required": ["auth_data", "payload"],
             "description": "A request routed by the autoscaler: its signed auth_data and the "
                            "request itself as payload. Only payload goes on to the wrapper.",
-            "properties": {"auth_data": ref("AuthData"), "payload": ref("GenerateRequest")},
+            "properties": envelope,
             "not": {"required": ["input"]},
         },
         "AuthData": auth_data,
+    }
+
+
+def session_schemas() -> dict[str, Schema]:
+    """The bodies of the vastai SDK's session and update routes, as the worker serves them
+    behind the autoscaler (supervisor/autoscaler/worker_routes.py)."""
+    number = {"type": "number"}
+    return {
+        "SessionCreateRequest": {
+            "type": "object", "required": ["auth_data", "payload"],
+            "description": "Open a session with what the autoscaler's /route/ answered; its "
+                           "signature is checked as a request's is.",
+            "properties": {"auth_data": ref("AuthData"), "payload": ref("SessionOptions")},
+        },
+        "SessionOptions": {
+            "type": "object",
+            "properties": {
+                "lifetime": {"type": "number", "exclusiveMinimum": 0, "default": 60,
+                             "description": "Seconds it stays open; each request in it adds "
+                                            "one lifetime."},
+                "on_close_route": {"type": "string", "description": "A route of the model "
+                                   "server (the first wrapper) posted to when it closes."},
+                "on_close_payload": {"description": "What is posted there (any JSON; an "
+                                                    "object gets session_id added)."},
+            },
+        },
+        "SessionCreated": {
+            "type": "object", "additionalProperties": False,
+            "required": ["session_id", "expiration"],
+            "properties": {"session_id": {"type": "string"},
+                           "expiration": {**number, "description": "Unix time it closes."}},
+        },
+        "SessionRequest": {
+            "type": "object", "required": ["session_id", "session_auth"],
+            "properties": {
+                "session_id": {"type": "string"},
+                "session_auth": {"type": "object", "description": "The session's auth_data, "
+                                 "exactly as /session/create got it."},
+            },
+        },
+        "Session": {
+            "type": "object", "additionalProperties": False,
+            "required": ["session_id", "auth_data", "lifetime", "expiration", "created_at",
+                         "on_close_route", "on_close_payload"],
+            "properties": {
+                "session_id": {"type": "string"}, "auth_data": {"type": "object"},
+                "lifetime": number, "expiration": number, "created_at": number,
+                "on_close_route": {"type": ["string", "null"]}, "on_close_payload": {},
+            },
+        },
+        "SessionEnded": {
+            "type": "object", "additionalProperties": False,
+            "required": ["ended", "removed_session"],
+            "properties": {"ended": {"const": True}, "removed_session": {"type": "string"}},
+        },
+        "SessionHealth": {
+            "type": "object", "additionalProperties": False, "required": ["ok"],
+            "properties": {"ok": {"type": "boolean", "description": "Whether the session is "
+                                  "open (false for one that is not)."}},
+        },
+        "UpdateAccepted": {
+            "type": "object", "additionalProperties": False, "required": ["ok", "message"],
+            "properties": {"ok": {"const": True}, "message": {"type": "string"}},
+        },
     }
 
 
@@ -351,6 +421,9 @@ def answer_schemas() -> dict[str, Schema]:
                 "id": {"type": "string"},
                 "state": {"type": "string", "description": "The worker's state (public port)."},
                 "reason": {"type": "string", "description": "Why it is in that state."},
+                "estimated_wait_s": {"type": "number", "description": "The wait a new request "
+                                     "would have had (public port, behind the autoscaler: "
+                                     "over autoscaler.max_queue_time)."},
             },
         },
         "WrapperHealth": {
