@@ -235,6 +235,20 @@ async def test_vast_template_reports_ready_and_serves_a_signed_request(image, tm
     assert done["success"] is True, outcome.deleted
 
 
+async def test_an_update_request_exits_75_and_restart_on_failure_starts_it_again(image, tmp_path,
+                                                                                request):
+    from tests.support import vast_template  # aiohttp-based, as above
+
+    restarted = await vast_template.check_update(image.tag, tmp_path, log=lambda line: _report(
+        request, line))
+    assert restarted.update_status == 200, restarted.logs[-3000:]
+    # tini passed the daemon's 75 on; the runtime took it for a failure and started it again.
+    assert restarted.exit_code == 75, restarted.logs[-3000:]
+    assert restarted.restart_count == 1
+    assert restarted.ready_again["url"].startswith("https://"), restarted.ready_again
+    assert restarted.logs.count("POST /pyworker/update: draining") == 1
+
+
 # A ComfyUI checkout for the with-comfyui target: its main.py hands its command line to the
 # simulator, so the image's default comfyui.command (ComfyUI's own venv, main.py) runs it.
 FAKE_COMFYUI = {

@@ -12,7 +12,9 @@ template, with the stand-in autoscaler (tests/support/fake_autoscaler.py) where 
 * the state folder on a volume, so a restarted worker keeps its benchmark.
 
 It passes when the worker reports ready (loadtime and max_perf) and a request signed by the
-stand-in gets 200 over https, while an unsigned one gets 401.
+stand-in gets 200 over https, while an unsigned one gets 401. `check_update` starts it the same
+way with `--restart on-failure` and asks for an update (POST /pyworker/update): the worker exits
+75, tini passes that on, the runtime starts the container again and the worker reports ready.
 """
 
 from __future__ import annotations
@@ -57,11 +59,7 @@ def vast_environment(report_addr: str, container_id: int, master_token: str, pub
         # The template's:
         "REPORT_ADDR": report_addr,
         "WORKER_PORT": str(WORKER_PORT),
-        "USE_SSL": "true",
-        # For now the daemon needs the certificate's paths spelled out; once it defaults to
-        # Vast's instance certificate behind the autoscaler, these two lines can go.
-        "WORKER_SSL_CERT": CERT,
-        "WORKER_SSL_KEY": KEY,
+        "USE_SSL": "true",   # the certificate: Vast's, at CERT and KEY (the daemon's default)
     }
 
 
@@ -106,8 +104,33 @@ class Outcome:
     logs: str
 
 
-async def check(image: str, folder: Path, *, log=print) -> Outcome:
-    """Start the image as the template does, against a stand-in; see the module doc."""
+@dataclass
+class Instance:
+    """The image running as a Vast instance, against a stand-in autoscaler."""
+
+    fake: FakeAutoscaler
+    container: harness.Container
+    certificate: Path
+    master_token: str
+
+    def trust(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=str(self.certificate))
+
+    async def ready(self, after: float = 0.0) -> dict[str, Any]:
+        """The first ready report (loadtime and max_perf) received after `after` (time.time)."""
+        try:
+            return await self.fake.wait_for_status(
+                lambda s: s["_at"] > after and s.get("loadtime", 0) > 0
+                and s.get("max_perf", 0) > 0, timeout=READY_WITHIN)
+        except (asyncio.TimeoutError, TimeoutError):
+            raise AssertionError("no ready report within "
+                                 f"{READY_WITHIN:g} s:\n{self.container.logs()[-4000:]}") \
+                from None
+
+
+async def start(image: str, folder: Path, *, log=print, runtime: list[str] = ()) -> Instance:
+    """Start the image as the template does (plus `runtime`: options of podman run), against
+    a stand-in autoscaler on this host; stop it with `stop`."""
     fake = FakeAutoscaler()
     await fake.start(host="0.0.0.0")  # the container comes in through podman's gateway
     public_ip, public_port = "127.0.0.1", harness.free_port()
@@ -120,26 +143,37 @@ async def check(image: str, folder: Path, *, log=print) -> Outcome:
            **harness.simulator_env()}
     container = harness.Container(
         image, env, port=public_port,
-        extra=[*harness.volume_args(volumes), "-v", f"{crt}:{CERT}:ro", "-v", f"{pem}:{KEY}:ro"])
+        extra=[*harness.volume_args(volumes), "-v", f"{crt}:{CERT}:ro", "-v", f"{pem}:{KEY}:ro",
+               *runtime])
     log(f"vast: {image} as container {container.name}, public URL {fake.worker_url}, "
         f"stand-in autoscaler on port {fake.port}")
-    await asyncio.to_thread(container.start)
     try:
-        try:
-            ready = await fake.wait_for_status(
-                lambda s: s.get("loadtime", 0) > 0 and s.get("max_perf", 0) > 0,
-                timeout=READY_WITHIN)
-        except (asyncio.TimeoutError, TimeoutError):
-            raise AssertionError("no ready report within "
-                                 f"{READY_WITHIN:g} s:\n{container.logs()[-4000:]}") from None
+        await asyncio.to_thread(container.start)
+    except BaseException:
+        await fake.stop()
+        raise
+    return Instance(fake, container, crt, token)
+
+
+async def stop(instance: Instance) -> None:
+    await asyncio.to_thread(instance.container.remove)
+    await instance.fake.stop()
+
+
+async def check(image: str, folder: Path, *, log=print) -> Outcome:
+    """Start the image as the template does, against a stand-in; see the module doc."""
+    instance = await start(image, folder, log=log)
+    fake, container = instance.fake, instance.container
+    try:
+        ready = await instance.ready()
         ready_seconds = time.monotonic() - container.started_at
         log(f"vast: ready report after {ready_seconds:.1f} s: loadtime {ready['loadtime']:.1f} s,"
             f" max_perf {ready['max_perf']:g}, url {ready.get('url')}")
-        trust = ssl.create_default_context(cafile=str(crt))
+        trust = instance.trust()
         payload = {"input": {"modifier": "Text2Image", "modifications": {
             "prompt": "a lighthouse", "width": 64, "height": 64, "steps": 4}}}
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
-            auth = fake.make_auth_data(cost=1)
+            auth = fake.make_auth_data(cost=100)   # what the vastai SDK's client sends
             async with session.post(f"{fake.worker_url}/generate/sync", ssl=trust,
                                     json={"auth_data": auth, "payload": payload}) as answer:
                 signed_status, signed_body = answer.status, await answer.json()
@@ -153,8 +187,59 @@ async def check(image: str, folder: Path, *, log=print) -> Outcome:
         return Outcome(ready_seconds, ready, signed_status, signed_body, unsigned_status,
                        auth["request_idx"], deleted, container.logs())
     finally:
-        await asyncio.to_thread(container.remove)
-        await fake.stop()
+        await stop(instance)
+
+
+def died_with(name: str) -> int | None:
+    """The exit code of the container's first death, from podman's events."""
+    codes = harness.podman("events", "--stream=false", "--filter", f"container={name}",
+                           "--filter", "event=died", "--format",
+                           "{{.ContainerExitCode}}").stdout.split()
+    return int(codes[0]) if codes else None
+
+
+@dataclass
+class Restarted:
+    update_status: int
+    exit_code: int | None   # the container's, as the runtime saw it before starting it again
+    restart_count: int
+    ready_again: dict[str, Any]
+    logs: str
+
+
+async def check_update(image: str, folder: Path, *, log=print) -> Restarted:
+    """POST /pyworker/update to the image run with `--restart on-failure`: it exits 75 and the
+    runtime starts it again, ready."""
+    instance = await start(image, folder, log=log, runtime=["--restart", "on-failure"])
+    container = instance.container
+    try:
+        await instance.ready()
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+            async with session.post(f"{instance.fake.worker_url}/pyworker/update",
+                                    ssl=instance.trust(), headers={
+                                        "Authorization": f"Bearer {instance.master_token}"}
+                                    ) as answer:
+                update_status = answer.status
+        asked = time.monotonic()
+        log(f"vast: POST /pyworker/update -> {update_status}")
+        while True:
+            restarts = int((await asyncio.to_thread(
+                harness.podman, "inspect", "--format", "{{.RestartCount}}", container.name
+            )).stdout.strip() or 0)
+            if restarts:
+                break
+            if time.monotonic() - asked > READY_WITHIN:
+                raise AssertionError(f"not restarted within {READY_WITHIN:g} s:\n"
+                                     f"{container.logs()[-4000:]}")
+            await asyncio.sleep(0.2)
+        restarted_at = time.time()
+        exit_code = await asyncio.to_thread(died_with, container.name)
+        again = await instance.ready(after=restarted_at)
+        log(f"vast: exited {exit_code}, restarted by the runtime ({restarts}x), ready again "
+            f"after {time.monotonic() - asked:.1f} s")
+        return Restarted(update_status, exit_code, restarts, again, container.logs())
+    finally:
+        await stop(instance)
 
 
 def main(argv: list[str] | None = None) -> int:
