@@ -273,7 +273,8 @@ def test_client_generate_through_route(worker, fake, tmp_path):
                         "prompt=a lighthouse", "--set", "width=64", "--set", "height=48",
                         "--set", "steps=2", "--out", str(tmp_path / "out"), "-q")
     assert result.exit_code == 0, result.stderr
-    assert fake.routes[-1] == {"endpoint": "comfy-e2e", "api_key": "k-123", "cost": 1}
+    # The vastai SDK client's cost; the worker counts its own workload (autoscaler.workload).
+    assert fake.routes[-1] == {"endpoint": "comfy-e2e", "api_key": "k-123", "cost": 100}
     (saved,) = (tmp_path / "out").iterdir()
     assert saved.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"saved {saved}" in result.stdout
@@ -318,6 +319,13 @@ def test_client_load_through_route(worker, fake, tmp_path):
     report = json.loads(result.stdout)
     assert report["status_counts"] == {"200": 5}
     assert len(fake.routes) - routed == 5       # one route (and signature) per request
+
+
+def test_client_sends_the_cost_it_is_given(worker, fake, tmp_path):
+    result = run_client("generate", "--autoscaler", fake.url, "--endpoint", "e", "--api-key",
+                        "k", "--cost", "2.5", "--workflow", str(write_tiny(tmp_path)), "-q")
+    assert result.exit_code == 0, result.stderr
+    assert fake.routes[-1]["cost"] == 2.5
 
 
 def write_tiny(tmp_path: Path) -> Path:

@@ -153,6 +153,9 @@ def test_unreachable_worker_exits_1(tmp_path):
     (["--autoscaler", "http://y", "--endpoint", "e", "--api-key", "k", "--stream",
       "--modifier", "M"], "--stream needs --url"),
     (["--url", "x:3000", "--modifier", "M"], "must start with http://"),
+    (["--url", "http://x", "--cost", "5", "--modifier", "M"], "it needs --autoscaler"),
+    (["--autoscaler", "http://y", "--endpoint", "e", "--api-key", "k", "--cost", "-1",
+      "--modifier", "M"], "--cost"),
     (["--url", "http://x", "--workflow", "{notjson}"], "is not JSON"),
 ])
 def test_usage_errors_exit_2_without_sending(tmp_path, args, message):

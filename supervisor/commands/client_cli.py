@@ -5,8 +5,8 @@ Two ways to reach a worker:
 * straight to its URL (`--url`): the public port (bearer token from `--token` or
   `WORKER_AUTH_TOKEN`) or the API wrapper itself (which also has `/generate/stream`);
 * through the autoscaler (`--autoscaler --endpoint --api-key`): `POST {autoscaler}/route/` with
-  `{"endpoint", "api_key", "cost": 1}` answers with signed `auth_data` whose `url` is the chosen
-  worker, and the request goes there as `{"auth_data": ..., "payload": {"input": ...}}`. An
+  `{"endpoint", "api_key", "cost": 100}` (`--cost`; 100 is what the vastai SDK's client sends)
+  answers with signed `auth_data` whose `url` is the chosen worker, and the request goes there as `{"auth_data": ..., "payload": {"input": ...}}`. An
   answer without a `url` (no worker ready yet) carries a `request_idx`; the client asks again
   with it until a worker is assigned or the time runs out.
 
@@ -36,7 +36,9 @@ import click
 
 from supervisor.commands import app
 
-ROUTE_COST = 1                  # every request is one unit of work for this worker
+#: The cost sent to /route/ with each request: the vastai SDK client's default. The worker
+#: decides a request's workload itself (autoscaler.workload) and does not read it.
+ROUTE_COST = 100
 ROUTE_RETRY_MAX = 2.0           # seconds between /route/ retries while no worker is ready
 SPINNER_INTERVAL = 0.1
 DEFAULT_TIMEOUT = 660.0         # the worker's own request timeout (600 s) plus a margin
@@ -63,6 +65,7 @@ class Target:
     autoscaler: str | None = None
     endpoint: str | None = None
     api_key: str | None = None
+    cost: float = ROUTE_COST
 
     @property
     def via_autoscaler(self) -> bool:
@@ -201,8 +204,9 @@ async def route(session: aiohttp.ClientSession, target: Target, deadline: float
     """Signed `auth_data` for one request, asking again while no worker is ready."""
     assert target.autoscaler is not None
     url = target.autoscaler.rstrip("/") + "/route/"
+    cost = int(target.cost) if float(target.cost).is_integer() else target.cost
     body: dict[str, Any] = {"endpoint": target.endpoint, "api_key": target.api_key,
-                            "cost": ROUTE_COST}
+                            "cost": cost}
     delay = 0.2
     while True:
         try:
@@ -583,6 +587,11 @@ def _target_options(func):
         click.option("--endpoint", metavar="NAME", help="Endpoint name at the autoscaler."),
         click.option("--api-key", envvar="AUTOSCALER_API_KEY", show_envvar=True,
                      help="API key of the endpoint at the autoscaler."),
+        click.option("--cost", type=click.FloatRange(min=0), default=None,
+                     help=f"The cost sent to the autoscaler's /route/ with each request "
+                          f"(default {ROUTE_COST}, what the vastai SDK's client sends). The "
+                          "worker does not use it: it counts each request as its own "
+                          "autoscaler.workload (100 by default)."),
         click.option("--modifier", metavar="NAME", help="Modifier (e.g. Text2Image)."),
         click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
                      help="A modifier value; parsed as JSON when it is JSON, else text. "
@@ -600,7 +609,7 @@ def _target_options(func):
 
 
 def make_target(url: str | None, token: str | None, autoscaler: str | None,
-                endpoint: str | None, api_key: str | None) -> Target:
+                endpoint: str | None, api_key: str | None, cost: float | None = None) -> Target:
     if bool(url) == bool(autoscaler):
         raise click.UsageError("give either --url (a worker) or --autoscaler with --endpoint "
                                "and --api-key")
@@ -609,7 +618,10 @@ def make_target(url: str | None, token: str | None, autoscaler: str | None,
                    if not value]
         if missing:
             raise click.UsageError(f"--autoscaler needs {' and '.join(missing)}")
-        return Target(autoscaler=autoscaler.rstrip("/"), endpoint=endpoint, api_key=api_key)
+        return Target(autoscaler=autoscaler.rstrip("/"), endpoint=endpoint, api_key=api_key,
+                      cost=ROUTE_COST if cost is None else cost)
+    if cost is not None:
+        raise click.UsageError("--cost goes to the autoscaler's /route/: it needs --autoscaler")
     assert url is not None
     if not url.startswith(("http://", "https://")):
         raise click.UsageError(f"--url {url!r} must start with http:// or https://")
@@ -630,11 +642,11 @@ def client() -> None:
 @click.option("--base64/--no-base64", "want_base64", default=None,
               help="Ask for outputs as base64 (default: when --out is given).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress display.")
-def generate_command(url, token, autoscaler, endpoint, api_key, modifier, assignments, workflow,
-                     request_id, timeout, as_json, stream, out_dir, want_base64, quiet
+def generate_command(url, token, autoscaler, endpoint, api_key, cost, modifier, assignments,
+                     workflow, request_id, timeout, as_json, stream, out_dir, want_base64, quiet
                      ) -> app.Outcome:
     """Send one request, follow it, save its outputs and print its timings."""
-    target = make_target(url, token, autoscaler, endpoint, api_key)
+    target = make_target(url, token, autoscaler, endpoint, api_key, cost)
     if stream and target.via_autoscaler:
         raise click.UsageError("--stream needs --url of an API wrapper: the worker's public "
                                "port (and so the autoscaler) offers only /generate/sync")
@@ -695,13 +707,14 @@ async def _generate(target: Target, payload: dict[str, Any], *, stream: bool, ti
               help="Requests started per second (0: as fast as --concurrency allows).")
 @click.option("--concurrency", type=click.IntRange(min=1), default=4, show_default=True,
               help="Most requests in flight at once.")
-def load_command(url, token, autoscaler, endpoint, api_key, modifier, assignments, workflow,
-                 request_id, timeout, as_json, count, rps, concurrency) -> app.Outcome:
+def load_command(url, token, autoscaler, endpoint, api_key, cost, modifier, assignments,
+                 workflow, request_id, timeout, as_json, count, rps, concurrency
+                 ) -> app.Outcome:
     """Replay one request COUNT times at a rate; print status counts and latency percentiles.
 
     Exits 1 when any request did not complete.
     """
-    target = make_target(url, token, autoscaler, endpoint, api_key)
+    target = make_target(url, token, autoscaler, endpoint, api_key, cost)
     payload = build_payload(modifier, assignments, workflow, request_id)
     tty = sys.stderr.isatty() and not as_json
 
