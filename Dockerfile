@@ -49,8 +49,6 @@ RUN : "${SOURCE_DIGEST}" \
       exit 1; }
 COPY --from=build /opt/comfy-worker/venv/ /opt/comfy-worker/venv/
 COPY misc/container/live.py /opt/comfy-worker/live.py
-# The benchmark's prompts (misc/ is not part of the wheel).
-COPY misc/test_prompts.txt /opt/comfy-worker/test_prompts.txt
 # A user of its own (no login, no home outside the state folder), and the folders it writes:
 # the state (benchmark cache, results, webhook spool), the children's logs, ComfyUI's outputs,
 # and the admin socket's folder.
@@ -65,8 +63,7 @@ ENV PATH=/opt/comfy-worker/venv/bin:${PATH} \
     HOME=/var/lib/comfy-worker \
     WORKER_STATE_DIR=/var/lib/comfy-worker \
     WORKER_LOG_DIR=/var/log/comfy-worker \
-    WORKER_ADMIN_SOCKET=/run/comfy-worker/admin.sock \
-    BENCHMARK_PROMPTS_FILE=/opt/comfy-worker/test_prompts.txt
+    WORKER_ADMIN_SOCKET=/run/comfy-worker/admin.sock
 WORKDIR /var/lib/comfy-worker
 EXPOSE 3000
 # SIGTERM makes the daemon drain, then stop each child (TERM, then KILL); that takes up to

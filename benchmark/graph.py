@@ -1,6 +1,7 @@
 """The benchmark's workload: ComfyUI's default SD1.5 text-to-image graph.
 
-Each run gets a random prompt (from misc/test_prompts.txt or benchmark.prompts_file) and a
+Each run gets a random prompt (from benchmark.prompts_file, else the package's own
+test_prompts.txt) and a
 random seed, so ComfyUI's cache never answers for the sampler. The *fingerprint* is a hash of
 the graph with those two removed: two graphs with the same fingerprint do the same work, which
 is what the verdict cache keys on.
@@ -14,17 +15,19 @@ import json
 import logging
 import random
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_PROMPTS_PATH = Path(__file__).resolve().parent.parent / "misc" / "test_prompts.txt"
+#: The default prompts, package data of `benchmark` (in the wheel, so in every installation).
+DEFAULT_PROMPTS = resources.files(__package__) / "test_prompts.txt"
 FILENAME_PREFIX = "comfy-worker-benchmark"
 NEGATIVE_PROMPT = "blurry, low quality, distorted, watermark, text"
 MAX_SEED = 2**63 - 1  # KSampler accepts 0 .. 0xffffffffffffffff; stay well inside
-# Used only when no prompt file can be read (an installation without misc/), so that a missing
-# data file never stops a benchmark.
+# Used only when the packaged prompts cannot be read (a damaged installation), so that a
+# missing data file never stops a benchmark.
 FALLBACK_PROMPTS = (
     "a quiet mountain lake at sunrise with mist over the water",
     "a red lighthouse on a rocky coast under a cloudy sky",
@@ -54,14 +57,16 @@ def load_prompts(path: Path | None = None) -> list[str]:
     An explicit ``path`` that cannot be read, or holds no prompt, raises ``ValueError``;
     when the packaged default is missing the built-in fallback list is used.
     """
-    target = Path(path) if path is not None else DEFAULT_PROMPTS_PATH
+    target = Path(path) if path is not None else DEFAULT_PROMPTS
     try:
         text = target.read_text(encoding="utf-8")
     except OSError as exc:
         if path is not None:
             raise ValueError(f"benchmark prompts file {target} cannot be read: "
                              f"{exc.strerror or exc}") from None
-        logger.warning("benchmark: default prompts file %s missing; using built-in prompts", target)
+        logger.warning("benchmark: the packaged prompts (%s) cannot be read (%s); using "
+                       "built-in prompts, or set benchmark.prompts_file", target,
+                       exc.strerror or exc)
         return list(FALLBACK_PROMPTS)
     prompts = [line.strip() for line in text.splitlines()
                if line.strip() and not line.lstrip().startswith("#")]

@@ -338,7 +338,8 @@ SETTINGS: tuple[Setting, ...] = (
             "once (when they share a power or cooling budget that skews a concurrent run).",
             ("BENCHMARK_SEQUENTIAL",)),
     Setting("benchmark", "prompts_file", PathType(), "",
-            "Prompt list (default: the packaged misc/test_prompts.txt).", ("BENCHMARK_PROMPTS_FILE",)),
+            "Prompt list, one a line (default: the list shipped in the benchmark package, "
+            "benchmark/test_prompts.txt).", ("BENCHMARK_PROMPTS_FILE",)),
     # --- autoscaler -----------------------------------------------------------------------------
     Setting("autoscaler", "report_addr", Str(), "",
             "Autoscaler address(es), comma-separated; setting it turns the protocol on.",

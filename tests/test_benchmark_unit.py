@@ -39,7 +39,7 @@ from benchmark import (
     render_report,
     run_benchmark,
 )
-from benchmark.graph import DEFAULT_PROMPTS_PATH, build_graph, make_graph
+from benchmark.graph import DEFAULT_PROMPTS, build_graph, make_graph
 from benchmark.models import BenchmarkProgress, Drift
 from benchmark.reference import expected_seconds
 from benchmark.telemetry import GpuProcessInfo
@@ -290,7 +290,7 @@ def test_png_check_accepts_the_right_size_and_rejects_wrong_empty_and_truncated(
 def test_prompts_file_and_graph_fingerprint_ignore_prompt_and_seed():
     prompts = load_prompts()
     assert len(prompts) >= 30 and len(set(prompts)) == len(prompts)
-    assert DEFAULT_PROMPTS_PATH.is_file()
+    assert DEFAULT_PROMPTS.is_file()
     rng = random.Random(1)
     a = make_graph(**SMALL, checkpoint="m.safetensors", prompts=prompts, rng=rng)
     b = make_graph(**SMALL, checkpoint="m.safetensors", prompts=prompts, rng=rng)

@@ -123,6 +123,14 @@ def test_health_answers_and_the_main_process_is_not_root(first):
     assert "/usr/bin/tini -- comfy-worker run" in users[0], users
 
 
+def test_the_benchmark_takes_its_prompts_from_the_installed_package(first):
+    # No BENCHMARK_PROMPTS_FILE in the image: the prompts are package data of the wheel.
+    env = first.exec("sh", "-c", "tr '\\0' '\\n' < /proc/1/environ").stdout
+    assert "BENCHMARK_PROMPTS_FILE" not in env, env
+    logs = first.logs()
+    assert "benchmark" in logs and "using built-in prompts" not in logs, logs[-3000:]
+
+
 def test_a_request_leaves_its_png_in_the_output_volume(first, volumes):
     status, body = _generate(first.url, steps=4)
     assert status == 200, body
