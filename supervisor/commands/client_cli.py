@@ -6,9 +6,10 @@ Two ways to reach a worker:
   `WORKER_AUTH_TOKEN`) or the API wrapper itself (which also has `/generate/stream`);
 * through the autoscaler (`--autoscaler --endpoint --api-key`): `POST {autoscaler}/route/` with
   `{"endpoint", "api_key", "cost": 100}` (`--cost`; 100 is what the vastai SDK's client sends)
-  answers with signed `auth_data` whose `url` is the chosen worker, and the request goes there as `{"auth_data": ..., "payload": {"input": ...}}`. An
-  answer without a `url` (no worker ready yet) carries a `request_idx`; the client asks again
-  with it until a worker is assigned or the time runs out.
+  answers with signed `auth_data` whose `url` is the chosen worker, and the request goes there
+  as `{"auth_data": ..., "payload": {"input": ...}}`. An answer without a `url` (no worker
+  ready yet) carries a `request_idx`; the client asks again with it until a worker is assigned
+  or the time runs out.
 
 Exit status (app.py's policy): 0 done, 1 the request failed (the worker's own message is
 printed), 2 a wrong option.
