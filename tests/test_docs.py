@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 
 from config import render_settings_docs
+from simulator.api_version import ApiVersion
+from simulator.cli import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -215,3 +217,29 @@ def test_the_reference_check_finds_a_readme_section_and_a_missing_page(tmp_path)
         "code.py:3: docs/gone.md does not exist",
         "code.py:3: no heading with the anchor #no-such-heading in docs/real.md",
     ]
+
+
+SIMULATOR_README = ROOT / "simulator" / "README.md"
+
+
+def simulator_knob_flags() -> set[str]:
+    """The flags of the simulator's own knobs (its parser's knob group), in both API modes."""
+    flags = set()
+    for version in ApiVersion:
+        parser = build_parser(version)
+        (group,) = [g for g in parser._action_groups
+                    if (g.title or "").startswith("simulator knobs")]
+        flags |= {option for action in group._group_actions for option in action.option_strings}
+    return flags
+
+
+def test_simulator_readme_lists_every_knob():
+    """simulator/README.md is the one list of the knobs (docs/development.md points there)."""
+    readme = SIMULATOR_README.read_text(encoding="utf-8")
+    knobs = readme.split("### Knobs", 1)[1].split("\n### ", 1)[0]
+    listed = set(re.findall(r"^\| `(--[\w-]+)", knobs, re.M))
+    flags = simulator_knob_flags()
+    assert {"--api-version", "--post-prompt-drop", "--db-lock-wait-seconds"} <= flags
+    assert not flags - listed, f"not in simulator/README.md's Knobs table: {sorted(flags - listed)}"
+    assert not listed - flags, f"listed but not a knob flag: {sorted(listed - flags)}"
+
