@@ -5,11 +5,17 @@ from __future__ import annotations
 
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from config import render_settings_docs
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10 only
+    import tomli as tomllib
 from simulator.api_version import ApiVersion
 from simulator.cli import build_parser
 
@@ -243,3 +249,31 @@ def test_simulator_readme_lists_every_knob():
     assert not flags - listed, f"not in simulator/README.md's Knobs table: {sorted(flags - listed)}"
     assert not listed - flags, f"listed but not a knob flag: {sorted(listed - flags)}"
 
+
+def declared_dependencies() -> set[str]:
+    """The distribution names pyproject.toml asks for, the test extras included."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    wanted = [*project["dependencies"], *project["optional-dependencies"]["test"]]
+    return {re.match(r"[A-Za-z0-9_.-]+", spec).group(0).lower() for spec in wanted}
+
+
+def dependency_table() -> set[str]:
+    """The packages named in the first column of docs/development.md's dependency table."""
+    section = (DOCS / "development.md").read_text(encoding="utf-8").split(
+        "## Dependencies, and why", 1)[1]
+    names = set()
+    for line in section.splitlines()[4:]:
+        if not line.startswith("|"):
+            break
+        for item in line.split("|")[1].split(","):
+            names.add(re.match(r"\s*([A-Za-z0-9_.-]+)", item).group(1).lower())
+    return names
+
+
+def test_every_dependency_has_its_why():
+    declared, table = declared_dependencies(), dependency_table()
+    assert {"aiohttp", "vastai", "moto", "pytest"} <= declared
+    assert not declared - table, ("docs/development.md \"Dependencies, and why\" has no row "
+                                  f"for {sorted(declared - table)}")
+    assert not table - declared, ("rows for what pyproject.toml does not ask for: "
+                                  f"{sorted(table - declared)}")
