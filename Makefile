@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test demo bench bench-models contract soak system-tools clean wheelhouse image \
+.PHONY: venv test demo bench bench-models endurance contract soak system-tools clean wheelhouse image \
 	test-image vast-template
 
 $(STAMP): pyproject.toml
@@ -54,6 +54,12 @@ bench: $(STAMP)
 # Download throughput against curl and the daemon's memory while fetching a 2 GiB model (minutes).
 bench-models: $(STAMP)
 	$(BIN)/python -m tests.perf.model_download
+
+# A long run: 30,000 requests with 1 MB outputs through the whole worker, and what stays flat
+# (memory, open files, tasks, the output folder); ENDURANCE_REQUESTS to change the count.
+ENDURANCE_REQUESTS ?= 30000
+endurance: $(STAMP)
+	$(BIN)/python -m tests.perf.endurance --requests $(ENDURANCE_REQUESTS)
 
 # The chaos soak: the whole stack under load with seeded faults, for minutes (SOAK_SECONDS, SOAK_SEED).
 SOAK_SECONDS ?= 300
