@@ -568,6 +568,27 @@ def _models_section(models: Any, style: Style) -> list[str]:
     return lines
 
 
+def _disk_section(disk: Any, style: Style) -> list[str]:
+    """The disk guard: one row per filesystem the worker writes to (snapshot["disk"])."""
+    if not isinstance(disk, dict) or not disk.get("filesystems"):
+        return []
+    level = str(disk.get("level"))
+    colour = {"ok": "green", "degraded": "yellow", "unhealthy": "red"}.get(level)
+    head = style({"ok": "ok", "degraded": "warning", "unhealthy": "critical"}.get(level, level),
+                 colour)
+    lines = [_section("DISK", style, head)]
+    rows = []
+    for fs in disk["filesystems"]:
+        state = str(fs.get("level"))
+        shown = {"ok": "ok", "degraded": "warning", "unhealthy": "critical"}.get(state, state)
+        rows.append([str(fs.get("path", "")), str(fs.get("holds", "")),
+                     (f"{_num(fs.get('percent_full'))}%", {"degraded": "yellow",
+                                                          "unhealthy": "red"}.get(state)),
+                     human_size(fs.get("free_bytes")), shown, str(fs.get("retention") or "")])
+    lines += _table(["PATH", "HOLDS", "FULL", "FREE", "LEVEL", "RETENTION"], rows, style)
+    return lines
+
+
 def human_size(count: Any) -> str:
     return human_bytes(count) if isinstance(count, (int, float)) else "?"
 
@@ -669,8 +690,11 @@ def render_table(report: HealthReport, *, logs: bool = False, color: bool = Fals
                   _children_section(status.get("children") or {}, style, now, logs),
                   _queue_section(status.get("queue") or {}, style),
                   _models_section(status.get("models"), style),
+                  _disk_section(status.get("disk"), style),
                   [] if several else _benchmark_section(status.get("benchmark"), style, now),
                   _events_section(status, style, now)):
+        if not block:
+            continue
         lines.append("")
         lines += block
     return "\n".join(lines) + "\n"
