@@ -10,7 +10,12 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import aiohttp
+import psutil
+import pytest
+
 from api.host.disk import Room, format_bytes, room
+from supervisor.autoscaler import AutoscalerEnv, StatusReporter
 from supervisor.checks.disk import (
     DiskGuard,
     DiskThresholds,
@@ -132,17 +137,28 @@ def test_what_retention_cannot_free_stays_a_warning_that_says_so():
                               "retention freed 0 B: nothing finished is old enough")
 
 
-def test_retention_is_asked_again_only_after_a_while_or_when_it_gets_worse():
+def test_retention_that_freed_nothing_is_asked_again_only_after_a_while_or_when_it_is_worse():
     disks = Disks(d1=6.0)
-    freer = Retention(disks, "d1", 0, "retention freed 0 B")
+    freer = Retention(disks, "d1", 0, "retention freed 0 B: nothing finished is old enough")
     g = guard(disks, freer, ask_every=3600)
     check(g)
     check(g)
     assert len(freer.asks) == 1
+    assert "nothing finished is old enough" in g.verdict(0).reason  # still said
     disks.free["d1"] = 1.5   # now critical
     check(g)
     assert len(freer.asks) == 2
     assert g.verdict(0).level is Level.UNHEALTHY
+
+
+def test_retention_that_frees_space_is_asked_at_every_sample_while_the_disk_fills():
+    disks = Disks(d1=6.0)
+    freer = Retention(disks, "d1", 0.5, "retention freed 500.0 MB")
+    g = guard(disks, freer, ask_every=3600)
+    for _ in range(3):
+        disks.free["d1"] -= 1.0   # the node writes faster than one pass frees
+        check(g)
+    assert len(freer.asks) == 3
 
 
 def test_space_returning_puts_the_instance_back():
@@ -217,3 +233,27 @@ def test_sample_reads_the_real_filesystem_and_groups_by_device(tmp_path):
 
 def test_format_bytes_matches_the_reasons():
     assert format_bytes(2.1 * GB) == "2.1 GB" and format_bytes(0) == "0 B"
+
+
+def test_the_autoscalers_disk_usage_is_the_guards_sample_measured_as_the_sdk_measures(tmp_path):
+    g = DiskGuard([Watched("outputs", tmp_path, 0)], THRESHOLDS, interval=60, root=tmp_path)
+    assert g.used_gib() is None  # before the first sample: the reporter measures itself
+    check(g)
+    # The SDK's figure: psutil.disk_usage("/").used / 2**30 (blocks in use, from statvfs).
+    assert abs(g.used_gib() - psutil.disk_usage(str(tmp_path)).used / 2**30) < 0.05
+
+
+async def test_the_reporter_sends_the_guards_figure_and_measures_nothing_itself(
+        fake_autoscaler, tmp_path):
+    env = AutoscalerEnv(report_addrs=(fake_autoscaler.url,), container_id=42,
+                        master_token="m", public_ip="203.0.113.7", public_port=41234,
+                        worker_port=3000)
+    figures = iter([12.5, 12.75])
+    async with aiohttp.ClientSession() as session:
+        reporter = StatusReporter(env, session, timeout=1.0, disk_path="/nonexistent-path",
+                                  disk_used=lambda: next(figures))
+        assert await reporter.report_now()
+        assert fake_autoscaler.statuses[-1]["disk_usage"] == 12.5
+        assert await reporter.report_now()
+    assert fake_autoscaler.statuses[-1]["disk_usage"] == 12.75
+    assert fake_autoscaler.statuses[-1]["additional_disk_usage"] == pytest.approx(0.25)

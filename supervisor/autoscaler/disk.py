@@ -2,8 +2,9 @@
 
 The SDK reports ``disk_usage`` as the used bytes of the root filesystem in GiB
 (``psutil.disk_usage("/").used / 2**30``, refreshed once per report) and
-``additional_disk_usage`` as the change since the last delivered report. This one function is
-the only place that measures it, so a disk guard can take the measuring over.
+``additional_disk_usage`` as the change since the last delivered report. The daemon's disk guard
+(supervisor/checks/disk.py) samples / with the other filesystems and the reporter takes its
+figure; this function measures only before the guard's first sample (or without a guard).
 """
 
 from __future__ import annotations

@@ -89,8 +89,10 @@ class AutoscalerLink:
         return self.fetcher.key if self.fetcher else None
 
     # --- lifecycle ------------------------------------------------------------------------------
-    async def start(self, readiness: Callable[[], Readiness]) -> None:
-        """Fetch the key and report in the background; `readiness` is asked at each change."""
+    async def start(self, readiness: Callable[[], Readiness],
+                    disk_used: Callable[[], float | None] | None = None) -> None:
+        """Fetch the key and report in the background; `readiness` is asked at each change,
+        `disk_used` (the disk guard's used GiB of /) at each report."""
         self._readiness = readiness
         self.session = aiohttp.ClientSession()
         self.fetcher = PublicKeyFetcher(self.env.report_addrs, self.session,
@@ -99,7 +101,8 @@ class AutoscalerLink:
         self.reporter = StatusReporter(self.env, self.session,
                                        interval=self.settings.autoscaler.report_interval,
                                        min_interval=min(1.0,
-                                                        self.settings.autoscaler.report_interval))
+                                                        self.settings.autoscaler.report_interval),
+                                       disk_used=disk_used)
         self.reporter.start()
         self.sessions.start()
         self.state_changed()

@@ -179,6 +179,7 @@ class StatusReporter:
         timeout: float = 5.0,
         version: str = PROTOCOL_VERSION,
         disk_path: str | None = "/",
+        disk_used: Callable[[], float | None] | None = None,
         max_pending_deletes: int = 10_000,
         delete_batch: int = 500,
         failure_log_every: int = 30,
@@ -198,6 +199,9 @@ class StatusReporter:
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._version = version
         self._disk_path = disk_path
+        # The disk guard's last sample of disk_path (used GiB), when there is one: the reporter
+        # then measures nothing itself.
+        self._disk_used = disk_used
         self._delete_batch = delete_batch
         self._clock = clock
 
@@ -554,11 +558,13 @@ class StatusReporter:
     async def _measure_disk(self) -> None:
         if self._disk_path is None:
             return
-        try:
-            used = await asyncio.to_thread(disk_used_gib, self._disk_path)
-        except OSError as exc:
-            log.debug("disk usage of %s unavailable: %s", self._disk_path, exc)
-            return
+        used = self._disk_used() if self._disk_used is not None else None
+        if used is None:  # no guard, or before its first sample
+            try:
+                used = await asyncio.to_thread(disk_used_gib, self._disk_path)
+            except OSError as exc:
+                log.debug("disk usage of %s unavailable: %s", self._disk_path, exc)
+                return
         self._disk.current_gb = used
         if self._disk.baseline_gb is None:
             self._disk.baseline_gb = self._disk.current_gb

@@ -44,8 +44,8 @@ ROLES = ("outputs", "inputs", "temp", "state", "logs", "models")
 _WRITTEN_BY_REQUESTS = {"outputs", "inputs", "temp", "state", "logs"}
 #: Roles retention can free space in.
 _RETENTION_ROLES = {"outputs", "inputs", "temp"}
-#: Seconds between two asks for space while a filesystem stays at warning or worse (unless
-#: it gets worse meanwhile): a pass walks the output folder.
+#: Seconds between two asks for space after one that freed nothing, while a filesystem stays at
+#: warning or worse (unless it gets worse meanwhile): a pass walks the output folder.
 ASK_EVERY = 30.0
 #: Seconds the guard waits for a wrapper's retention pass.
 ASK_TIMEOUT = 60.0
@@ -200,21 +200,28 @@ class DiskGuard:
                  interval: float, freer: Freer | None = None,
                  sampler: Callable[[Sequence[Watched]], list[Filesystem]] = sample,
                  ask_every: float = ASK_EVERY, root: Path = Path("/")):
-        self.watched = tuple(watched)
         self.root = root
         self._root: Room | None = None
         self.thresholds = thresholds
         self.interval = interval
-        self.freer = freer
         self._sampler = sampler
         self._ask_every = ask_every
-        self._several = len({w.instance for w in watched if w.instance is not None}) > 1
+        self.watch(watched, freer)
         self._judged: list[_Judged] = []
-        self._asked: dict[tuple[int, int], tuple[float, Level]] = {}  # (device, instance)
+        # (device, instance) -> when retention was last asked, at what level, and whether it
+        # freed anything then.
+        self._asked: dict[tuple[int, int], tuple[float, Level, bool]] = {}
         self._freed_text: dict[int, str] = {}   # device -> what retention said last
         self.sampled_at: float | None = None
         self.on_change: Callable[[], None] | None = None
         self._task: asyncio.Task | None = None
+
+    def watch(self, watched: Sequence[Watched], freer: Freer | None = None) -> None:
+        """What to watch, and whom to ask for space (the daemon knows both once its instances
+        are planned)."""
+        self.watched = tuple(watched)
+        self.freer = freer
+        self._several = len({w.instance for w in watched if w.instance is not None}) > 1
 
     # --- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -276,12 +283,10 @@ class DiskGuard:
             texts = []
             for instance in targets:
                 key = (fs.room.device, instance)
-                last = self._asked.get(key)
-                worse = last is not None and _LEVEL_VALUE[fs.level] > _LEVEL_VALUE[last[1]]
-                if last is not None and now - last[0] < self._ask_every and not worse:
+                if not self._should_ask(key, fs.level, now):
                     continue
-                self._asked[key] = (now, fs.level)
                 freed = await self.freer.free(instance, want)
+                self._asked[key] = (now, fs.level, freed.bytes > 0)
                 asked = True
                 texts.append(freed.summary if len(targets) == 1 else
                              f"instance {instance}: {freed.summary}")
@@ -294,6 +299,15 @@ class DiskGuard:
 
     def _sample_blocking(self) -> tuple[list[Filesystem], Room | None]:
         return self._sampler(self.watched), room(self.root)
+
+    def _should_ask(self, key: tuple[int, int], level: Level, now: float) -> bool:
+        """At every sample while it frees something; after one that freed nothing, again only
+        once the level got worse or `ask_every` has passed (a pass walks the output folder)."""
+        last = self._asked.get(key)
+        if last is None:
+            return True
+        at, then, freed = last
+        return freed or _LEVEL_VALUE[level] > _LEVEL_VALUE[then] or now - at >= self._ask_every
 
     def _levels(self) -> dict[int, Level]:
         return {j.filesystem.room.device: j.filesystem.level for j in self._judged}

@@ -3,13 +3,15 @@
 The daemon composes named parts and runs them as stages (supervisor/daemon/stages.py), started
 in this order and stopped in reverse:
 
-  systemd → session → provisioning → gpu → autoscaler → tls → instances → admin → metrics →
-  public → watch → requests → drain
+  systemd → session → provisioning → gpu → autoscaler → tls → instances → disk → admin →
+  metrics → public → watch → requests → drain
 
 * the fleet (`fleet.py`): one ComfyUI and one API wrapper per GPU (`supervisor.instances`) and
   the router in front of them;
 * the health (`health.py`): each instance's state and the worker's, told to systemd, the
   metrics, the router and the autoscaler;
+* the disk guard (`supervisor/checks/disk.py`): free space where the instances write, sampled
+  with the GPU; a warning asks the wrappers' retention for space, critical takes work away;
 * the watch loop (`watch.py`): once a second it recomputes the health, pets the systemd
   watchdog, checks that running prompts progress and starts a due benchmark;
 * the snapshot (`snapshot.py`) the admin socket serves, and /health's projection of it;
@@ -36,6 +38,7 @@ import aiohttp
 
 from config import Settings
 from supervisor.checks.bench import BenchmarkSuite
+from supervisor.checks.disk import DiskGuard, DiskThresholds, WrapperRetention, watched_folders
 from supervisor.checks.provisioning import Provisioner
 from supervisor.children.child import ChildSpec
 from supervisor.daemon.admin_actions import AdminActions
@@ -87,6 +90,7 @@ def stop_timeouts(settings: Settings) -> dict[str, tuple[float, str]]:
         "public": (PUBLIC_CLOSE_TIMEOUT, "PUBLIC_CLOSE_TIMEOUT"),
         "metrics": (METRICS_CLOSE_TIMEOUT, "METRICS_CLOSE_TIMEOUT"),
         "admin": (ADMIN_CLOSE_TIMEOUT, "ADMIN_CLOSE_TIMEOUT"),
+        "disk": (QUICK_STOP_TIMEOUT, "QUICK_STOP_TIMEOUT"),
         # Each instance stops its wrapper, then its ComfyUI; the instances stop at once.
         "instances": (2 * child, "2 × supervisor.child_stop_timeout + kill and reap"),
         "tls": (NOTHING_TO_STOP, "NOTHING_TO_STOP"),
@@ -117,17 +121,21 @@ class Daemon:
         self._provisioning: asyncio.Task | None = None
         self.fleet = Fleet(settings, self.flags, session=lambda: self.session, gpu=gpu_monitor,
                            benchmark=benchmark)
+        # Sampled with the GPU; what it watches is known once the instances are planned.
+        self.disk = DiskGuard((), DiskThresholds.from_settings(settings),
+                              interval=settings.gpu.sample_interval)
         self.health = WorkerHealth(self.fleet.instances, self.flags, gpu=gpu_monitor,
-                                   models=provisioner, started_at=self.started_at)
+                                   models=provisioner, disk=self.disk,
+                                   started_at=self.started_at)
         self.watch = WatchLoop(self.health, self.fleet, self.notifier)
         self.gate = self._gate()
         self.snapshots = Snapshots(health=self.health, flags=self.flags, fleet=self.fleet,
                                    metrics=self.metrics, max_waiting=settings.worker.queue_size,
                                    auth=self.gate.name, gpu=gpu_monitor, provisioner=provisioner,
-                                   started_at=self.started_at)
+                                   disk=self.disk, started_at=self.started_at)
         self._listen()
         register_metric_sources(self.metrics, self.fleet, queue_size=settings.worker.queue_size,
-                                gpu=gpu_monitor, provisioner=provisioner)
+                                gpu=gpu_monitor, provisioner=provisioner, disk=self.disk)
         self.stages = Stages(self._stages())
         self._stop_requests = 0
         self._ending = Ending.STOPPED
@@ -146,6 +154,7 @@ class Daemon:
         """Who hears of what: the router after every recompute, the rest on each change."""
         self.fleet.on_change = self.health.recompute
         self.fleet.on_capacity = self._capacity_changed
+        self.disk.on_change = self.health.recompute
         self.health.on_recompute.append(self.fleet.router.changed)
         tracker = self.health.tracker
         tracker.add_listener(lambda old, new, reason: self.metrics.set_state(new))
@@ -187,10 +196,12 @@ class Daemon:
             Stage("provisioning", self._start_provisioning, self._stop_provisioning)
             if self.provisioner else None,
             Stage("gpu", self._start_gpu, self.gpu.stop) if self.gpu else None,
-            Stage("autoscaler", lambda: autoscaler.start(self.health.readiness),
+            Stage("autoscaler", lambda: autoscaler.start(self.health.readiness,
+                                                         self.disk.used_gib),
                   autoscaler.stop) if autoscaler else None,
             Stage("tls", public.load_tls),
             Stage("instances", fleet.start, fleet.stop),
+            Stage("disk", self._start_disk_guard, self.disk.stop),
             Stage("admin", admin.start, admin.stop),
             Stage("metrics", metrics.start, metrics.stop) if s.metrics.port else None,
             Stage("public", public.start, public.stop),
@@ -230,6 +241,14 @@ class Daemon:
         self._provisioning.cancel()
         await asyncio.gather(self._provisioning, return_exceptions=True)
         await self.provisioner.close()
+
+    async def _start_disk_guard(self) -> None:
+        """Watch the folders of the planned instances; their wrappers' retention frees space."""
+        instances = self.fleet.instances
+        self.disk.watch(watched_folders([i.plan for i in instances], self.settings),
+                        WrapperRetention({i.number: i.wrapper_url for i in instances},
+                                         lambda: self.session))
+        await self.disk.start()
 
     async def _start_gpu(self) -> None:
         assert self.gpu is not None

@@ -46,6 +46,12 @@ class GpuVerdicts(Protocol):
     def critical(self, index: int | None = None) -> tuple[str, ...]: ...
 
 
+class DiskVerdicts(Protocol):
+    """The disk guard's verdict for an instance (supervisor.checks.disk.DiskGuard)."""
+
+    def verdict(self, instance: int | None = None) -> Verdict: ...
+
+
 class ModelsCheck(Protocol):
     """The model manifest's state (supervisor.checks.provisioning.Provisioner)."""
 
@@ -62,11 +68,12 @@ class WorkerHealth:
 
     def __init__(self, instances: Sequence[Instance], flags: WorkerFlags, *,
                  gpu: GpuVerdicts | None = None, models: ModelsCheck | None = None,
-                 started_at: float | None = None):
+                 disk: DiskVerdicts | None = None, started_at: float | None = None):
         self.instances = instances
         self.flags = flags
         self.gpu = gpu
         self.models = models
+        self.disk = disk
         self.started_at = time.time() if started_at is None else started_at
         self.tracker = WorkerStateTracker()
         #: Called on every recompute, changed or not, before the tracker is told (the router
@@ -91,8 +98,9 @@ class WorkerHealth:
             gpu = OK
             if self.gpu:
                 gpu = self.gpu.verdict(instance.plan.gpu.index if instance.plan.pinned else None)
+            disk = self.disk.verdict(instance.number) if self.disk else OK
             instance.derive(gpu=gpu, models=models, provisioning=provisioning,
-                            draining=self.flags.draining, stopping=self.flags.stopping)
+                            draining=self.flags.draining, stopping=self.flags.stopping, disk=disk)
         state, reason = combine([(i.label, i.state, i.reason) for i in self.instances])
         for listener in self.on_recompute:
             listener()

@@ -8,6 +8,7 @@ from typing import Iterable
 from prometheus_client.core import Metric
 
 from benchmark import BenchmarkStatus
+from supervisor.checks.disk import DiskGuard
 from supervisor.checks.provisioning import Provisioner
 from supervisor.children.child import ChildState
 from supervisor.daemon.fleet import Fleet
@@ -32,7 +33,8 @@ def package_version() -> str:
 
 def register_metric_sources(metrics: WorkerMetrics, fleet: Fleet, *, queue_size: int,
                             gpu: GpuMonitor | None = None,
-                            provisioner: Provisioner | None = None) -> None:
+                            provisioner: Provisioner | None = None,
+                            disk: DiskGuard | None = None) -> None:
     states = [state.value for state in ChildState]
     verdicts = [status.value for status in BenchmarkStatus]
     instances = fleet.instances
@@ -54,4 +56,6 @@ def register_metric_sources(metrics: WorkerMetrics, fleet: Fleet, *, queue_size:
         metrics.add_source(gpu.metric_families)
     if provisioner is not None:
         metrics.add_source(lambda: model_families(provisioner.totals(), provisioner.missing()))
+    if disk is not None:
+        metrics.add_source(disk.metric_families)
     metrics.queue_capacity.set(queue_size)

@@ -26,7 +26,8 @@ class Autoscaler(Protocol):
     #: The model server's base URL (a session's on_close_route is a path on it).
     model_server: Callable[[], str | None]
 
-    async def start(self, readiness: Callable[[], Readiness]) -> None: ...
+    async def start(self, readiness: Callable[[], Readiness],
+                    disk_used: Callable[[], float | None] | None = None) -> None: ...
 
     async def stop(self) -> None: ...
 

@@ -8,10 +8,12 @@ event log. Nothing is built twice: the public view never asks a part anything.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from typing import Any
 
+from supervisor.checks.disk import DiskGuard
 from supervisor.checks.provisioning import Provisioner
 from supervisor.daemon.fleet import Fleet
 from supervisor.daemon.health import WorkerFlags, WorkerHealth
@@ -24,6 +26,7 @@ PUBLIC_INSTANCE_BENCHMARK = ("status", "reason", "seconds", "its", "max_perf", "
 PUBLIC_CHILD = ("state", "reason", "restarts")
 PUBLIC_GPU = ("index", "uuid", "name", "verdict")
 PUBLIC_MODELS = ("status", "reason", "done_bytes", "total_bytes", "failures")
+PUBLIC_FILESYSTEM = ("holds", "level", "percent_full", "free_bytes", "size_bytes")
 
 
 class Snapshots:
@@ -32,7 +35,7 @@ class Snapshots:
     def __init__(self, *, health: WorkerHealth, flags: WorkerFlags, fleet: Fleet,
                  metrics: WorkerMetrics, max_waiting: int, auth: str,
                  gpu: GpuMonitor | None = None, provisioner: Provisioner | None = None,
-                 started_at: float | None = None):
+                 disk: DiskGuard | None = None, started_at: float | None = None):
         self.health = health
         self.flags = flags
         self.fleet = fleet
@@ -41,6 +44,7 @@ class Snapshots:
         self.auth = auth
         self.gpu = gpu
         self.provisioner = provisioner
+        self.disk = disk
         self.started_at = time.time() if started_at is None else started_at
 
     def build(self) -> dict[str, Any]:
@@ -53,7 +57,9 @@ class Snapshots:
                        "since": tracker.since, "pid": os.getpid(),
                        "uptime_s": round(time.time() - self.started_at, 1),
                        "draining": self.flags.draining,
-                       "history": list(tracker.history)[-20:]},
+                       "history": list(tracker.history)[-20:],
+                       # What a long run must keep flat (docs/disk.md): this process's tasks.
+                       "asyncio_tasks": len(asyncio.all_tasks())},
             # The first instance's, as on a one-GPU host; every instance is under "instances".
             "children": instances[0]["children"] if instances else {},
             "instances": instances,
@@ -66,6 +72,7 @@ class Snapshots:
             "benchmark": instances[0]["benchmark"] if instances else {"status": "disabled"},
             "max_perf": self.health.max_perf(),
             "models": self.provisioner.snapshot() if self.provisioner else {"status": "none"},
+            "disk": self.disk.snapshot() if self.disk else {"level": "ok", "filesystems": []},
             "events": self.fleet.events[-30:],
             "auth": self.auth,
         }
@@ -119,4 +126,7 @@ def public_view(snapshot: dict[str, Any]) -> dict[str, Any]:
         "max_perf": snapshot["max_perf"],
         "queue": _pick(snapshot["queue"], ("in_flight", "waiting")),
         "models": models if models == {"status": "none"} else _pick(models, PUBLIC_MODELS),
+        "disk": {"level": snapshot["disk"]["level"],
+                 "filesystems": [_pick(fs, PUBLIC_FILESYSTEM)
+                                 for fs in snapshot["disk"]["filesystems"]]},
     }

@@ -363,14 +363,14 @@ class Instance:
                          state=child.state, reason=child.reason, ever_ready=ever_ready)
 
     def derive(self, *, gpu: Verdict, models: Verdict, provisioning: str, draining: bool,
-               stopping: bool) -> bool:
+               stopping: bool, disk: Verdict = OK) -> bool:
         """Judge this instance; True when its state or reason changed."""
         self.gpu_verdict = gpu
         bench = self.benchmark
         ever = self.tracker.first_ready_at is not None or (bench is not None and bench.started)
         inputs = Inputs(
             children=(self._child_view(self.comfyui, ever), self._child_view(self.wrapper, ever)),
-            gpu=gpu, benchmark=bench.verdict() if bench else OK,
+            gpu=gpu, disk=disk, benchmark=bench.verdict() if bench else OK,
             benchmarking=bool(bench and bench.running),
             benchmark_pending=bool(bench and bench.pending),
             models=models, provisioning=provisioning,
