@@ -145,6 +145,8 @@ class Fleet:
     def comfyui_lost(self, instance: Instance, reason: str) -> None:
         if self.router.running_on(instance.number):
             what = "ComfyUI" if len(self.instances) == 1 else f"ComfyUI of {instance.label}"
+            # Finished ones are dropped: the list stays as long as what runs, over months.
+            self._tasks = [t for t in self._tasks if not t.done()]
             self._tasks.append(asyncio.get_running_loop().create_task(
                 self._abort_running(instance, f"{what} died during the request: {reason}"),
                 name="abort-running"))

@@ -70,6 +70,7 @@ class WatchLoop:
             instance = self.fleet.instance(number)
             if instance is not None and controller.should_start(instance,
                                                                  self.health.models_ready):
+                self._benchmarks = [t for t in self._benchmarks if not t.done()]
                 self._benchmarks.append(asyncio.create_task(
                     controller.run(instance, self.fleet),
                     name=f"benchmark{instance.plan.suffix}"))

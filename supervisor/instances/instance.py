@@ -238,6 +238,8 @@ class Instance:
             if guessed(self.plan.folders):
                 self._folders_task = asyncio.get_running_loop().create_task(
                     self._learn_comfyui_folders(), name=f"{child.name}-folders")
+                # One per ComfyUI start: finished ones go, so restarts do not grow the list.
+                self._tasks = [t for t in self._tasks if not t.done()]
                 self._tasks.append(self._folders_task)
         self.host.instance_changed(self)
 
