@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Iterable
+import time
+from typing import Iterable, Sequence
 
 MASK = "********"
 
@@ -51,7 +52,15 @@ def masker() -> SecretMasker:
     return _masker
 
 
+#: The handler setup_logging installed, and the process name its lines carry.
+_handler: logging.StreamHandler | None = None
+_prefix = ""
+#: (second, its text): asctime() formats each second once.
+_second: tuple[int, str] = (-1, "")
+
+
 def setup_logging(level: str = "INFO", secrets: Iterable[str] = (), name: str = "") -> None:
+    global _handler, _prefix
     for secret in secrets:
         _masker.add(secret)
     handler = logging.StreamHandler(sys.stderr)
@@ -65,3 +74,46 @@ def setup_logging(level: str = "INFO", secrets: Iterable[str] = (), name: str = 
     root.addHandler(handler)
     root.setLevel(level)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    _handler, _prefix = handler, prefix
+
+
+def asctime(when: float) -> str:
+    """`when` (time.time()) as logging's default %(asctime)s writes it: local time, milliseconds
+    after a comma."""
+    global _second
+    whole = int(when)
+    second, text = _second
+    if second != whole:
+        text = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(whole))
+        _second = (whole, text)
+    return f"{text},{int((when - whole) * 1000):03d}"
+
+
+def write_info_lines(logger: logging.Logger, messages: Sequence[str], when: float) -> bool:
+    """Write `messages` as the INFO records of `logger` would read, each masked, all in one write
+    to the stream of the handler that setup_logging installed, without a record each.
+
+    For a stream of lines that arrive many a second (the children's output): formatting and
+    writing a record per line cost the daemon more than forwarding a request. False when records
+    do not go only there (setup_logging was not called, `logger` or the root has another
+    handler or filter, as under pytest's caplog): the caller then logs them as records."""
+    handler = _handler
+    root = logging.getLogger()
+    if handler is None or root.handlers != [handler] or logger.handlers or logger.filters \
+            or not logger.propagate or logger.parent is not root or handler.filters != [_masker] \
+            or handler.level > logging.INFO:
+        return False
+    if not messages or not logger.isEnabledFor(logging.INFO):
+        return True
+    head = f"{asctime(when)} INFO {_prefix}{logger.name}: "
+    mask = _masker.mask if _masker.secrets else None
+    text = "".join(f"{head}{mask(m) if mask else m}\n" for m in messages)
+    handler.acquire()
+    try:
+        handler.stream.write(text)
+        handler.stream.flush()
+    except (OSError, ValueError):
+        pass  # nowhere to say it: the daemon's own log is what failed
+    finally:
+        handler.release()
+    return True

@@ -25,7 +25,7 @@ from supervisor.children.child import (
     ChildState,
     ProbeFailed,
 )
-from supervisor.children.childlog import LineSplitter
+from supervisor.children.childlog import LineSplitter, RotatingFile
 from tests.support.systemd_unit import unit_timeout_stop_sec
 
 PY = sys.executable
@@ -515,6 +515,81 @@ async def test_log_rotation_caps_size(tmp_path, supervise):
     assert all(f.stat().st_size <= 20_000 for f in files)
     assert "line 02999" in log_path.read_text()
     assert len(child.tail()) == 50 and child.tail()[-2].startswith("line 02999")
+
+
+# The daemon's own side of it, in a real process configured as `comfy-worker run` configures it.
+DAEMON_LOG = textwrap.dedent("""
+    import logging, sys
+    from pathlib import Path
+    from config.logsetup import setup_logging
+    from supervisor.children.childlog import ChildLog
+    setup_logging("INFO", ["hunter2-secret"], name="[supervisor]")
+    log = ChildLog("talker", Path(sys.argv[1]))
+    log.lines(["uses hunter2-secret here", "second"])
+    logging.getLogger("child.talker").info("[%s] %s", "talker", "hunter2-secret in a record")
+    logging.getLogger().setLevel("WARNING")
+    log.line("below the daemon's log level")
+""")
+
+
+def test_daemon_log_reads_child_lines_as_its_records_and_masks_them(tmp_path):
+    import re
+    import subprocess
+
+    log_path = tmp_path / "talker.log"
+    run = subprocess.run([PY, "-c", DAEMON_LOG, str(log_path)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    shape = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO \[supervisor\] "
+                       r"child\.talker: \[talker\] (.*)")
+    lines = run.stderr.splitlines()
+    # The lines written in one go and the record logged the usual way read alike, secrets masked.
+    assert [shape.fullmatch(line).group(1) for line in lines] == \
+        ["uses ******** here", "second", "******** in a record"], run.stderr
+    # The child's own file has every line as the child wrote it, the one below the level too.
+    text = log_path.read_text()
+    assert " uses hunter2-secret here\n" in text and " below the daemon's log level\n" in text
+
+
+def test_rotation_without_backups_starts_the_file_over(tmp_path):
+    path = tmp_path / "c.log"
+    file = RotatingFile(path, max_bytes=100, backups=0)
+    file.write([f"line {i:02d} {'x' * 30}\n" for i in range(10)])
+    file.close()
+    assert [p.name for p in tmp_path.iterdir()] == ["c.log"]
+    assert path.stat().st_size <= 100 and path.read_text().endswith("line 09 " + "x" * 30 + "\n")
+
+
+def test_a_file_that_is_not_regular_is_never_rotated(tmp_path):
+    path = tmp_path / "pipe"
+    os.mkfifo(path)
+    reader = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        file = RotatingFile(path, max_bytes=100, backups=2)
+        file.write([f"line {i}\n" for i in range(40)])
+        file.close()
+        assert os.read(reader, 65536).decode().splitlines() == [f"line {i}" for i in range(40)]
+    finally:
+        os.close(reader)
+    assert [p.name for p in tmp_path.iterdir()] == ["pipe"]
+
+
+def test_a_failed_write_is_reported_once_and_the_file_comes_back(tmp_path, capsys):
+    folder = tmp_path / "logs"
+    folder.mkdir()
+    path = folder / "c.log"
+    file = RotatingFile(path, max_bytes=10_000, backups=1)
+    file.write(["before\n"])
+    path.unlink()
+    folder.rmdir()  # the open file is gone with it; a new open fails until the folder is back
+    file.close()
+    file.write(["lost 1\n"])
+    file.write(["lost 2\n"])
+    assert capsys.readouterr().err.count(f"cannot write {path}") == 1
+    folder.mkdir()
+    file.write(["after\n"])
+    file.close()
+    assert path.read_text() == "after\n"
 
 
 def test_line_splitter_handles_partial_cr_and_long_lines():

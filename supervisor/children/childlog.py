@@ -9,13 +9,18 @@ per sampling run) become one line per bar instead of megabytes of redraws.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-import logging.handlers
+import os
 import re
+import stat
+import sys
 import time
 from collections import deque
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import BinaryIO, Callable, Sequence
+
+from config.logsetup import asctime, write_info_lines
 
 #: Longest line kept; the rest of an over-long line is cut (and marked).
 MAX_LINE_CHARS = 8192
@@ -112,9 +117,13 @@ class LineSplitter:
 class ChildLog:
     """Where one child's lines go: a rotating file, the daemon's log, a tail buffer.
 
-    The file handler is used directly (not through a named logger) so the child's raw
-    output never propagates into the daemon's handlers twice.  File writes are small
-    and buffered by the OS, like any logging call made from the event loop.
+    The lines of one read (usually one, more in a burst) are handled together: one timestamp,
+    one write to the file and one to the daemon's log stream (`config.logsetup.write_info_lines`,
+    the same text a `child.<name>` INFO record would produce; records where that stream is not
+    the only handler). The file is written here, not through a logging handler, so the child's
+    raw output never propagates into the daemon's handlers twice, and its size is counted
+    instead of asked of the file system per line. Writes are small and buffered by the OS, like
+    any logging call made from the event loop.
     """
 
     def __init__(
@@ -134,25 +143,36 @@ class ChildLog:
         #: Lines seen since this ChildLog was made; a run's own lines are those after its mark.
         self.lines_seen = 0
         self._daemon_log = logging.getLogger(f"child.{name}")
-        self._file: logging.handlers.RotatingFileHandler | None = None
+        self._tag = f"[{name}] "
+        self._file: RotatingFile | None = None
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = logging.handlers.RotatingFileHandler(
-                path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8", delay=True
-            )
-            self._file.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+            self._file = RotatingFile(path, max_bytes=max_bytes, backups=backups)
 
     def line(self, text: str) -> None:
         """One line of the child's own output."""
-        self._tail.append(text)
-        self.lines_seen += 1
-        self._daemon_log.info("[%s] %s", self.name, text)
-        self._write(text)
+        self.lines([text])
+
+    def lines(self, texts: Sequence[str]) -> None:
+        """Lines of the child's own output, in order: the tail, the daemon's log, the file."""
+        if not texts:
+            return
+        self._tail.extend(texts)
+        self.lines_seen += len(texts)
+        now = time.time()
+        tagged = [self._tag + text for text in texts]
+        if not write_info_lines(self._daemon_log, tagged, now):
+            for text in tagged:
+                self._daemon_log.info("%s", text)
+        if self._file is not None:
+            stamp = asctime(now)
+            self._file.write([f"{stamp} {text}\n" for text in texts])
 
     def marker(self, text: str) -> None:
         """A supervisor event (start, exit) written into the child's file only, so
         the file reads as a complete story of each run."""
-        self._write(f"--- {text} ---")
+        if self._file is not None:
+            self._file.write([f"{asctime(time.time())} --- {text} ---\n"])
 
     def tail(self, n: int | None = None) -> list[str]:
         lines = list(self._tail)
@@ -172,22 +192,78 @@ class ChildLog:
             if not chunk:
                 break
             self.last_output_at = time.monotonic()
-            for text in splitter.feed(chunk):
-                self.line(text)
-        for text in splitter.flush():
-            self.line(text)
+            self.lines(splitter.feed(chunk))
+        self.lines(splitter.flush())
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
 
-    def _write(self, text: str) -> None:
-        if self._file is None:
-            return
-        record = logging.LogRecord(
-            name=f"child.{self.name}", level=logging.INFO, pathname="", lineno=0,
-            msg=text, args=None, exc_info=None,
-        )
-        # handle() takes the handler's lock and reports write errors via handleError
-        # (to stderr) instead of raising into the reader task.
-        self._file.handle(record)
+
+class RotatingFile:
+    """A log file that rotates as `logging.handlers.RotatingFileHandler` does: before a line
+    would take it past `max_bytes` it becomes NAME.1 (NAME.1 becomes NAME.2, ..., the one past
+    `backups` goes); with no backups it starts over. Not a regular file (/dev/stdout, a
+    pipe): never rotated.
+
+    One write per batch of lines; the size is counted here. Opened on the first write. An error
+    (a full disk, a removed folder) is reported once on stderr and the batch dropped; the next
+    batch tries again, reopening the file."""
+
+    def __init__(self, path: Path, *, max_bytes: int, backups: int) -> None:
+        self.path = path
+        self.max_bytes = max_bytes
+        self.backups = backups
+        self._file: BinaryIO | None = None
+        self._size = 0
+        self._rotates = True
+        self._failed = False
+
+    def write(self, lines: Sequence[str]) -> None:
+        try:
+            file = self._file or self._open()
+            batch: list[bytes] = []
+            for line in lines:
+                data = line.encode("utf-8", "replace")
+                if self._rotates and self._size + len(data) > self.max_bytes > 0 and \
+                        (self._size or batch):
+                    file.write(b"".join(batch))
+                    batch.clear()
+                    file = self._rotate()
+                batch.append(data)
+                self._size += len(data)
+            file.write(b"".join(batch))
+        except OSError as exc:
+            self.close()
+            if not self._failed:
+                self._failed = True
+                sys.stderr.write(f"comfy-worker: cannot write {self.path}: {exc}\n")
+        else:
+            self._failed = False
+
+    def _open(self) -> BinaryIO:
+        # Unbuffered: one write() per batch, nothing held back in the daemon.
+        file = open(self.path, "ab", buffering=0)
+        info = os.fstat(file.fileno())
+        self._rotates = stat.S_ISREG(info.st_mode)
+        self._size = info.st_size
+        self._file = file
+        return file
+
+    def _rotate(self) -> BinaryIO:
+        self.close()
+        if self.backups > 0:
+            for i in range(self.backups - 1, 0, -1):
+                older = self.path.with_name(f"{self.path.name}.{i}")
+                if older.exists():
+                    os.replace(older, self.path.with_name(f"{self.path.name}.{i + 1}"))
+            os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
+        else:
+            self.path.unlink(missing_ok=True)
+        return self._open()
+
+    def close(self) -> None:
+        file, self._file = self._file, None
+        if file is not None:
+            with contextlib.suppress(OSError):
+                file.close()
