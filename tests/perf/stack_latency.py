@@ -9,7 +9,9 @@ token), then measures:
 1. *sequential*: ``--n`` tiny workflows (EmptyImage 64x64 -> SaveImage, a new colour each time)
    through the public port, through the wrapper's own port and with ``ComfyClient.run_prompt``
    straight on ComfyUI, interleaved; p50/p90/mean of each, what the whole stack adds and how it
-   splits between the wrapper and the supervisor;
+   splits between the wrapper and the supervisor. Beside them (unless ``--no-floor``) the same
+   through a bare aiohttp forwarder in front of the same wrapper (``tests/perf/bare_forward.py``):
+   the cost of one HTTP hop in Python on this machine, which the supervisor cannot go below;
 2. *back-to-back*: ``--concurrent`` requests at once on the public port; the idle time ComfyUI had
    between one prompt's end and the next one's start, from ComfyUI's own timestamps;
 3. *memory*: RSS (and USS/PSS) of the supervisor and of the wrapper after the load above;
@@ -81,6 +83,7 @@ class Stack:
     admin_socket: Path
     output_dir: Path
     children: dict[int, float] = field(default_factory=dict)  # pid -> create time, to sweep up
+    floor: Service | None = None   # the bare forwarder in front of the wrapper (--no-floor: none)
 
     @property
     def public_url(self) -> str:
@@ -141,7 +144,11 @@ def start_stack(workdir: Path, args: argparse.Namespace) -> Iterator[Stack]:
 
 # --- measurements ---------------------------------------------------------------------------------
 async def sequential(args: argparse.Namespace, stack: Stack, session: aiohttp.ClientSession,
-                     client: ComfyClient, counter: Counter) -> dict[str, Any]:
+                     client: ComfyClient, counter: Counter, floor_url: str | None = None
+                     ) -> dict[str, Any]:
+    """`floor_url`, when given, is a bare forwarder in front of the wrapper
+    (tests/perf/bare_forward.py): what the public port adds beyond it is the supervisor's own
+    work."""
     auth = {"Authorization": f"Bearer {TOKEN}"}
 
     async def direct() -> Any:
@@ -156,7 +163,13 @@ async def sequential(args: argparse.Namespace, stack: Stack, session: aiohttp.Cl
     async def public() -> Any:
         return await post_generate(session, stack.public_url, tiny_graph(counter.next()), auth)
 
+    async def floor() -> Any:
+        assert floor_url is not None
+        return await post_generate(session, floor_url, tiny_graph(counter.next()))
+
     paths = {"direct": direct, "wrapper": wrapper, "public": public}
+    if floor_url is not None:
+        paths["floor"] = floor
     note(f"warm-up: {args.warmup} requests per path")
     for _ in range(args.warmup):
         for call in paths.values():
@@ -168,7 +181,7 @@ async def sequential(args: argparse.Namespace, stack: Stack, session: aiohttp.Cl
     names = list(paths)
     for i in range(args.n):
         # Rotate the order so that no path always runs right after the same other one.
-        order = names[i % 3:] + names[:i % 3]
+        order = names[i % len(names):] + names[:i % len(names)]
         took: dict[str, float] = {}
         for name in order:
             took[name], answer = await timed(paths[name])
@@ -187,8 +200,15 @@ async def sequential(args: argparse.Namespace, stack: Stack, session: aiohttp.Cl
         pids = {"supervisor": stack.daemon.process.pid,
                 "wrapper": await stack.child_pid("wrapper"),
                 "comfyui": await stack.child_pid("comfyui")}
+        if stack.floor is not None:
+            pids["floor"] = stack.floor.process.pid
         cpu = await cpu_per_request(paths, args.cpu_n, pids)
     summaries = {name: Summary.of_seconds(values) for name, values in samples.items()}
+    floor_figures = {}
+    if "floor" in summaries:
+        floor_figures = {"floor_added_p50_ms": {
+            "hop": round(summaries["floor"].p50 - summaries["wrapper"].p50, 3),
+            "supervisor_beyond_hop": round(summaries["public"].p50 - summaries["floor"].p50, 3)}}
     return {
         "cpu_ms_per_request": cpu,
         "ms": {**{name: s.to_json() for name, s in summaries.items()},
@@ -199,6 +219,7 @@ async def sequential(args: argparse.Namespace, stack: Stack, session: aiohttp.Cl
             "supervisor": round(summaries["public"].p50 - summaries["wrapper"].p50, 3)},
         "added_p90_ms": {"stack": round(summaries["public"].p90 - summaries["direct"].p90, 3)},
         "paired_median_ms": {k: round(percentile(v, 50), 3) for k, v in paired.items()},
+        **floor_figures,
     }
 
 
@@ -281,7 +302,8 @@ async def measure(args: argparse.Namespace, stack: Stack) -> dict[str, Any]:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session, \
             ComfyClient(stack.comfy_url, output_dir=stack.output_dir) as client:
         idle = await memory(stack)  # also remembers the children's pids, to sweep them up
-        seq = await sequential(args, stack, session, client, counter)
+        seq = await sequential(args, stack, session, client, counter,
+                               stack.floor.url if stack.floor is not None else None)
         rounds = await back_to_back(args, stack, session, counter, seq["ms"]["public"]["p50"])
         mem = await memory(stack)
         served = counter.value
@@ -311,21 +333,30 @@ def render(report: dict[str, Any]) -> str:
     paired = seq["paired_median_ms"]
     b2b = report["back_to_back"]
     start, mem = report["memory_mb"]["at_start"], report["memory_mb"]["after_load"]
+    rows = [("direct ComfyClient", *(ms["direct"][c] for c in cols)),
+            ("wrapper port", *(ms["wrapper"][c] for c in cols)),
+            ("public port (full stack)", *(ms["public"][c] for c in cols))]
+    if "floor" in ms:
+        rows.append(("bare forwarder -> wrapper", *(ms["floor"][c] for c in cols)))
+    rows.append(("ComfyUI run itself", *(ms["comfyui_run"][c] for c in cols)))
     lines = [
         f"Sequential tiny workflow (EmptyImage 64x64 -> SaveImage), n={report['n']} per path, ms",
-        table(("path", *cols),
-              [("direct ComfyClient", *(ms["direct"][c] for c in cols)),
-               ("wrapper port", *(ms["wrapper"][c] for c in cols)),
-               ("public port (full stack)", *(ms["public"][c] for c in cols)),
-               ("ComfyUI run itself", *(ms["comfyui_run"][c] for c in cols))]),
+        table(("path", *cols), rows),
         f"added at p50: full stack {added['stack']:+.2f} ms = wrapper {added['wrapper']:+.2f} ms "
         f"+ supervisor {added['supervisor']:+.2f} ms (paired medians: {paired['stack']:+.2f} = "
         f"{paired['wrapper']:+.2f} + {paired['supervisor']:+.2f}); full stack at p90 "
         f"{seq['added_p90_ms']['stack']:+.2f} ms",
     ]
+    if "floor_added_p50_ms" in seq:
+        floor = seq["floor_added_p50_ms"]
+        lines.append(f"a bare aiohttp forwarder in front of the same wrapper (one HTTP hop, nothing "
+                     f"else) adds: p50 {floor['hop']:+.2f} ms; the supervisor beyond it "
+                     f"{floor['supervisor_beyond_hop']:+.2f} ms")
     cpu = seq["cpu_ms_per_request"]
     if cpu:
         procs = ("client", "supervisor", "wrapper", "comfyui")
+        if "floor" in cpu:
+            procs += ("floor",)
         ours = {name: sum(cpu[name][p] for p in ("client", "supervisor", "wrapper"))
                 for name in cpu}
         lines += [
@@ -334,11 +365,16 @@ def render(report: dict[str, Any]) -> str:
             "includes the supervisor's background probes)",
             table(("path", *procs, "total"),
                   [(name, *(cpu[name][p] for p in procs), sum(cpu[name][p] for p in procs))
-                   for name in ("direct", "wrapper", "public")]),
+                   for name in cpu]),
             f"extra CPU (client + supervisor + wrapper) against the direct path: wrapper port "
             f"{ours['wrapper'] - ours['direct']:+.2f} ms, public port "
             f"{ours['public'] - ours['direct']:+.2f} ms",
         ]
+        if "floor" in cpu:
+            lines.append(f"the public port's hop costs the supervisor "
+                         f"{cpu['public']['supervisor'] - cpu['wrapper']['supervisor']:.2f} ms "
+                         f"of CPU, the bare forwarder's "
+                         f"{cpu['floor']['floor'] - cpu['wrapper']['floor']:.2f} ms")
     lines += [
         "",
         f"Back-to-back: {b2b['concurrent']} requests at once on the public port",
@@ -390,14 +426,28 @@ def main(argv: list[str] | None = None) -> int:
                         help="SUPERVISOR_PROBE_INTERVAL for the daemon (default: the product's)")
     parser.add_argument("--backoff-initial", type=float, default=None,
                         help="SUPERVISOR_BACKOFF_INITIAL for the daemon (default: the product's)")
+    parser.add_argument("--no-floor", action="store_true",
+                        help="skip the bare-forwarder path (tests/perf/bare_forward.py)")
     args = parser.parse_args(argv)
 
     def body(workdir: Path) -> dict:
         note(f"starting `comfy-worker run` with the simulator (work folder {workdir})")
-        with start_stack(workdir, args) as stack:
+        with start_stack(workdir, args) as stack, contextlib.ExitStack() as floor:
+            if not args.no_floor:
+                stack.floor = floor.enter_context(start_bare_forward(workdir, stack.wrapper_url))
             return run_bounded(measure(args, stack), args.time_limit)
 
     return run_script("stack_latency", args, body, render)
+
+@contextlib.contextmanager
+def start_bare_forward(workdir: Path, wrapper_url: str) -> Iterator[Service]:
+    port = free_port()
+    service = launch("the bare forwarder", [sys.executable, "-m", "tests.perf.bare_forward",
+                                            "--wrapper-url", wrapper_url, "--port", str(port)],
+                     clean_env(), workdir / "bare-forward.log", f"http://127.0.0.1:{port}")
+    with serving(service, lambda: http_status(service.url + "/health") == 200, 30) as started:
+        yield started
+
 
 if __name__ == "__main__":
     sys.exit(main())
