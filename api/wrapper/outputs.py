@@ -9,6 +9,7 @@ served from ComfyUI's cache still finds its file.
 from __future__ import annotations
 
 import base64
+import functools
 import logging
 import mimetypes
 import os
@@ -49,28 +50,34 @@ def link_outputs(outputs: list[Any], output_dir: Path, request_id: str
     than INLINE_LINKS files, a link refused): `collect` then does it all in a thread.
 
     A trip to a thread costs two wake-ups; on a busy 2-core host that was most of what the
-    wrapper added to a small request (see tests/perf/wrapper_latency.py)."""
+    wrapper added to a small request (see tests/perf/wrapper_latency.py). In the usual case
+    the folder is new, so nothing in it is asked for: one mkdir and one link per file, the
+    link itself saying whether the file is there and on the same device."""
     if len(outputs) > INLINE_LINKS:
         return None
+    if not outputs:
+        return []
     folder = output_dir / request_id
     try:
-        sources = [_source(item, output_dir) for item in outputs]
-        devices = {os.stat(source).st_dev for source in sources}
-        if not sources:
-            return []
-        folder.mkdir(parents=True, exist_ok=True)
-        if devices != {os.stat(folder).st_dev}:
-            return None
-        real = folder.resolve()
+        os.mkdir(folder)
+        fresh = True  # made just now: empty, and not a link to somewhere else
+    except FileExistsError:
+        fresh = False
+    except OSError:
+        return None
+    try:
+        real = _real_folder(output_dir) / request_id if fresh else folder.resolve()
     except OSError:
         return None
     taken: set[str] = set()
     made: list[Path] = []
     described = []
-    for item, source in zip(outputs, sources):
-        name = _unique(folder, item.filename, taken)
+    for item in outputs:
+        name = item.filename if fresh and item.filename not in taken else \
+            _unique(folder, item.filename, taken)
+        taken.add(name)
         try:
-            os.link(source, folder / name)
+            os.link(_source(item, output_dir), folder / name)
         except OSError:
             for path in made:  # all or nothing: `collect` starts from a clean folder
                 path.unlink(missing_ok=True)
@@ -78,6 +85,13 @@ def link_outputs(outputs: list[Any], output_dir: Path, request_id: str
         made.append(folder / name)
         described.append({**_describe(item), "filename": name, "local_path": str(real / name)})
     return described
+
+
+@functools.lru_cache(maxsize=8)
+def _real_folder(output_dir: Path) -> Path:
+    """ComfyUI's output folder with its links resolved, once per folder and process (a
+    request folder made in it is no link, so its real path is this one's plus its name)."""
+    return output_dir.resolve()
 
 
 def _describe(item: Any) -> dict[str, Any]:
