@@ -71,6 +71,17 @@ def test_ready_serves_and_rejects_without_token(tmp_path, comfy_api):
         report = CliRunner().invoke(main, ["health", "--socket", str(worker.admin_socket)])
         assert f"comfyui: {comfy_api}-sim; flags asked of it (--help); assets " in report.output, \
             report.output
+        # The request's lines from both children: in each child's own file, and in the
+        # daemon's log as its child.<name> records read (timestamp, level, the daemon's name).
+        for child, line in (("comfyui", "got prompt"), ("wrapper", " completed: ")):
+            own = tmp_path / "logs" / f"{child}.log"
+            wait_until(lambda own=own, line=line: line in own.read_text(), 10,
+                       f"{line!r} in {own.name}")
+            record = f" INFO [supervisor] child.{child}: [{child}] "
+            wait_until(lambda record=record, line=line: any(
+                record in entry and line in entry
+                for entry in worker.log_path.read_text().splitlines()), 10,
+                f"{line!r} in the daemon's log")
 
 
 def test_comfyui_killed_during_request_gives_502_then_recovers(tmp_path, comfy_api):
