@@ -18,11 +18,28 @@ def json_response(body: dict[str, Any], status: int = 200,
                         content_type="application/json")
 
 
+#: Keyword arguments for the AppRunner of every server of ours. Request bodies are taken as sent:
+#: aiohttp's own decompression left a request waiting forever when a body that does not
+#: decompress arrived after its headers (the error went to a second, phantom request while the
+#: first waited for the rest of its body), so a content coding is refused at the door instead
+#: (`error_middleware`), which also keeps a small compressed body from growing past the limits.
+SERVER_OPTIONS: dict[str, Any] = {"auto_decompress": False}
+
+#: Content codings a request body may carry: none.
+_IDENTITY = ("", "identity")
+
+
 def error_middleware(server: str, limit_setting: str):
-    """413 as JSON naming the limit, 500 only for a bug (logged with its traceback)."""
+    """415 for a compressed body, 413 as JSON naming the limit, 500 only for a bug (logged with
+    its traceback)."""
 
     @web.middleware
     async def middleware(request: web.Request, handler):
+        coding = request.headers.get("Content-Encoding", "").strip().lower()
+        if coding not in _IDENTITY and request.body_exists:
+            return json_response({"error": "request bodies are taken uncompressed: send the body "
+                                           "without Content-Encoding (it was "
+                                           f"{coding[:40]!r})", "status": "failed"}, 415)
         try:
             return await handler(request)
         except web.RequestPayloadError as exc:

@@ -47,6 +47,8 @@ _RAN = {
                    "the workflow (its error and node_errors intact); or an input image could "
                    "not be used.", "Error", "Result"),
     "413": _answer("The body is over the size limit (the message names the setting).", "Error"),
+    "415": _answer("The body came with a Content-Encoding: bodies are taken uncompressed.",
+                   "Error"),
     "422": _answer("The workflow ran and a node raised (error.node_id, node_type, "
                    "exception_message). The request is at fault: do not retry it as it is.",
                    "Result", "Error"),
@@ -159,14 +161,15 @@ def wrapper_document(registry: ModifierRegistry) -> Document:
                                   "links": _FOLLOW},
                           "400": _answer("Invalid request.", "Error"),
                           "409": _DUPLICATE,
-                          "413": _RAN["413"], "500": _RAN["500"], "503": _QUEUE_FULL}}},
+                          "413": _RAN["413"], "415": _RAN["415"], "500": _RAN["500"],
+                          "503": _QUEUE_FULL}}},
         "/generate/stream": {"post": {
             "tags": ["generate"], "operationId": "generateStream",
             "summary": "Run a request and follow it as server-sent events.",
             **generate,
             "responses": {"200": sse, "400": _answer("Invalid request.", "Error"),
-                          "409": _DUPLICATE, "413": _RAN["413"], "500": _RAN["500"],
-                          "503": _QUEUE_FULL}}},
+                          "409": _DUPLICATE, "413": _RAN["413"], "415": _RAN["415"],
+                          "500": _RAN["500"], "503": _QUEUE_FULL}}},
         "/result/{request_id}": {"get": {
             "tags": ["results"], "operationId": "getResult",
             "summary": "A request's result; 200 with its status while it runs.",
@@ -177,7 +180,7 @@ def wrapper_document(registry: ModifierRegistry) -> Document:
             "responses": {"200": _answer("Running, or completed.", "Result"),
                           "404": _answer("Unknown, or its result expired.", "Error"),
                           **{code: answer for code, answer in _RAN.items()
-                             if code not in ("413",)}}}},
+                             if code not in ("413", "415")}}}},
         "/cancel/{request_id}": {"post": {
             "tags": ["results"], "operationId": "cancel",
             "summary": "Cancel a request: drop it from the queue, or interrupt its prompt.",
@@ -264,7 +267,7 @@ def _autoscaler_paths() -> dict[str, Any]:
             {"201": _answer("Opened.", "SessionCreated"),
              "401": _answer("Missing, bad or replayed signature, or the autoscaler's key not "
                             "yet fetched.", "Error"),
-             "413": _RAN["413"], "422": malformed,
+             "413": _RAN["413"], "415": _RAN["415"], "422": malformed,
              "429": _answer("autoscaler.max_sessions are open already (reported Rejected).",
                             "Error")}, []),
         "/session/end": op(
@@ -273,16 +276,16 @@ def _autoscaler_paths() -> dict[str, Any]:
             "to on_close_route.", "SessionRequest",
             {"200": _answer("Closed.", "SessionEnded"), "400": unknown, "401": wrong_auth,
              "410": _answer("It closed meanwhile.", "Error"), "413": _RAN["413"],
-             "422": malformed}, []),
+             "415": _RAN["415"], "422": malformed}, []),
         "/session/get": op(
             "sessionGet", "A session as it is now.", by_session, "SessionRequest",
             {"200": _answer("The session.", "Session"), "400": unknown, "401": wrong_auth,
-             "413": _RAN["413"], "422": malformed}, []),
+             "413": _RAN["413"], "415": _RAN["415"], "422": malformed}, []),
         "/session/health": op(
             "sessionHealth", "Whether a session is open.", by_session, "SessionRequest",
             {"200": _answer("ok: true while it is open, false for one that is not.",
                             "SessionHealth"),
-             "401": wrong_auth, "413": _RAN["413"], "422": malformed}, []),
+             "401": wrong_auth, "413": _RAN["413"], "415": _RAN["415"], "422": malformed}, []),
         "/pyworker/update": op(
             "pyworkerUpdate", "Restart the worker to update it.",
             "The worker takes no new work, lets what is queued finish (worker.drain_timeout), "

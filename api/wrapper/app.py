@@ -17,6 +17,7 @@ from aiohttp import web
 from api.comfy import ClientTimeouts, ComfyClient
 from api.comfy import folders as comfy_folders
 from api.comfy.folders import SUPERVISOR_PID_ENV, ComfyFolders, OutputFolderGuide
+from api.contract.http import SERVER_OPTIONS
 from api.contract.modifiers import registry_from_settings
 from api.wrapper.background import Background
 from api.wrapper.delivery import OutputDelivery
@@ -124,7 +125,8 @@ class WrapperRuntime:
         app = build_app(self.service, metrics=self.metrics, max_body_bytes=s.api.max_body_bytes,
                         max_json_depth=s.worker.max_json_depth, retention=self.retention)
         # handler_cancellation: a client that hangs up on /generate/sync cancels its request.
-        self.runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        self.runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
+                                    **SERVER_OPTIONS)
         await self.runner.setup()
         site = web.TCPSite(self.runner, self.host, self.port)
         await site.start()

@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 from aiohttp import web
 
+from api.contract.http import SERVER_OPTIONS
 from api.contract.modifiers import registry_from_settings
 from api.contract.openapi import public_document
 from api.host.ports import describe_bind_error
@@ -114,7 +115,7 @@ class PublicPort:
         w = self.settings.worker
         app = self.server.build_app(w.max_body_bytes)
         self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
-                                     shutdown_timeout=self.close_timeout)
+                                     shutdown_timeout=self.close_timeout, **SERVER_OPTIONS)
         await self._runner.setup()
         ssl_context = self._ssl
         try:
