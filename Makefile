@@ -1,10 +1,10 @@
-# The two commands a fresh machine needs: `make demo` and `make test`.
+# The two commands a fresh machine needs: `make demo` and `make test` (`make check` for the inner loop).
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test demo bench bench-models endurance contract soak system-tools clean wheelhouse image \
+.PHONY: venv check test demo bench bench-models endurance contract soak system-tools clean wheelhouse image \
 	test-image vast-template
 
 $(STAMP): pyproject.toml
@@ -38,8 +38,20 @@ system-tools:
 	      podman runc mmdebstrap uidmap slirp4netns >/dev/null; \
 	  else echo "podman/mmdebstrap/runc missing: the container image tests will be skipped"; fi; }
 
+# The tiers (tests/support/tiers.py). `make check`: the unit and in-process tests, no process
+# started (a guard fails a test that starts one without its mark), well under 90 s on two cores.
+# `make test`: everything CI runs. The tests run in parallel (pytest-xdist, TEST_WORKERS workers,
+# chosen by measurement: docs/development.md; loadgroup keeps a module's shared daemon on one
+# worker), then the container image's tests, which build the image, on their own.
+CHECK_TIER := not (browser or e2e or image or real_comfyui or real_processes or slow)
+TEST_WORKERS ?= 4
+
+check: $(STAMP)
+	$(BIN)/python -m pytest -m "$(CHECK_TIER)" $(PYTEST_ARGS)
+
 test: $(STAMP) system-tools
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not image" -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m image $(PYTEST_ARGS) || [ $$? -eq 5 ]  # 5: no image tests here
 
 # The contract tests at length: every Schemathesis phase (coverage included), more cases.
 contract: $(STAMP)

@@ -1,5 +1,5 @@
-"""Shared test hygiene, and the fixtures of tests/support registered as plugins (so a test
-names a fixture and no test module imports another)."""
+"""Shared test hygiene, and the plugins of tests/support: their fixtures (so a test names a
+fixture and no test module imports another) and the tiers' guard (tests/support/tiers.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-pytest_plugins = ["tests.support.moto_server", "tests.support.fake_autoscaler",
+pytest_plugins = ["tests.support.tiers", "tests.support.moto_server", "tests.support.fake_autoscaler",
                   "tests.support.comfy_modes"]
 
 

@@ -20,6 +20,8 @@ from tests.support.comfy_modes import API_VERSIONS
 from tests.support.procs import get_json, post_json, start_wrapper, wait_until
 from tests.support.workflows import tiny_workflow
 
+pytestmark = pytest.mark.real_processes
+
 TINY = tiny_workflow("t", 64, 48)
 
 

@@ -89,24 +89,28 @@ def deleted(fake: FakeAutoscaler) -> dict[int, dict]:
 
 
 # --- signatures ----------------------------------------------------------------------------------
+@pytest.mark.e2e
 def test_signed_request_is_served(worker, fake):
     status, body = signed(worker, fake, TINY)
     assert status == 200, body
     assert body["status"] == "completed" and body["output"]
 
 
+@pytest.mark.e2e
 def test_bare_request_is_refused_with_the_expected_shape(worker):
     status, body = post_json(worker.url + "/generate/sync", {"input": {"workflow_json": TINY}})
     assert status == 401
     assert "missing auth_data" in body["error"] and "payload" in body["error"]
 
 
+@pytest.mark.e2e
 def test_signature_from_another_key_is_refused(worker, fake):
     stranger = FakeAutoscaler(key=new_private_key())
     status, body = signed(worker, fake, TINY, auth=stranger.make_auth_data(worker.url))
     assert (status, body["error"]) == (401, "invalid signature")
 
 
+@pytest.mark.e2e
 def test_tampered_url_is_refused(worker, fake):
     auth = fake.make_auth_data()
     auth["url"] = "http://127.0.0.1:1"
@@ -114,6 +118,7 @@ def test_tampered_url_is_refused(worker, fake):
     assert (status, body["error"]) == (401, "invalid signature")
 
 
+@pytest.mark.e2e
 def test_signature_for_another_worker_is_refused(worker, fake):
     status, body = signed(worker, fake, TINY, url="http://127.0.0.1:1")
     assert status == 401, body
@@ -124,12 +129,14 @@ def test_signature_for_another_worker_is_refused(worker, fake):
     (("signature", "reqnum"), "missing fields: reqnum, signature"),
     (("url",), "missing fields: url"),
 ])
+@pytest.mark.e2e
 def test_missing_auth_fields_are_a_422_naming_them(worker, fake, remove, reason):
     auth = {k: v for k, v in fake.make_auth_data().items() if k not in remove}
     status, body = signed(worker, fake, TINY, auth=auth)
     assert (status, body["error"]) == (422, reason)
 
 
+@pytest.mark.e2e
 def test_envelope_without_auth_data_or_payload_is_a_422(worker):
     status, body = post_json(worker.url + "/generate/sync",
                              {"payload": {"input": {"workflow_json": TINY}}})
@@ -138,6 +145,7 @@ def test_envelope_without_auth_data_or_payload_is_a_422(worker):
     assert (status, body["error"]) == (422, "missing fields: payload")
 
 
+@pytest.mark.e2e
 def test_replayed_request_is_refused(worker, fake):
     auth = fake.make_auth_data()
     first, _ = signed(worker, fake, TINY, auth=auth)
@@ -147,6 +155,7 @@ def test_replayed_request_is_refused(worker, fake):
 
 
 # --- reports -------------------------------------------------------------------------------------
+@pytest.mark.e2e
 def test_reports_identify_the_worker_and_send_loadtime_in_every_report(worker, fake):
     reports_after(fake, 1)
     statuses = list(fake.statuses)
@@ -164,6 +173,7 @@ def test_reports_identify_the_worker_and_send_loadtime_in_every_report(worker, f
     assert statuses[-1]["error_msg"] == ""
 
 
+@pytest.mark.e2e
 def test_reports_count_requests_and_finished_ones_are_deleted(worker, fake):
     mark = reports_after(fake)
     before = fake.statuses[mark - 1]["num_requests_recieved"]
@@ -204,6 +214,7 @@ def test_reports_count_requests_and_finished_ones_are_deleted(worker, fake):
     assert done[bad["request_idx"]]["status"] == "Error"
 
 
+@pytest.mark.e2e
 def test_request_in_flight_is_reported_as_load(worker, fake):
     auth = fake.make_auth_data()
     slow = {"input": {"modifier": "Text2Image",
@@ -226,6 +237,7 @@ def test_request_in_flight_is_reported_as_load(worker, fake):
     assert item["work_completed_at"] - item["work_started_at"] >= 1.5
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("outage", [Outage.CLOSED, Outage.ERROR_503])
 def test_serving_goes_on_while_the_autoscaler_is_down(worker, fake, scaler, outage):
     scaler.call(fake.go_down(outage))
@@ -246,6 +258,7 @@ def test_serving_goes_on_while_the_autoscaler_is_down(worker, fake, scaler, outa
 # --- start-up errors -----------------------------------------------------------------------------
 @pytest.mark.parametrize("drop", [("VAST_TCP_PORT",), ("VAST_TCP_PORT", "CONTAINER_ID",
                                                        "PUBLIC_IPADDR")])
+@pytest.mark.e2e
 def test_missing_host_variables_stop_the_start_with_one_message(tmp_path, fake, drop):
     port = free_port()
     env = autoscaler_env(fake.url, port)
@@ -267,6 +280,7 @@ def run_client(*args: str) -> Any:
     return CliRunner().invoke(client, list(args), catch_exceptions=False)
 
 
+@pytest.mark.e2e
 def test_client_generate_through_route(worker, fake, tmp_path):
     result = run_client("generate", "--autoscaler", fake.url, "--endpoint", "comfy-e2e",
                         "--api-key", "k-123", "--modifier", "Text2Image", "--set",
@@ -280,6 +294,7 @@ def test_client_generate_through_route(worker, fake, tmp_path):
     assert f"saved {saved}" in result.stdout
 
 
+@pytest.mark.e2e
 def test_client_waits_while_the_autoscaler_has_no_worker(worker, scaler, tmp_path):
     waiting = scaler.new()  # same signing key as the worker trusts; no worker assigned yet
     threading.Timer(0.6, lambda: setattr(waiting, "worker_url", worker.url)).start()
@@ -310,6 +325,7 @@ def test_client_reports_a_refused_api_key(scaler, tmp_path):
     assert "HTTP 401" in result.stderr and "invalid api_key" in result.stderr
 
 
+@pytest.mark.e2e
 def test_client_load_through_route(worker, fake, tmp_path):
     routed = len(fake.routes)
     result = run_client("load", "--autoscaler", fake.url, "--endpoint", "e", "--api-key", "k",
@@ -321,6 +337,7 @@ def test_client_load_through_route(worker, fake, tmp_path):
     assert len(fake.routes) - routed == 5       # one route (and signature) per request
 
 
+@pytest.mark.e2e
 def test_client_sends_the_cost_it_is_given(worker, fake, tmp_path):
     result = run_client("generate", "--autoscaler", fake.url, "--endpoint", "e", "--api-key",
                         "k", "--cost", "2.5", "--workflow", str(write_tiny(tmp_path)), "-q")

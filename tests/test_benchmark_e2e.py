@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from click.testing import CliRunner
 
 from tests.support.bench import NOMINAL, STEP_SECONDS, bench_env, settled
 from tests.support.procs import start_daemon
+
+pytestmark = pytest.mark.e2e
 
 
 def test_node_25_percent_slow_is_flagged_and_refused(tmp_path):
@@ -66,6 +69,7 @@ def test_missing_checkpoint_gives_a_clear_error(tmp_path):
         assert "checkpoints" in body["reason"]
 
 
+@pytest.mark.slow
 def test_cached_result_is_reused_after_restart_and_rerun_after_change(tmp_path):
     args = ("--step-seconds", str(STEP_SECONDS))
     with start_daemon(tmp_path, *args, wait_ready=False, extra_env=bench_env()) as worker:

@@ -341,6 +341,7 @@ def history_count(sim) -> int:
         return len(json.loads(response.read()))
 
 
+@pytest.mark.real_processes
 async def test_run_against_comfyui_measures_checks_and_cleans_up(comfy, sim):
     seen = []
     report = await run_benchmark(comfy, params(), on_progress=seen.append, rng=random.Random(3))
@@ -361,6 +362,7 @@ async def test_run_against_comfyui_measures_checks_and_cleans_up(comfy, sim):
     assert any(p.phase is Phase.RUN and p.step == 4 and p.steps == 4 for p in seen)
 
 
+@pytest.mark.real_processes
 async def test_missing_checkpoint_is_a_clear_error_without_running(comfy, sim, tmp_path):
     settings = load_settings(environ={}).with_overrides(
         benchmark__checkpoint="sd15-missing.safetensors", comfyui__install_path=Path("/opt/MyComfy"),
@@ -374,6 +376,7 @@ async def test_missing_checkpoint_is_a_clear_error_without_running(comfy, sim, t
     assert report.runs == [] and history_count(sim) == before
 
 
+@pytest.mark.real_processes
 async def test_failed_run_and_timeout_are_errors_with_the_reason(comfy, sim):
     sim.set_knobs(fail_node=["KSampler"])
     report = await run_benchmark(comfy, params())
@@ -396,6 +399,7 @@ async def test_failed_run_and_timeout_are_errors_with_the_reason(comfy, sim):
         pytest.fail("the timed-out benchmark prompt is still in ComfyUI's queue")
 
 
+@pytest.mark.real_processes
 async def test_thermal_throttling_gpu_is_slow_with_causes(comfy, sim, tmp_path):
     # An H100 that throttles (fake NVML through the real sampler) against the H100 reference:
     # 4 steps of 64x64 should take ~0.3 s, the simulator takes ~0.4 s, 20% more is allowed.
@@ -417,6 +421,7 @@ async def test_thermal_throttling_gpu_is_slow_with_causes(comfy, sim, tmp_path):
     assert not store.lookup(CacheKey.for_report(report), 3600).hit
 
 
+@pytest.mark.real_processes
 async def test_cached_benchmark_reuses_until_the_workload_changes(comfy, sim, tmp_path):
     store = BenchmarkStore(tmp_path / "benchmark")
     first = await cached_benchmark(comfy, params(runs=1), store=store)
@@ -434,6 +439,7 @@ async def test_cached_benchmark_reuses_until_the_workload_changes(comfy, sim, tm
     assert len(store.history()) == 3
 
 
+@pytest.mark.real_processes
 def test_run_through_the_wrapper(sim, tmp_path):
     # The same path real requests take: POST /generate/stream, SSE progress, final result.
     with start_wrapper(tmp_path, sim.url, sim.output_dir) as wrapper:

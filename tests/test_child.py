@@ -148,6 +148,7 @@ async def supervise():
 
 # ---- start, ready, stop ----------------------------------------------------------------
 
+@pytest.mark.real_processes
 async def test_start_ready_stop(tmp_path, supervise, caplog):
     caplog.set_level(logging.INFO)
     child = supervise(server_spec(tmp_path))
@@ -175,6 +176,7 @@ async def test_start_ready_stop(tmp_path, supervise, caplog):
     assert stop_records and stop_records[0].levelno == logging.INFO
 
 
+@pytest.mark.real_processes
 async def test_wait_ready_times_out_with_reason(tmp_path, supervise):
     child = supervise(fast_spec("slow", "import time; time.sleep(30)",
                                 probe=tcp_probe(tmp_path / "never.port")))
@@ -183,6 +185,7 @@ async def test_wait_ready_times_out_with_reason(tmp_path, supervise):
         await child.wait_ready(0.3)
 
 
+@pytest.mark.real_processes
 async def test_child_environment(tmp_path, supervise, monkeypatch):
     # systemd's variables are for the daemon only; spec env wins over os.environ.
     monkeypatch.setenv("NOTIFY_SOCKET", "/run/systemd/notify")
@@ -197,6 +200,7 @@ async def test_child_environment(tmp_path, supervise, monkeypatch):
 
 # ---- exits -----------------------------------------------------------------------------
 
+@pytest.mark.real_processes
 async def test_crash_noticed_at_once_and_classified(tmp_path, supervise, caplog):
     code = "import sys, time; time.sleep(0.3); print('exiting at', time.monotonic(), flush=True); sys.exit(3)"
     child = supervise(fast_spec("crash", code))
@@ -224,6 +228,7 @@ CRASH_AT_START = textwrap.dedent("""
 """)
 
 
+@pytest.mark.real_processes
 async def test_crash_reason_carries_the_traceback_exception_line(tmp_path, supervise, caplog):
     """ComfyUI 0.3.64 with --base-directory DIR and no DIR/custom_nodes dies with a traceback;
     the reason a user reads must say so, not only "exited with code 1", also in the crash loop."""
@@ -256,6 +261,7 @@ def test_exit_cause_picks_one_short_line():
     assert len(long) == 160 and long.endswith("...")
 
 
+@pytest.mark.real_processes
 async def test_sigkill_classified_as_out_of_memory(supervise, caplog):
     child = supervise(fast_spec("oom", "import os, time; time.sleep(0.1); os.kill(os.getpid(), 9)"))
     rec = Recorder(child)
@@ -276,6 +282,7 @@ async def test_missing_command_is_a_clear_failure(supervise):
     assert "restarting in 5 s" in child.reason
 
 
+@pytest.mark.real_processes
 async def test_backoff_grows_then_caps(supervise):
     child = supervise(fast_spec("loop", "import sys; sys.exit(3)",
                                 backoff_initial=0.2, backoff_max=0.8, crash_loop_count=20))
@@ -295,6 +302,7 @@ async def test_backoff_grows_then_caps(supervise):
     assert child.restarts >= 4
 
 
+@pytest.mark.real_processes
 async def test_crash_loop_fails_idles_then_retries(tmp_path, supervise):
     child = supervise(fast_spec("flaky", "import sys; sys.exit(3)", backoff_initial=0.05,
                                 crash_loop_count=3, crash_loop_window=30, failed_cooldown=1.5,
@@ -323,6 +331,7 @@ async def test_crash_loop_fails_idles_then_retries(tmp_path, supervise):
 
 # ---- probes ----------------------------------------------------------------------------
 
+@pytest.mark.real_processes
 async def test_not_ready_in_time_is_killed_and_restarted(tmp_path, supervise):
     child = supervise(fast_spec("mute", "import time; time.sleep(30)", startup_timeout=0.5,
                                 probe=tcp_probe(tmp_path / "never.port")))
@@ -339,6 +348,7 @@ async def test_not_ready_in_time_is_killed_and_restarted(tmp_path, supervise):
     assert child.state is ChildState.STOPPED
 
 
+@pytest.mark.real_processes
 async def test_hung_child_is_restarted_after_hang_timeout(tmp_path, supervise):
     child = supervise(server_spec(tmp_path, probe_interval=0.1, probe_timeout=0.3,
                                   hang_timeout=1.0, backoff_initial=0.1))
@@ -361,6 +371,7 @@ async def test_hung_child_is_restarted_after_hang_timeout(tmp_path, supervise):
     assert child.restarts == 1
 
 
+@pytest.mark.real_processes
 async def test_probe_recovery_returns_to_ready(tmp_path, supervise):
     child = supervise(server_spec(tmp_path, probe_interval=0.1, probe_timeout=0.3, hang_timeout=5))
     rec = Recorder(child)
@@ -377,6 +388,7 @@ async def test_probe_recovery_returns_to_ready(tmp_path, supervise):
     assert child.pid == pid and child.restarts == 0
 
 
+@pytest.mark.real_processes
 async def test_report_hang_and_restart(tmp_path, supervise):
     child = supervise(server_spec(tmp_path, backoff_initial=0.1))
     rec = Recorder(child)
@@ -411,6 +423,7 @@ STUBBORN = textwrap.dedent("""
 """)
 
 
+@pytest.mark.real_processes
 async def test_stop_escalates_to_sigkill_for_the_whole_group(supervise, caplog):
     child = supervise(fast_spec("stubborn", STUBBORN, stop_timeout=0.5))
     await child.start()
@@ -456,6 +469,7 @@ SUPERVISOR_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.real_processes
 async def test_killed_supervisor_leaves_no_orphan(tmp_path):
     pid_file = tmp_path / "child.pid"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -475,6 +489,7 @@ async def test_killed_supervisor_leaves_no_orphan(tmp_path):
 
 # ---- output ----------------------------------------------------------------------------
 
+@pytest.mark.real_processes
 async def test_output_goes_to_file_tail_and_daemon_log(tmp_path, supervise, caplog):
     caplog.set_level(logging.INFO, logger="child.talker")
     code = textwrap.dedent("""
@@ -503,6 +518,7 @@ async def test_output_goes_to_file_tail_and_daemon_log(tmp_path, supervise, capl
     assert daemon == [f"[talker] {line}" for line in lines]
 
 
+@pytest.mark.real_processes
 async def test_log_rotation_caps_size(tmp_path, supervise):
     code = "import time\nfor i in range(3000): print(f'line {i:05d} ' + 'x' * 50)\nprint('done')\ntime.sleep(30)"
     log_path = tmp_path / "chatty.log"
@@ -532,6 +548,7 @@ DAEMON_LOG = textwrap.dedent("""
 """)
 
 
+@pytest.mark.real_processes
 def test_daemon_log_reads_child_lines_as_its_records_and_masks_them(tmp_path):
     import re
     import subprocess

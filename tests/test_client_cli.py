@@ -56,6 +56,7 @@ def tiny_file(tmp_path: Path) -> Path:
 
 
 # --- generate ------------------------------------------------------------------------------------
+@pytest.mark.e2e
 def test_generate_with_a_modifier_saves_the_image(worker, tmp_path):
     out = tmp_path / "out"
     result = invoke("generate", "--url", worker.url, "--token", TOKEN, "--modifier", "Text2Image",
@@ -71,6 +72,7 @@ def test_generate_with_a_modifier_saves_the_image(worker, tmp_path):
     assert "waiting for the worker" in result.stderr
 
 
+@pytest.mark.e2e
 def test_generate_json_output_has_the_result_without_base64(worker, tmp_path):
     result = invoke("generate", "--url", worker.url, "--token", TOKEN, "--workflow",
                     str(tiny_file(tmp_path)), "--out", str(tmp_path / "o"), "--json", "-q")
@@ -81,12 +83,13 @@ def test_generate_json_output_has_the_result_without_base64(worker, tmp_path):
     assert Path(report["saved"][0]).is_file()
 
 
+@pytest.mark.e2e
 def test_generate_as_a_subprocess_takes_the_token_from_the_environment(worker, tmp_path):
     out = tmp_path / "out"
     env = base_env(WORKER_AUTH_TOKEN=TOKEN)
     proc = procs.run([sys.executable, "-m", "supervisor.commands.client_cli", "generate", "--url",
-                           worker.url, "--workflow", str(tiny_file(tmp_path)), "--out", str(out),
-                           "--request-id", "from-a-file"],
+                      worker.url, "--workflow", str(tiny_file(tmp_path)), "--out", str(out),
+                      "--request-id", "from-a-file"],
                      cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("completed from-a-file")
@@ -94,6 +97,7 @@ def test_generate_as_a_subprocess_takes_the_token_from_the_environment(worker, t
     assert png_size(saved) == (32, 32)
 
 
+@pytest.mark.e2e
 def test_generate_through_the_main_command(worker, tmp_path):
     proc = procs.run([sys.executable, "-m", "supervisor.commands.cli", "client", "generate", "--url",
                       worker.url, "--token", TOKEN, "--workflow", str(tiny_file(tmp_path)),
@@ -103,6 +107,7 @@ def test_generate_through_the_main_command(worker, tmp_path):
     assert proc.stdout.startswith("completed ")
 
 
+@pytest.mark.e2e
 def test_wrong_token_exits_1_with_the_workers_reason(worker, tmp_path):
     result = invoke("generate", "--url", worker.url, "--workflow", str(tiny_file(tmp_path)),
                     "-q", env={"WORKER_AUTH_TOKEN": "nope"})
@@ -110,6 +115,7 @@ def test_wrong_token_exits_1_with_the_workers_reason(worker, tmp_path):
     assert "HTTP 401: invalid bearer token" in result.stderr
 
 
+@pytest.mark.e2e
 def test_invalid_values_are_all_listed(worker):
     result = invoke("generate", "--url", worker.url, "--token", TOKEN, "--modifier",
                     "Text2Image", "--set", "width=13", "--set", "steps=0", "-q")
@@ -118,6 +124,7 @@ def test_invalid_values_are_all_listed(worker):
     assert "width" in result.stderr and "steps" in result.stderr
 
 
+@pytest.mark.e2e
 def test_stream_from_the_wrapper_shows_steps_and_speed(worker, tmp_path):
     result = invoke("generate", "--url", worker.wrapper_url, "--stream", "--modifier",
                     "Text2Image", "--set", "steps=6", "--set", "width=64", "--set", "height=64",
@@ -128,6 +135,7 @@ def test_stream_from_the_wrapper_shows_steps_and_speed(worker, tmp_path):
     assert len(list((tmp_path / "out").iterdir())) == 1
 
 
+@pytest.mark.e2e
 def test_stream_against_the_public_port_says_what_to_do(worker, tmp_path):
     result = invoke("generate", "--url", worker.url, "--token", TOKEN, "--stream",
                     "--workflow", str(tiny_file(tmp_path)), "-q")
@@ -180,6 +188,7 @@ def test_set_values_are_json_when_they_parse():
 
 
 # --- load ----------------------------------------------------------------------------------------
+@pytest.mark.e2e
 def test_load_prints_counts_and_percentiles(worker, tmp_path):
     result = invoke("load", "--url", worker.url, "--token", TOKEN, "--workflow",
                     str(tiny_file(tmp_path)), "-n", "6", "--rps", "20", "--concurrency", "2")
@@ -189,6 +198,7 @@ def test_load_prints_counts_and_percentiles(worker, tmp_path):
         assert f"{name} " in result.stdout
 
 
+@pytest.mark.e2e
 def test_load_counts_failures_and_exits_1(worker, tmp_path):
     result = invoke("load", "--url", worker.url, "--token", "wrong", "--workflow",
                     str(tiny_file(tmp_path)), "-n", "3", "--rps", "0", "--json")

@@ -118,7 +118,8 @@ def _shared_sims(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         yield get
 
 
-@pytest.fixture(params=[*(f"sim-{v}" for v in API_VERSIONS), "real"])
+@pytest.fixture(params=[*(f"sim-{v}" for v in API_VERSIONS),
+                        pytest.param("real", marks=pytest.mark.real_comfyui)])
 def comfy_target(request: pytest.FixtureRequest) -> Iterator[Target]:
     if request.param == "real":
         if not REAL_URL:
@@ -375,6 +376,7 @@ class WsProxy:
 # --------------------------------------------------------------------------- tests: both targets
 
 
+@pytest.mark.real_processes
 async def test_success_returns_every_file_with_its_path(comfy_target: Target) -> None:
     log = EventLog()
     async with make_client(comfy_target) as client:
@@ -403,6 +405,7 @@ async def test_success_returns_every_file_with_its_path(comfy_target: Target) ->
     assert all(event.prompt_id == result.prompt_id for event in log.events)
 
 
+@pytest.mark.real_processes
 async def test_happy_path_returns_on_the_final_frame_without_polling(comfy_target: Target) -> None:
     async with WsProxy(comfy_target.port) as proxy:
         async with make_client(comfy_target, NO_POLL, url=proxy.url) as client:
@@ -418,6 +421,7 @@ async def test_happy_path_returns_on_the_final_frame_without_polling(comfy_targe
     assert proxy.count("GET /queue") == 0
 
 
+@pytest.mark.real_processes
 async def test_caller_chosen_prompt_id_is_used(comfy_target: Target) -> None:
     prompt_id = str(uuid.uuid4())
     async with make_client(comfy_target) as client:
@@ -438,6 +442,7 @@ async def test_caller_chosen_prompt_id_is_used(comfy_target: Target) -> None:
         ("unknown_checkpoint", "prompt_outputs_failed_validation"),
     ],
 )
+@pytest.mark.real_processes
 async def test_rejections_pass_comfyuis_body_through_intact(comfy_target: Target, case: str, error_type: str) -> None:
     graph = image_graph()
     node_error = None
@@ -480,6 +485,7 @@ async def test_rejections_pass_comfyuis_body_through_intact(comfy_target: Target
         assert node_error in [error["type"] for error in errors]
 
 
+@pytest.mark.real_processes
 async def test_graph_that_is_not_a_dict_is_refused_before_sending(comfy_target: Target) -> None:
     # ComfyUI would answer "no_prompt" (or a 500) for these; the client never sends them.
     async with make_client(comfy_target) as client:
@@ -489,6 +495,7 @@ async def test_graph_that_is_not_a_dict_is_refused_before_sending(comfy_target: 
             await client.run_prompt([])  # type: ignore[arg-type]
 
 
+@pytest.mark.real_processes
 async def test_runtime_error_reports_node_and_exception(comfy_target: Target) -> None:
     name = f"not_an_image_{uuid.uuid4().hex[:8]}.png"
     async with make_client(comfy_target) as client:
@@ -508,6 +515,7 @@ async def test_runtime_error_reports_node_and_exception(comfy_target: Target) ->
     assert any(kind == "execution_error" for kind, _data in result.messages)
 
 
+@pytest.mark.real_processes
 async def test_upload_then_load_image(comfy_target: Target) -> None:
     async with make_client(comfy_target) as client:
         made = await client.run_prompt(image_graph(40, 30, prefix="to_upload"))
@@ -524,6 +532,7 @@ async def test_upload_then_load_image(comfy_target: Target) -> None:
         assert png_size(await read_output(client, result.outputs[0])) == (40, 30)
 
 
+@pytest.mark.real_processes
 async def test_interrupt_stops_the_running_prompt(comfy_target: Target) -> None:
     await prepare_slow(comfy_target)
     async with make_client(comfy_target) as client:
@@ -544,6 +553,7 @@ async def test_interrupt_stops_the_running_prompt(comfy_target: Target) -> None:
         assert result.prompt_id not in await client.queue()
 
 
+@pytest.mark.real_processes
 async def test_cancel_removes_a_queued_prompt_which_then_vanishes(comfy_target: Target) -> None:
     await prepare_slow(comfy_target)
     async with make_client(comfy_target) as client:
@@ -571,6 +581,7 @@ async def test_cancel_removes_a_queued_prompt_which_then_vanishes(comfy_target: 
         assert blocked.status is PromptStatus.INTERRUPTED
 
 
+@pytest.mark.real_processes
 async def test_websocket_cut_mid_prompt_still_gives_the_result(comfy_target: Target) -> None:
     async with WsProxy(comfy_target.port) as proxy:
         proxy.arm("cut")
@@ -582,6 +593,7 @@ async def test_websocket_cut_mid_prompt_still_gives_the_result(comfy_target: Tar
     assert proxy.ws_connections >= 2  # it reconnected
 
 
+@pytest.mark.real_processes
 async def test_websocket_cut_during_a_slow_prompt_still_finishes(comfy_target: Target) -> None:
     await prepare_slow(comfy_target)
     graph = slow_graph(comfy_target, prefix="slow_cut", blurs=5, steps=30)  # 1-2 s
@@ -596,6 +608,7 @@ async def test_websocket_cut_during_a_slow_prompt_still_finishes(comfy_target: T
     assert isinstance(log.events[-1], Finished)
 
 
+@pytest.mark.real_processes
 async def test_stalled_websocket_falls_back_to_polling(comfy_target: Target) -> None:
     async with WsProxy(comfy_target.port) as proxy:
         proxy.arm("stall")
@@ -611,6 +624,7 @@ async def test_stalled_websocket_falls_back_to_polling(comfy_target: Target) -> 
     assert FAST.ws_idle * 0.9 <= elapsed < FAST.ws_idle + 3.0
 
 
+@pytest.mark.real_processes
 async def test_output_in_a_subfolder(comfy_target: Target) -> None:
     async with make_client(comfy_target) as client:
         result = await client.run_prompt(image_graph(prefix="client_tests/deeper/pic"))
@@ -622,6 +636,7 @@ async def test_output_in_a_subfolder(comfy_target: Target) -> None:
         assert png_size(await read_output(client, output)) == (64, 48)
 
 
+@pytest.mark.real_processes
 async def test_latent_output_is_a_file_too(comfy_target: Target) -> None:
     graph = {
         "1": {"class_type": "EmptyLatentImage",
@@ -637,6 +652,7 @@ async def test_latent_output_is_a_file_too(comfy_target: Target) -> None:
         assert len(await read_output(client, output)) > 0
 
 
+@pytest.mark.real_processes
 async def test_two_output_nodes_and_previews(comfy_target: Target) -> None:
     graph = image_graph(16, 16, prefix="first_out")
     graph["3"] = {"class_type": "EmptyImage",
@@ -656,6 +672,7 @@ async def test_two_output_nodes_and_previews(comfy_target: Target) -> None:
         assert [(p.node_id, p.type) for p in result.previews] == [("5", "temp")]
 
 
+@pytest.mark.real_processes
 async def test_probe_stats_and_checkpoints(comfy_target: Target) -> None:
     async with make_client(comfy_target) as client:
         await client.probe(5.0)
@@ -673,6 +690,7 @@ async def test_probe_stats_and_checkpoints(comfy_target: Target) -> None:
         assert await client.object_info("NoSuchNode") == {}
 
 
+@pytest.mark.real_processes
 async def test_wait_follows_a_submitted_prompt(comfy_target: Target) -> None:
     async with make_client(comfy_target) as client:
         client_id = uuid.uuid4().hex
@@ -749,6 +767,7 @@ def test_outputs_parsing_covers_every_list_and_refuses_escapes(tmp_path: Path) -
 # --------------------------------------------------------------------------- tests: sim only
 
 
+@pytest.mark.real_processes
 async def test_progress_events_carry_its_sim_only(sim_target: Target) -> None:
     await set_knobs(sim_target, step_seconds=0.02)
     log = EventLog()
@@ -767,6 +786,7 @@ async def test_progress_events_carry_its_sim_only(sim_target: Target) -> None:
     assert 0.2 < result.sampling.seconds < 2.0
 
 
+@pytest.mark.real_processes
 async def test_fail_node_knob_reports_the_failing_node_sim_only(sim_target: Target) -> None:
     await set_knobs(sim_target, fail_node=["ImageInvert"])
     graph = image_graph()
@@ -780,6 +800,7 @@ async def test_fail_node_knob_reports_the_failing_node_sim_only(sim_target: Targ
     assert result.error.exception_message and result.error.traceback
 
 
+@pytest.mark.real_processes
 async def test_comfyui_killed_mid_prompt_raises_lost_within_a_second_sim_only(sim_target: Target) -> None:
     await set_knobs(sim_target, step_seconds=0.05)
     killed: list[float] = []
@@ -797,6 +818,7 @@ async def test_comfyui_killed_mid_prompt_raises_lost_within_a_second_sim_only(si
     assert caught.value.prompt_id is not None
 
 
+@pytest.mark.real_processes
 async def test_crash_knob_during_prompt_raises_lost_sim_only(sim_target: Target) -> None:
     await set_knobs(sim_target, crash_during_prompt="SIGKILL")
     async with make_client(sim_target) as client:
@@ -806,6 +828,7 @@ async def test_crash_knob_during_prompt_raises_lost_sim_only(sim_target: Target)
     assert time.monotonic() - started < FAST.lost_after + 2.0
 
 
+@pytest.mark.real_processes
 async def test_hung_comfyui_fails_probe_and_prompt_sim_only(sim_target: Target) -> None:
     # The event loop of a hung ComfyUI answers nothing: not the WebSocket, not HTTP.
     hung = ClientTimeouts(connect=1.0, request=1.0, ws_idle=0.3, poll_interval=0.1, lost_after=1.0)
@@ -826,6 +849,7 @@ async def test_hung_comfyui_fails_probe_and_prompt_sim_only(sim_target: Target) 
 # --------------------------------------------------------------------------- what ComfyUI is
 
 
+@pytest.mark.real_processes
 async def test_capabilities_say_which_comfyui_this_is(comfy_target: Target) -> None:
     async with make_client(comfy_target) as client:
         caps = await client.capabilities()
@@ -841,6 +865,7 @@ async def test_capabilities_say_which_comfyui_this_is(comfy_target: Target) -> N
         assert (await client.capabilities()) is not caps, "learned again after a loss"
 
 
+@pytest.mark.real_processes
 async def test_lookup_and_cancel_through_the_calls_this_comfyui_has(comfy_target: Target) -> None:
     await prepare_slow(comfy_target)
     async with make_client(comfy_target) as client:
@@ -871,6 +896,7 @@ async def _until_running(client: ComfyClient, prompt_id: str) -> None:
         await asyncio.sleep(0.05)
 
 
+@pytest.mark.real_processes
 async def test_a_lost_answer_to_post_prompt_is_settled_by_one_look_up(comfy_target: Target) -> None:
     if comfy_target.kind != "sim":
         pytest.skip("needs the simulator's post_prompt_drop knob")

@@ -10,6 +10,8 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+
 from api.comfy import folders as comfy_folders
 from api.comfy.folders import discover
 from api.comfy.models import OutputFile
@@ -52,6 +54,7 @@ def test_missing_file_error_names_the_path_and_the_setting(tmp_path):
     assert "comfyui.output_dir" in entry["error"] and "HTTP 404" in entry["error"]
 
 
+@pytest.mark.e2e
 def test_daemon_with_base_directory_and_no_output_setting_benchmarks_and_serves(tmp_path):
     env = bench_env(COMFYUI_OUTPUT_DIR=None, COMFYUI_INSTALL_PATH=str(tmp_path / "not-here"),
                     BENCHMARK_TEST_STEPS="4", BENCHMARK_EXPECTED_SECONDS="0.2")
@@ -67,6 +70,7 @@ def test_daemon_with_base_directory_and_no_output_setting_benchmarks_and_serves(
         assert Path(out["local_path"]).read_bytes().startswith(b"\x89PNG")
 
 
+@pytest.mark.real_processes
 def test_wrapper_fetches_a_file_it_cannot_see_through_view(tmp_path):
     with start_simulator(tmp_path, "--step-seconds", "0.01") as comfy:
         elsewhere = tmp_path / "wrapper-side"
@@ -82,6 +86,7 @@ def test_wrapper_fetches_a_file_it_cannot_see_through_view(tmp_path):
             assert not list(path.parent.glob(".*partial"))
 
 
+@pytest.mark.real_processes
 def test_benchmark_against_a_remote_comfyui_needs_no_output_dir(tmp_path):
     with start_simulator(tmp_path, "--step-seconds", "0.01") as comfy:
         env = base_env(COMFYUI_INSTALL_PATH=str(tmp_path / "no-such-folder"),
@@ -89,7 +94,7 @@ def test_benchmark_against_a_remote_comfyui_needs_no_output_dir(tmp_path):
                        BENCHMARK_TEST_STEPS="3", BENCHMARK_RUNS="1",
                        WORKER_STATE_DIR=str(tmp_path / "state"))
         done = procs.run([sys.executable, "-m", "supervisor.commands.cli", "benchmark",
-                               "--comfyui-url", comfy.url, "--json"], cwd=ROOT, env=env,
+                          "--comfyui-url", comfy.url, "--json"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stdout + done.stderr
         assert '"status": "no_reference"' in done.stdout or '"status": "pass"' in done.stdout

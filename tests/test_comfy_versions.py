@@ -40,6 +40,7 @@ def probe(command: list[str], cwd: Path = ROOT, timeout: float = 15.0, **env: st
 
 
 # --- asked before launch --------------------------------------------------------------------------
+@pytest.mark.real_processes
 @pytest.mark.parametrize("api_version", ["0.3.64", "0.38.1"])
 def test_the_flags_are_asked_of_the_comfyui_that_will_run(api_version):
     flags = probe([*SIM, "--api-version", api_version, "{instance_folders}"])
@@ -54,6 +55,7 @@ def test_the_flags_are_asked_of_the_comfyui_that_will_run(api_version):
     assert (FLAGS_NEWEST if newest else FLAGS_0_3_64) <= flags.known
 
 
+@pytest.mark.real_processes
 def test_a_script_that_swallows_help_is_stopped_and_a_version_stands_in(tmp_path):
     script = tmp_path / "start.sh"
     marker = tmp_path / "started"
@@ -73,6 +75,7 @@ def test_a_script_that_swallows_help_is_stopped_and_a_version_stands_in(tmp_path
     assert "comfyui_version.py says 0.38.1" in flags.source and flags.warning
 
 
+@pytest.mark.real_processes
 def test_a_missing_program_or_a_foreign_help_means_assumed_flags(tmp_path):
     flags = probe([str(tmp_path / "nothing" / "python"), "main.py"])
     assert flags.guessed and "could not ask ComfyUI" in flags.warning
@@ -181,6 +184,7 @@ def test_a_busy_port_and_an_unknown_flag_name_the_fix():
 
 
 # --- the watcher ----------------------------------------------------------------------------------
+@pytest.mark.real_processes
 def test_the_watcher_reads_the_queue_from_the_jobs_api_where_comfyui_has_it(tmp_path, comfy_api):
     from api.comfy import ComfyClient
     from simulator.testing import start_simulator

@@ -30,6 +30,8 @@ from tests.support.procs import (
 )
 from tests.support.workflows import TINY
 
+pytestmark = pytest.mark.e2e
+
 #: The simulator's own knobs (not ComfyUI flags), as the tests pass them.
 SIM_KNOBS = {"--device-type", "--step-seconds"}
 

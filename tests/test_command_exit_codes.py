@@ -79,10 +79,11 @@ def test_a_wrong_setting_file_is_2_naming_file_key_and_line(invoke, tmp_path):
     assert_error(invoke("health", "--config", str(bad)), 3, "gpu.required")
 
 
+@pytest.mark.real_processes
 def test_the_demo_with_a_wrong_setting_is_2_and_starts_nothing(tmp_path):
     env = base_env(WORKER_PORT="70000", XDG_RUNTIME_DIR=str(tmp_path))
     done = procs.run([sys.executable, "-m", "supervisor.commands.cli", "demo", "--state",
-                           str(tmp_path / "demo")], cwd=ROOT, env=env, capture_output=True,
+                      str(tmp_path / "demo")], cwd=ROOT, env=env, capture_output=True,
                      text=True, timeout=60)
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith("comfy-worker: ") and "WORKER_PORT" in done.stderr
@@ -234,6 +235,7 @@ def test_nothing_outside_the_commands_imports_them():
             assert not [m for m, _ in _imports(path) if m.startswith("supervisor.commands")], path
 
 
+@pytest.mark.real_processes
 def test_health_imports_neither_the_daemon_the_wrapper_nor_the_benchmark(tmp_path):
     probe = ("import sys\nfrom supervisor.commands.cli import main\n"
              f"try:\n    main(['health', '--json', '--socket', {str(tmp_path / 'no.sock')!r}])\n"

@@ -146,6 +146,7 @@ def test_config_check_reports_bad_file_with_exit_code(tmp_path):
     assert "gpu.required" in result.output and "line 2" in result.output
 
 
+@pytest.mark.real_processes
 def test_bad_setting_stops_startup_without_traceback(tmp_path):
     env = dict(os.environ, WORKER_PORT="70000")
     proc = procs.run([sys.executable, "-m", "supervisor.commands.cli", "api"], env=env,

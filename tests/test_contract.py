@@ -89,6 +89,8 @@ def wrapper(tmp_path_factory):
             yield running
 
 
+@pytest.mark.real_processes
+@pytest.mark.slow
 def test_wrapper_keeps_its_documented_contract(wrapper):
     assert_passed(schemathesis(wrapper.url))
     assert wrapper.process.poll() is None
@@ -116,6 +118,7 @@ def pids(worker) -> tuple[int, int | None, int | None]:
     return (worker.process.pid, worker.child_pid("comfyui"), worker.child_pid("wrapper"))
 
 
+@pytest.mark.e2e
 def test_public_port_documents_only_its_own_routes(worker):
     status, document = get_json(worker.url + "/openapi.json")   # docs_public: no token
     assert status == 200
@@ -127,6 +130,7 @@ def test_public_port_documents_only_its_own_routes(worker):
     assert width["maximum"] == 64                                   # API_MAX_DIMENSION
 
 
+@pytest.mark.e2e
 def test_public_port_keeps_its_documented_contract(worker):
     assert_passed(schemathesis(worker.url, "--header", f"Authorization: Bearer {TOKEN}"))
     assert worker.process.poll() is None

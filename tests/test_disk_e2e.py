@@ -33,6 +33,8 @@ from tests.support.procs import ROOT, base_env, get_json, post_json, run, start_
 from tests.support.slowlink import SlowLink
 from tests.support.smallfs import small_filesystem, unique_bytes
 
+pytestmark = pytest.mark.real_processes
+
 MB = 1_000_000
 
 

@@ -206,6 +206,7 @@ def stale_doc_references(path: Path, root: Path = ROOT) -> list[str]:
     return problems
 
 
+@pytest.mark.real_processes
 def test_the_code_points_at_pages_that_exist():
     problems = [problem for path in code_files() for problem in stale_doc_references(path)]
     assert not problems, "\n".join(problems)

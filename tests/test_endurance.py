@@ -11,11 +11,15 @@ from __future__ import annotations
 import json
 import sys
 
+import pytest
+
 from tests.support.procs import ROOT, base_env, run
 
 REQUESTS, WARMUP, CAP_GB = 1200, 300, 0.2
 
 
+@pytest.mark.e2e  # the script starts the whole worker
+@pytest.mark.slow
 def test_a_bounded_long_run_keeps_everything_flat():
     result = run([sys.executable, "-m", "tests.perf.endurance", "--requests", str(REQUESTS),
                   "--warmup", str(WARMUP), "--every", "450", "--cap-gb", str(CAP_GB),

@@ -22,6 +22,8 @@ from tests.support.bodies import documents
 from tests.support.procs import get_json, post_json, start_worker
 from tests.support.workflows import TINY
 
+pytestmark = pytest.mark.e2e
+
 TOKEN = "fuzz-t0ken"
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "150"))  # raise it for a longer hunt
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None,

@@ -18,11 +18,14 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from supervisor.commands.health_cli import health
 from tests.support.procs import get_json, start_daemon, wait_until
 from tests.support.workflows import tiny_workflow
+
+pytestmark = pytest.mark.e2e
 
 HEALTHY = {"gpus": [{"preset": "h100_sxm"}]}
 TINY = tiny_workflow("g")

@@ -64,6 +64,7 @@ def worker(tmp_path_factory):
         yield daemon
 
 
+@pytest.mark.e2e
 def test_table_puts_the_verdict_first_then_gpu_processes_queue(worker):
     result = invoke("--socket", str(worker.admin_socket))
     assert result.exit_code == 0, result.output
@@ -81,6 +82,7 @@ def test_table_puts_the_verdict_first_then_gpu_processes_queue(worker):
     assert "| " not in out  # log lines only with --logs
 
 
+@pytest.mark.e2e
 def test_logs_shows_the_childrens_last_lines(worker):
     result = invoke("--socket", str(worker.admin_socket), "--logs")
     assert result.exit_code == 0, result.output
@@ -89,6 +91,7 @@ def test_logs_shows_the_childrens_last_lines(worker):
     assert "API wrapper listening on" in result.stdout
 
 
+@pytest.mark.e2e
 def test_json_is_the_daemon_snapshot_with_the_verdict(worker):
     result = invoke("--socket", str(worker.admin_socket), "--json")
     assert result.exit_code == 0, result.output
@@ -103,12 +106,14 @@ def test_json_is_the_daemon_snapshot_with_the_verdict(worker):
     assert data["queue"]["served"] == {"200": 1.0}
 
 
+@pytest.mark.e2e
 def test_colour_only_when_asked_or_on_a_terminal(worker):
     coloured = invoke("--socket", str(worker.admin_socket), color=True)
     assert coloured.stdout.startswith("\x1b[")  # the verdict is coloured
     assert click.unstyle(coloured.stdout).startswith("HEALTHY: ")
 
 
+@pytest.mark.e2e
 def test_config_comes_from_the_parent_groups_option(worker, tmp_path):
     """Registered under `comfy-worker --config FILE`, the command reads the socket from FILE."""
     @click.group()
@@ -130,6 +135,7 @@ def test_config_comes_from_the_parent_groups_option(worker, tmp_path):
     assert result.exit_code == 3 and "worker.port" in result.output
 
 
+@pytest.mark.e2e
 def test_watch_refreshes_until_interrupted(worker, tmp_path):
     out_path = tmp_path / "watch.out"
     headline = "HEALTHY: ComfyUI and the wrapper are ready"
@@ -150,6 +156,7 @@ def test_watch_refreshes_until_interrupted(worker, tmp_path):
     assert "\x1b[" not in out  # a file is no terminal: no screen clearing, no colour
 
 
+@pytest.mark.e2e
 def test_renderer_maps_every_worker_state(worker):
     """The table from the real snapshot, with the worker state and parts changed."""
     real = worker.status()
@@ -198,6 +205,7 @@ def test_renderer_maps_every_worker_state(worker):
     assert data["health"]["exit_code"] == 2 and data["children"]["comfyui"]["restarts"] == 5
 
 
+@pytest.mark.e2e
 def test_exit_codes_follow_the_gpu(tmp_path):
     """0 healthy; 1 once the fake GPU is power capped; 2 after an XID 79."""
     fake = tmp_path / "gpus.json"
@@ -221,6 +229,7 @@ def test_exit_codes_follow_the_gpu(tmp_path):
         assert json.loads(invoke("--socket", sock, "--json").stdout)["health"]["exit_code"] == 2
 
 
+@pytest.mark.real_processes
 def test_daemon_down_prints_the_local_gpu_and_comfyui_and_exits_3(tmp_path):
     """A real process, no daemon: NVML (the fake file) is read directly, an orphan ComfyUI is
     found by its folder, and the socket comes from the settings."""

@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from supervisor.commands.report import HealthReport, render_table
 from supervisor.commands.sparkline import BLOCKS, sparkline
 from tests.support import procs
@@ -52,6 +54,7 @@ def write_gpus(path: Path, temperature: int, sm_clock: int) -> None:
     os.replace(scratch, path)
 
 
+@pytest.mark.e2e
 def test_watch_draws_a_gpu_warming_to_its_slowdown_line(tmp_path):
     fake = tmp_path / "gpus.json"
     write_gpus(fake, 40, 1980)

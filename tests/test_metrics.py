@@ -102,6 +102,7 @@ def own_addresses() -> list[str]:
     return found
 
 
+@pytest.mark.e2e
 def test_a_request_client_cannot_read_metrics_in_the_default_setup(tmp_path):
     # The defaults, except the port (free, for the test): metrics.host is 127.0.0.1.
     with start_daemon(tmp_path, extra_env={"METRICS_HOST": None}) as worker:
@@ -121,6 +122,7 @@ def test_a_request_client_cannot_read_metrics_in_the_default_setup(tmp_path):
         assert {"comfy_worker_child_restarts", "comfy_worker_jobs", "comfy_worker_info"} <= names
 
 
+@pytest.mark.e2e
 def test_metrics_token_is_required_when_set(tmp_path):
     env = {"METRICS_TOKEN": "m3trics"}
     with start_daemon(tmp_path, extra_env=env) as worker:

@@ -207,6 +207,7 @@ async def test_huggingface_url_with_token_and_announced_digest(tmp_path, server)
     await store.downloader.close()
 
 
+@pytest.mark.real_processes
 async def test_s3_object_is_fetched_and_verified(tmp_path, moto_server):  # noqa: F811
     moto_server.create_bucket("models")
     moto_server.client().put_object(Bucket="models", Key="sd/model.safetensors", Body=DATA)

@@ -133,6 +133,7 @@ def stack(tmp_path_factory, api_version):
             yield files, sim, wrapper, strict
 
 
+@pytest.mark.real_processes
 def test_two_requests_for_one_model_url_download_it_once(stack):
     files, sim, wrapper, _ = stack
     files.chunk_delay = 0.02
@@ -162,6 +163,7 @@ def test_two_requests_for_one_model_url_download_it_once(stack):
     assert [s.path for s in files.seen].count("b.safetensors") == 1
 
 
+@pytest.mark.real_processes
 def test_a_request_waiting_for_a_download_lets_others_run_first(stack):
     files, _sim, wrapper, _ = stack
     files.chunk_delay = 0.1  # about 1.6 s for the file
@@ -183,6 +185,7 @@ def test_a_request_waiting_for_a_download_lets_others_run_first(stack):
     assert finished["plain"][0] < finished["download"][0]
 
 
+@pytest.mark.real_processes
 def test_host_not_on_the_allowlist_is_400(stack):
     _files, _sim, wrapper, _ = stack
     status, body = post_json(wrapper.url + "/generate/sync",
@@ -191,6 +194,7 @@ def test_host_not_on_the_allowlist_is_400(stack):
     assert "models.allowed_hosts" in str(body)
 
 
+@pytest.mark.real_processes
 def test_private_address_is_400(stack):
     files, _sim, _wrapper, strict = stack
     status, body = post_json(strict.url + "/generate/sync",

@@ -6,10 +6,13 @@ import hashlib
 import os
 import urllib.request
 
+import pytest
 from click.testing import CliRunner
 
 from tests.support.fileserver import FileServer
 from tests.support.procs import get_json, start_daemon, wait_until
+
+pytestmark = pytest.mark.e2e
 
 MODEL = os.urandom(4 * 1024 * 1024)
 SHA = hashlib.sha256(MODEL).hexdigest()

@@ -17,6 +17,7 @@ import threading
 import time
 import urllib.request
 
+import pytest
 from click.testing import CliRunner
 
 from supervisor.commands.health_cli import health
@@ -31,6 +32,8 @@ from tests.support.procs import (
     wait_until,
 )
 from tests.support.workflows import sampler_graph
+
+pytestmark = pytest.mark.e2e
 
 GPUS = 4
 STEP_SECONDS = 0.1
@@ -74,6 +77,7 @@ def concurrently(worker, bodies: list[dict], timeout: float = 120) -> list[tuple
     return answers
 
 
+@pytest.mark.slow
 def test_four_gpus_four_instances_run_requests_side_by_side_and_a_crash_stays_local(tmp_path,
                                                                                    comfy_api):
     # 10 steps of 0.1 s: what the simulator takes, so every instance passes. Assets on: the
@@ -233,6 +237,7 @@ def test_hot_gpu_takes_out_only_its_instance_and_comes_back(tmp_path):
         assert report.exit_code == 2 and "0 of 4 serving" in report.output, report.output
 
 
+@pytest.mark.slow
 def test_gpu_slower_than_its_identical_siblings_is_refused(tmp_path):
     # A GPU model no reference table knows: only the siblings can tell that GPU 2 is slow.
     # One at a time (benchmark.sequential): four simulators sharing two busy cores would

@@ -25,6 +25,8 @@ from tests.support import procs
 from tests.support.procs import get_json, start_wrapper
 from tests.support.workflows import OPERATOR_MODIFIER
 
+pytestmark = pytest.mark.real_processes
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
@@ -118,6 +120,7 @@ def chromium(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
         capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.browser
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (make system-tools)")
 def test_docs_page_renders_every_operation_in_chromium(wrapper, tmp_path):
     document = get_json(wrapper.url + "/openapi.json")[1]

@@ -19,6 +19,8 @@ from tests.support.moto_server import REGION
 from tests.support.procs import free_port, post_json, start_wrapper, wait_until
 from tests.support.workflows import tiny_workflow
 
+pytestmark = pytest.mark.real_processes
+
 SECRET = "hook-secret-123"
 
 

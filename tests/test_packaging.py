@@ -70,6 +70,7 @@ def test_the_data_files_the_code_reads_are_all_there():
         "a data file the code reads lies outside the packages, so outside the wheel"
 
 
+@pytest.mark.real_processes
 def test_the_wheel_holds_every_data_file_the_code_reads(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     missing = [name for name in read_by_the_code() if name not in names]
@@ -81,6 +82,7 @@ def test_the_wheel_holds_every_data_file_the_code_reads(wheel):
     assert data and not [name for name in data if name not in names]
 
 
+@pytest.mark.real_processes
 def test_an_installation_from_the_wheel_reads_its_own_prompts(wheel, tmp_path):
     target = tmp_path / "site"
     installed = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q",

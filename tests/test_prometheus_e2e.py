@@ -105,6 +105,8 @@ class Prometheus:
         return {a["state"] for a in alerts if a["labels"].get("alertname") == name}
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_a_real_prometheus_scrapes_the_worker_and_every_query_works(tmp_path):
     prometheus_bin, promtool = tools()
     fake = tmp_path / "gpus.json"

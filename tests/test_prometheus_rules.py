@@ -34,12 +34,14 @@ def run(*args: str) -> subprocess.CompletedProcess:
                      cwd=ROOT)
 
 
+@pytest.mark.real_processes
 def test_promtool_check_rules():
     result = run("check", "rules", str(RULES))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUCCESS" in result.stdout
 
 
+@pytest.mark.real_processes
 def test_promtool_test_rules():
     result = run("test", "rules", str(RULE_TESTS))
     assert result.returncode == 0, result.stdout + result.stderr
@@ -67,6 +69,7 @@ def test_every_alert_is_shown_firing_and_not_firing():
     assert set(alerts) - quiet == set(), "alerts without a test that shows them not firing"
 
 
+@pytest.mark.real_processes
 def test_the_rules_test_would_catch_a_wrong_expectation(tmp_path):
     """promtool really compares: the same file with one firing node swapped fails."""
     broken = RULE_TESTS.read_text().replace(

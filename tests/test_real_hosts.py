@@ -54,6 +54,8 @@ def aidock_env(tmp_path, wrapper_port: int, **extra) -> dict:
             "COMFYUI_INSTALL_PATH": str(tmp_path / "comfy"), **extra}
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_aidock_wrapper_reaches_ready_benchmarks_serves_and_a_stall_is_caught(tmp_path):
     wrapper_port = free_port()
     env = aidock_env(tmp_path, wrapper_port, **bench_env(
@@ -89,6 +91,7 @@ def test_aidock_wrapper_reaches_ready_benchmarks_serves_and_a_stall_is_caught(tm
                    "ComfyUI to be restarted")
 
 
+@pytest.mark.e2e
 def test_a_hung_comfyui_is_restarted_alone_and_the_aidock_wrapper_is_left_running(tmp_path):
     """The ai-dock wrapper's /health asks ComfyUI and waits seconds for it, so while ComfyUI
     hangs the wrapper cannot answer a probe in time either. Only ComfyUI is killed for the hang:
@@ -123,6 +126,7 @@ def test_a_hung_comfyui_is_restarted_alone_and_the_aidock_wrapper_is_left_runnin
         assert status == 200 and result["status"] == "completed", result
 
 
+@pytest.mark.e2e
 def test_stranger_on_comfyuis_port_is_never_adopted(tmp_path):
     comfy_port = free_port()
     # A leftover ComfyUI (here the simulator, which answers every probe) on our ComfyUI's port.
@@ -160,6 +164,7 @@ def test_stranger_on_comfyuis_port_is_never_adopted(tmp_path):
         stranger.wait(10)
 
 
+@pytest.mark.e2e
 def test_stranger_on_the_wrapper_port_and_the_public_port_is_named(tmp_path):
     holder = socket.socket()
     holder.bind(("127.0.0.1", 0))
@@ -181,6 +186,7 @@ def test_stranger_on_the_wrapper_port_and_the_public_port_is_named(tmp_path):
         holder.close()
 
 
+@pytest.mark.real_processes
 @pytest.mark.parametrize("order", ["before", "after"])
 def test_config_option_before_or_after_the_subcommand(tmp_path, order):
     path = tmp_path / "worker.toml"
@@ -194,6 +200,7 @@ def test_config_option_before_or_after_the_subcommand(tmp_path, order):
     assert rows["worker.port"]["value"] == 4321
 
 
+@pytest.mark.real_processes
 def test_health_finds_a_running_demo_and_a_second_demo_names_the_port_holder(tmp_path):
     public, comfy, wrapper = free_port(), free_port(), free_port()
     env = base_env(
@@ -206,7 +213,7 @@ def test_health_finds_a_running_demo_and_a_second_demo_names_the_port_holder(tmp
     (tmp_path / "run").mkdir()
     log = open(tmp_path / "demo.log", "wb")
     demo = procs.popen([sys.executable, "-m", "supervisor.commands.cli", "demo", "--port", str(public),
-                             "--state", str(tmp_path / "demo")], cwd=ROOT, env=env, stdout=log,
+                        "--state", str(tmp_path / "demo")], cwd=ROOT, env=env, stdout=log,
                        stderr=subprocess.STDOUT)
     try:
         wait_until(lambda: get_json(f"http://127.0.0.1:{public}/health")[0] == 200, 60,
@@ -217,7 +224,7 @@ def test_health_finds_a_running_demo_and_a_second_demo_names_the_port_holder(tmp
         assert shown.returncode == 0, shown.stdout + shown.stderr
         assert json.loads(shown.stdout)["worker"]["pid"] == demo.pid
         again = procs.run([sys.executable, "-m", "supervisor.commands.cli", "demo", "--port",
-                                str(public), "--state", str(tmp_path / "demo2")], cwd=ROOT,
+                           str(public), "--state", str(tmp_path / "demo2")], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=60)
         assert again.returncode == 1
         assert f"the public port (--port) {public} is held by pid {demo.pid} (" in again.stderr
@@ -237,6 +244,7 @@ def hiding_script(tmp_path) -> str:
     return str(script)
 
 
+@pytest.mark.e2e
 def test_folders_hidden_in_a_script_are_read_from_the_running_comfyui(tmp_path):
     """comfyui.command is a script with a *relative* --base-directory inside: the daemon and its
     wrapper read ComfyUI's real command line and working folder, so outputs land under that base
@@ -276,6 +284,7 @@ def test_folders_hidden_in_a_script_are_read_from_the_running_comfyui(tmp_path):
         assert "not under" not in worker.log()  # no GET /view fallback was needed
 
 
+@pytest.mark.real_processes
 def test_a_wrapper_on_its_own_asks_system_stats_argv_for_the_output_folder(tmp_path):
     """No daemon to read the process: the wrapper takes ComfyUI's folders from GET /system_stats
     `system.argv`; a relative --base-directory there is taken from comfyui.install_path (where
@@ -313,6 +322,7 @@ def test_a_wrapper_on_its_own_asks_system_stats_argv_for_the_output_folder(tmp_p
             process.wait(15)
 
 
+@pytest.mark.e2e
 def test_a_comfyui_that_dies_at_start_says_why_in_health(tmp_path):
     """Like ComfyUI 0.3.64 with a --base-directory that has no custom_nodes/: a traceback, exit
     1. /health and `comfy-worker health` carry the exception line, also once it is a crash loop."""

@@ -12,8 +12,12 @@ import signal
 import threading
 import time
 
+import pytest
+
 from tests.support.procs import get_json, post_json, start_daemon, wait_until
 from tests.support.stranger import Stranger
+
+pytestmark = pytest.mark.e2e
 
 
 def text2image(steps: int, request_id: str) -> dict:
@@ -52,6 +56,7 @@ def test_prompts_queued_in_comfyui_survive_its_restart_in_order(tmp_path):
         assert "submitting it again on the restarted ComfyUI" in worker.log()
 
 
+@pytest.mark.slow
 async def test_queued_prompts_never_go_to_a_stranger_that_took_comfyuis_port(tmp_path):
 
     # ComfyUI comes back 3 s after the kill: by then the wrapper has noticed the loss and waits

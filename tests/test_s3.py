@@ -56,6 +56,7 @@ async def uploader():
     await up.close()
 
 
+@pytest.mark.real_processes
 async def test_presigned_urls_download_the_same_bytes_with_content_type(moto_server, uploader, tmp_path):
     bucket = bucket_name()
     moto_server.create_bucket(bucket)
@@ -83,6 +84,7 @@ async def test_presigned_urls_download_the_same_bytes_with_content_type(moto_ser
     assert head["ContentType"] == "image/png"
 
 
+@pytest.mark.real_processes
 async def test_presign_expiry_is_configurable(moto_server, tmp_path):
     bucket = bucket_name()
     moto_server.create_bucket(bucket)
@@ -97,6 +99,7 @@ async def test_presign_expiry_is_configurable(moto_server, tmp_path):
         S3Uploader(presign_expiry=604801)
 
 
+@pytest.mark.real_processes
 async def test_many_files_keep_their_order_with_bounded_parallelism(moto_server, uploader, tmp_path):
     bucket = bucket_name()
     moto_server.create_bucket(bucket)
@@ -112,6 +115,7 @@ async def test_many_files_keep_their_order_with_bounded_parallelism(moto_server,
         assert body == item.local_path.read_bytes()
 
 
+@pytest.mark.real_processes
 async def test_missing_bucket_names_the_bucket_and_keeps_the_file(moto_server, uploader, tmp_path):
     path = write(tmp_path, "keep.png", b"data")
     [outcome] = await uploader.upload(
@@ -122,6 +126,7 @@ async def test_missing_bucket_names_the_bucket_and_keeps_the_file(moto_server, u
     assert path.read_bytes() == b"data"
 
 
+@pytest.mark.real_processes
 async def test_missing_local_file_is_reported(moto_server, uploader, tmp_path):
     bucket = bucket_name()
     moto_server.create_bucket(bucket)
@@ -136,6 +141,7 @@ async def test_missing_local_file_is_reported(moto_server, uploader, tmp_path):
     assert outcomes[1].url is not None
 
 
+@pytest.mark.real_processes
 async def test_credentials_are_checked_when_moto_auth_is_on(moto_server, uploader, tmp_path):
     bucket = bucket_name()
     moto_server.create_bucket(bucket)
@@ -185,6 +191,7 @@ async def test_not_configured_gives_an_error_per_file(tmp_path):
     assert [o.error for o in outcomes] == ["S3 is not configured (missing access_key_id, secret_access_key)"] * 2
 
 
+@pytest.mark.real_processes
 async def test_request_block_overrides_environment_field_by_field(moto_server, uploader, tmp_path):
     env_bucket, request_bucket = bucket_name(), bucket_name()
     moto_server.create_bucket(env_bucket)
@@ -225,6 +232,7 @@ def test_invalid_request_block_is_a_clear_error(block, field, words):
     assert "12345" not in str(info.value)
 
 
+@pytest.mark.real_processes
 async def test_secret_never_appears_in_logs_reprs_or_errors(moto_server, tmp_path, caplog):
     caplog.set_level(logging.DEBUG)
     secret = "SuperSecretValue-do-not-log-0123456789"

@@ -136,6 +136,7 @@ def png_bytes(width: int, height: int, rgb: tuple[int, int, int]) -> bytes:
 
 # --- a successful prompt -------------------------------------------------------------------
 
+@pytest.mark.real_processes
 async def test_empty_image_to_save_image_follows_comfyui_event_order(sim, http):
     other_client = uuid.uuid4().hex
     async with http.ws_connect(f"{sim.ws_url}?clientId={other_client}") as bystander:
@@ -182,6 +183,7 @@ async def test_empty_image_to_save_image_follows_comfyui_event_order(sim, http):
     assert await view.read() == saved.read_bytes()
 
 
+@pytest.mark.real_processes
 async def test_text_to_image_reports_each_sampler_step_and_decodes_at_latent_size(sim, http):
     run = await run_prompt(http, sim, text_to_image(steps=4, seed=11, prefix="t2i/steps"))
     assert run.status == 200
@@ -194,6 +196,7 @@ async def test_text_to_image_reports_each_sampler_step_and_decodes_at_latent_siz
     assert (info.width, info.height) == (128, 64)
 
 
+@pytest.mark.real_processes
 async def test_identical_prompt_is_served_from_cache_and_a_new_one_counts_up(sim, http):
     first = await run_prompt(http, sim, empty_to_save(color=0x00FF00, prefix="cache/img"))
     again = await run_prompt(http, sim, empty_to_save(color=0x00FF00, prefix="cache/img"))
@@ -205,6 +208,7 @@ async def test_identical_prompt_is_served_from_cache_and_a_new_one_counts_up(sim
     assert sorted(p.name for p in (sim.output_dir / "cache").iterdir()) == ["img_00001_.png", "img_00002_.png"]
 
 
+@pytest.mark.real_processes
 async def test_save_latent_and_preview_image_outputs(sim, http):
     prompt = {
         "1": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 2}},
@@ -262,6 +266,7 @@ NODE_ERROR_CASES = {
 }
 
 
+@pytest.mark.real_processes
 @pytest.mark.parametrize("kind", sorted(NODE_ERROR_CASES))
 async def test_node_validation_errors_have_comfyui_shape(sim, http, kind):
     prompt, node_id, message, details = NODE_ERROR_CASES[kind]
@@ -280,6 +285,7 @@ async def test_node_validation_errors_have_comfyui_shape(sim, http, kind):
     assert (error["type"], error["message"], error["details"]) == (kind, message, details)
 
 
+@pytest.mark.real_processes
 async def test_min_error_carries_input_config_and_received_value(sim, http):
     response = await http.post(f"{sim.url}/prompt", json={"prompt": with_input(empty_to_save(), "1", "width", 0)})
     error = (await response.json())["node_errors"]["1"]["errors"][0]
@@ -299,18 +305,21 @@ async def test_min_error_carries_input_config_and_received_value(sim, http):
     ({"prompt": {"1": empty_to_save()["1"]}},
      {"type": "prompt_no_outputs", "message": "Prompt has no outputs", "details": "", "extra_info": {}}),
 ])
+@pytest.mark.real_processes
 async def test_prompt_level_errors_are_exact(sim, http, payload, error):
     response = await http.post(f"{sim.url}/api/prompt", json=payload)
     assert response.status == 400
     assert await response.json() == {"error": error, "node_errors": {}}
 
 
+@pytest.mark.real_processes
 async def test_body_that_is_not_json_is_a_plain_500(sim, http):
     response = await http.post(f"{sim.url}/prompt", data=b"{not json", headers={"Content-Type": "application/json"})
     assert response.status == 500
     assert response.content_type == "text/plain"
 
 
+@pytest.mark.real_processes
 async def test_one_bad_output_of_two_still_queues_the_good_one(sim, http):
     prompt = {**empty_to_save(prefix="partial/ok"),
               "3": {"class_type": "EmptyImage", "inputs": {"width": 0, "height": 8, "batch_size": 1, "color": 0}},
@@ -324,6 +333,7 @@ async def test_one_bad_output_of_two_still_queues_the_good_one(sim, http):
 
 # --- failures and control -------------------------------------------------------------------
 
+@pytest.mark.real_processes
 async def test_runtime_failure_sends_execution_error_and_records_it(sim, http, knobs):
     await knobs(fail_node="ImageInvert")
     prompt = {**empty_to_save(color=0x123456), "3": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
@@ -344,6 +354,7 @@ async def test_runtime_failure_sends_execution_error_and_records_it(sim, http, k
     assert not (sim.output_dir / "fail").exists()
 
 
+@pytest.mark.real_processes
 async def test_interrupt_stops_the_running_prompt_at_the_next_step(sim, http, knobs):
     await knobs(step_seconds=0.05)
     client_id = uuid.uuid4().hex
@@ -374,6 +385,7 @@ async def test_interrupt_stops_the_running_prompt_at_the_next_step(sim, http, kn
     assert status["status_str"] == "error" and status["messages"][-1][0] == "execution_interrupted"
 
 
+@pytest.mark.real_processes
 async def test_prompts_run_one_at_a_time_in_queue_order(sim, http, knobs):
     await knobs(step_seconds=0.03)
     client_id = uuid.uuid4().hex
@@ -411,6 +423,7 @@ async def upload(http: aiohttp.ClientSession, sim: SimulatorHandle, name: str, c
     return await http.post(f"{sim.url}/upload/image", data=form)
 
 
+@pytest.mark.real_processes
 async def test_upload_renames_on_clash_and_load_image_reads_the_size(sim, http):
     red, blue = png_bytes(40, 30, (255, 0, 0)), png_bytes(20, 10, (0, 0, 255))
     first = await upload(http, sim, "pic.png", red)
@@ -445,6 +458,7 @@ async def test_upload_renames_on_clash_and_load_image_reads_the_size(sim, http):
     ({"filename": "pic.png", "type": "bogus"}, 400),
     ({"filename": "passwd", "subfolder": "../../../../etc", "type": "input"}, 403),
 ])
+@pytest.mark.real_processes
 async def test_view_serves_files_and_refuses_escapes(sim, http, params, status):
     (sim.input_dir / "sub").mkdir(exist_ok=True)
     for path in (sim.input_dir / "pic.png", sim.input_dir / "sub" / "pic.png"):
@@ -456,6 +470,7 @@ async def test_view_serves_files_and_refuses_escapes(sim, http, params, status):
 
 # --- introspection and knobs -----------------------------------------------------------------
 
+@pytest.mark.real_processes
 async def test_object_info_lists_configured_checkpoints_and_follows_the_knob(sim, http, knobs):
     everything = await (await http.get(f"{sim.url}/object_info")).json()
     expected = {"EmptyImage", "SaveImage", "PreviewImage", "LoadImage", "ImageInvert", "ImageScale",
@@ -475,6 +490,7 @@ async def test_object_info_lists_configured_checkpoints_and_follows_the_knob(sim
     assert await (await http.get(f"{sim.url}/object_info/NoSuchNode")).json() == {}
 
 
+@pytest.mark.real_processes
 async def test_system_stats_marks_the_simulator_and_reports_the_device_knob(sim, http, knobs):
     stats = await (await http.get(f"{sim.url}/system_stats")).json()
     assert stats["system"]["simulator"] is True and stats["system"]["comfyui_version"].endswith("-sim")
@@ -485,6 +501,7 @@ async def test_system_stats_marks_the_simulator_and_reports_the_device_knob(sim,
     assert device["vram_total"] == 81559 * 1024 * 1024 and 0 < device["vram_free"] <= device["vram_total"]
 
 
+@pytest.mark.real_processes
 async def test_knobs_are_readable_and_changes_are_validated(sim, http, knobs):
     current = await (await http.get(f"{sim.url}/__sim__/knobs")).json()
     assert current["step_seconds"] == 0.01 and current["checkpoints"] == [CHECKPOINT]
@@ -500,6 +517,7 @@ async def test_knobs_are_readable_and_changes_are_validated(sim, http, knobs):
 
 # --- process faults --------------------------------------------------------------------------
 
+@pytest.mark.real_processes
 @pytest.mark.parametrize("spec, returncode", [("3", 3), ("SIGKILL", -signal.SIGKILL)])
 def test_crash_at_start_exits_with_the_requested_status(tmp_path, spec, returncode):
     handle = launch_simulator(tmp_path, "--crash-at-start", spec)
@@ -507,6 +525,7 @@ def test_crash_at_start_exits_with_the_requested_status(tmp_path, spec, returnco
     assert "Simulated crash at start" in handle.log_text()
 
 
+@pytest.mark.real_processes
 def test_startup_delay_keeps_the_port_closed_until_ready(tmp_path):
     started = time.monotonic()
     handle = launch_simulator(tmp_path, "--startup-delay", "0.8")
@@ -519,6 +538,7 @@ def test_startup_delay_keeps_the_port_closed_until_ready(tmp_path):
         assert stop_process(handle.process) == -signal.SIGTERM
 
 
+@pytest.mark.real_processes
 async def test_crash_during_prompt_kills_the_process_after_it_started(tmp_path, http):
     with start_simulator(tmp_path, "--crash-during-prompt", "7") as crashing:
         events: list[str] = []
@@ -533,6 +553,7 @@ async def test_crash_during_prompt_kills_the_process_after_it_started(tmp_path, 
         assert not list(crashing.output_dir.iterdir())
 
 
+@pytest.mark.real_processes
 async def test_hang_during_prompt_stops_answering_until_sigterm(tmp_path, http):
     with start_simulator(tmp_path, "--hang-during-prompt") as hanging:
         async with http.ws_connect(f"{hanging.ws_url}?clientId=h") as ws:
@@ -566,6 +587,7 @@ def test_comfyui_command_line_flags_become_knobs():
     assert (knobs["step_seconds"], knobs["slow_factor"]) == (0.2, 2.0)
 
 
+@pytest.mark.real_processes
 def test_strict_base_directory_fails_like_comfyui_without_custom_nodes(tmp_path):
     handle = launch_simulator(tmp_path, "--strict-base-directory")
     assert handle.process.wait(timeout=15) == 1

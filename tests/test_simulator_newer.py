@@ -110,6 +110,7 @@ def error_lines(handle: SimulatorHandle) -> list[str]:
 
 # --- version, /system_stats, flags -------------------------------------------------------------
 
+@pytest.mark.real_processes
 @pytest.mark.parametrize("version", [OLD, NEW])
 async def test_system_stats_names_the_version_and_its_fields(tmp_path, http, version):
     with start_simulator(tmp_path, api_version=version) as sim:
@@ -126,6 +127,7 @@ async def test_system_stats_names_the_version_and_its_fields(tmp_path, http, ver
         assert "deploy_environment" not in system and "comfy_package_versions" not in system
 
 
+@pytest.mark.real_processes
 def test_sim_api_version_in_the_environment_switches_the_default(tmp_path):
     env = {**os.environ, "SIM_API_VERSION": "0.38.1"}
     with start_simulator(tmp_path, env=env) as sim:
@@ -133,6 +135,7 @@ def test_sim_api_version_in_the_environment_switches_the_default(tmp_path):
         assert "ComfyUI version: 0.38.1-sim" in sim.log_text()
 
 
+@pytest.mark.real_processes
 def test_a_flag_0_3_64_does_not_know_exits_2_like_comfyui(tmp_path):
     models = tmp_path / "models"
     models.mkdir()
@@ -194,9 +197,10 @@ def test_the_lock_waits_five_seconds_unless_told_otherwise():
     assert build_parser(NEW).parse_args([]).db_lock_wait_seconds == 5.0
 
 
+@pytest.mark.real_processes
 def test_list_feature_flags_prints_json_and_exits_before_anything_else(tmp_path):
     result = procs.run([sys.executable, "-m", "simulator", "--api-version", "0.38.1", "--list-feature-flags",
-                             "--base-directory", str(tmp_path / "base")],
+                        "--base-directory", str(tmp_path / "base")],
                        cwd=REPO, capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
     flags = json.loads(result.stdout)
@@ -212,6 +216,7 @@ def test_list_feature_flags_prints_json_and_exits_before_anything_else(tmp_path)
 
 # --- models directory, cuda device, verbose ------------------------------------------------------
 
+@pytest.mark.real_processes
 async def test_models_directory_is_where_checkpoints_are_found(tmp_path, http):
     models = tmp_path / "models-elsewhere"
     (models / "checkpoints").mkdir(parents=True)
@@ -234,6 +239,7 @@ async def test_models_directory_is_where_checkpoints_are_found(tmp_path, http):
     assert "To see the GUI go to:" in log_file.read_text()  # --verbose LEVEL FILE adds a log file
 
 
+@pytest.mark.real_processes
 def test_models_directory_must_exist(tmp_path):
     handle = launch_simulator(tmp_path, "--models-directory", str(tmp_path / "nope"), api_version=NEW)
     assert exit_of(handle) == 2
@@ -242,6 +248,7 @@ def test_models_directory_must_exist(tmp_path):
 
 # --- the database lock ------------------------------------------------------------------------
 
+@pytest.mark.real_processes
 def test_a_second_simulator_on_one_database_waits_then_exits_in_use(tmp_path):
     user = tmp_path / "user"
     user.mkdir()
@@ -266,6 +273,7 @@ def test_a_second_simulator_on_one_database_waits_then_exits_in_use(tmp_path):
             assert third.process.poll() is None
 
 
+@pytest.mark.real_processes
 async def test_with_assets_off_no_lock_is_taken_and_a_holder_only_warns(tmp_path, http):
     user = tmp_path / "user"
     user.mkdir()
@@ -282,6 +290,7 @@ async def test_with_assets_off_no_lock_is_taken_and_a_holder_only_warns(tmp_path
         assert (await get_json(http, f"{second.url}/__sim__/assets"))["enabled"] is False
 
 
+@pytest.mark.real_processes
 def test_in_memory_database_needs_no_lock(tmp_path):
     user = tmp_path / "user"
     user.mkdir()
@@ -291,12 +300,14 @@ def test_in_memory_database_needs_no_lock(tmp_path):
         assert second.process.poll() is None
 
 
+@pytest.mark.real_processes
 def test_a_database_url_that_is_not_sqlite_stops_start_up(tmp_path):
     handle = launch_simulator(tmp_path, "--database-url", "postgresql://db/comfy", api_version=NEW)
     assert exit_of(handle) == 1
     assert "ASSETS_STARTUP_FAILED: unsupported_url" in handle.log_text()
 
 
+@pytest.mark.real_processes
 @pytest.mark.parametrize("version, extra, code", [(NEW, (), 1), (NEW, ("--disable-assets",), None), (OLD, (), None)])
 def test_missing_database_packages(tmp_path, version, extra, code):
     handle = launch_simulator(tmp_path, "--simulate-missing-packages", *extra, api_version=version)
@@ -316,6 +327,7 @@ def test_missing_database_packages(tmp_path, version, extra, code):
         stop_process(handle.process)
 
 
+@pytest.mark.real_processes
 @pytest.mark.parametrize("version", [OLD, NEW])
 def test_a_busy_port(tmp_path, version):
     with socket.socket() as taken:
@@ -338,6 +350,7 @@ def test_a_busy_port(tmp_path, version):
 # Fixed values: parallel workers (pytest-xdist) must collect the same test ids.
 @pytest.mark.parametrize("bad", ["ABCDEF00-0000-4000-8000-000000000000", "3f2b8c1e9a7d4e5f8b6c0d1e2f3a4b5c",
                                  "{3f2b8c1e-9a7d-4e5f-8b6c-0d1e2f3a4b5c}", 5, "job-1"])
+@pytest.mark.real_processes
 async def test_a_prompt_id_must_be_a_canonical_uuid_in_the_newest(new_sim, http, bad):
     async with http.post(f"{new_sim.url}/prompt", json={"prompt": empty_to_save(), "prompt_id": bad}) as response:
         assert response.status == 400
@@ -347,6 +360,7 @@ async def test_a_prompt_id_must_be_a_canonical_uuid_in_the_newest(new_sim, http,
     assert (await get_json(http, f"{new_sim.url}/queue"))["queue_pending"] == []
 
 
+@pytest.mark.real_processes
 async def test_prompt_ids_null_and_canonical_in_both_versions(tmp_path, http):
     chosen = str(uuid.uuid4())
     with start_simulator(tmp_path / "new", api_version=NEW) as new, \
@@ -360,6 +374,7 @@ async def test_prompt_ids_null_and_canonical_in_both_versions(tmp_path, http):
         assert await submit(http, old, empty_to_save(), prompt_id=7) == "7"
 
 
+@pytest.mark.real_processes
 async def test_unknown_node_type_and_create_time(tmp_path, http):
     unknown = {"1": {"class_type": "NoSuchNode", "inputs": {}, "_meta": {"title": "My node"}}}
     with start_simulator(tmp_path / "new", "--step-seconds", "0.2", api_version=NEW) as new, \
@@ -389,6 +404,7 @@ async def _first_queued_extra(http, sim) -> dict[str, Any]:
     return (queue["queue_running"] + queue["queue_pending"])[0][3]
 
 
+@pytest.mark.real_processes
 @pytest.mark.parametrize("version", [OLD, NEW])
 async def test_post_prompt_can_answer_late_or_not_at_all_after_queueing(tmp_path, http, version):
     with start_simulator(tmp_path, "--step-seconds", "0.01", api_version=version) as sim:
@@ -409,6 +425,7 @@ async def test_post_prompt_can_answer_late_or_not_at_all_after_queueing(tmp_path
 
 # --- jobs API -----------------------------------------------------------------------------------
 
+@pytest.mark.real_processes
 async def test_jobs_api_lists_and_shows_jobs(tmp_path, http):
     with start_simulator(tmp_path, "--step-seconds", "0.05", api_version=NEW) as sim:
         done = await submit(http, sim, empty_to_save("done"))
@@ -455,12 +472,14 @@ async def _is_running(http, sim, prompt_id: str) -> bool:
     return await running_id(http, sim) == prompt_id
 
 
+@pytest.mark.real_processes
 async def test_jobs_api_is_not_in_0_3_64(tmp_path, http):
     with start_simulator(tmp_path, api_version=OLD) as sim:
         async with http.get(f"{sim.url}/api/jobs") as response:
             assert response.status == 404
 
 
+@pytest.mark.real_processes
 async def test_cancel_pending_and_running_jobs_leaves_the_next_alone(tmp_path, http):
     with start_simulator(tmp_path, "--step-seconds", "0.05", api_version=NEW) as sim:
         first = await submit(http, sim, slow_prompt(200, seed=1), client_id="c")
@@ -491,6 +510,7 @@ async def test_cancel_pending_and_running_jobs_leaves_the_next_alone(tmp_path, h
             assert response.status == 404  # dropped from the queue, never ran
 
 
+@pytest.mark.real_processes
 async def test_cancelling_a_finished_job_never_hits_the_one_running_now(tmp_path, http):
     with start_simulator(tmp_path, "--step-seconds", "0.02", api_version=NEW) as sim:
         quick = await submit(http, sim, empty_to_save("quick"))
@@ -501,6 +521,7 @@ async def test_cancelling_a_finished_job_never_hits_the_one_running_now(tmp_path
         assert (await finished(http, sim, slow))["status"]["status_str"] == "success"
 
 
+@pytest.mark.real_processes
 async def test_batch_cancel_checks_its_body(new_sim, http):
     for body, status, key in ((b"not json", 400, "error"), ({"job_ids": "x"}, 400, "error"),
                               ({"job_ids": [str(uuid.uuid4()), "nope", 3]}, 400, "invalid_ids"),
@@ -516,6 +537,7 @@ async def test_batch_cancel_checks_its_body(new_sim, http):
 
 # --- assets ---------------------------------------------------------------------------------
 
+@pytest.mark.real_processes
 async def test_outputs_and_uploads_are_recorded_and_deleted_files_stay_as_missing_rows(tmp_path, http):
     with start_simulator(tmp_path, "--step-seconds", "0.01", "--assets-gc-seconds", "0.2", api_version=NEW) as sim:
         assert (await get_json(http, f"{sim.url}/__sim__/assets"))["rows"] == 0
@@ -563,6 +585,7 @@ async def test_outputs_and_uploads_are_recorded_and_deleted_files_stay_as_missin
             assert conn.execute("SELECT COUNT(*) FROM assets").fetchone()[0] == counts["rows"]
 
 
+@pytest.mark.real_processes
 async def test_assets_are_off_in_0_3_64(tmp_path, http):
     with start_simulator(tmp_path, api_version=OLD) as sim:
         prompt_id = await submit(http, sim, empty_to_save())
@@ -572,6 +595,7 @@ async def test_assets_are_off_in_0_3_64(tmp_path, http):
         assert not (sim.base_dir / "user" / "comfyui.db").exists()
 
 
+@pytest.mark.real_processes
 async def test_date_based_output_saves_into_a_dated_subfolder(tmp_path, http):
     with start_simulator(tmp_path, "--date-based-output", "--date-output-format", "%Y", api_version=NEW) as sim:
         prompt_id = await submit(http, sim, empty_to_save("dated"))
@@ -583,6 +607,7 @@ async def test_date_based_output_saves_into_a_dated_subfolder(tmp_path, http):
 
 # --- WebSocket, features, cross-site ----------------------------------------------------------
 
+@pytest.mark.real_processes
 @pytest.mark.parametrize("version", [OLD, NEW])
 async def test_feature_flags_handshake_and_features(tmp_path, http, version):
     extra = ("--feature-flag", "show_signin_button=true", "--feature-flag", "assets=false",
@@ -604,6 +629,7 @@ async def test_feature_flags_handshake_and_features(tmp_path, http, version):
         assert flags == {"supports_preview_metadata": True, "max_upload_size": 100 * 1024 * 1024}
 
 
+@pytest.mark.real_processes
 async def test_progress_state_reports_every_node_that_started(new_sim, http):
     async with http.ws_connect(f"{new_sim.ws_url}?clientId=p") as ws:
         await ws.receive_json(timeout=5)
@@ -620,6 +646,7 @@ async def test_progress_state_reports_every_node_that_started(new_sim, http):
                          "display_node_id": "3", "parent_node_id": None, "real_node_id": "3"}
 
 
+@pytest.mark.real_processes
 @pytest.mark.parametrize("version, status", [(OLD, 200), (NEW, 403)])
 async def test_cross_site_requests(tmp_path, http, version, status):
     with start_simulator(tmp_path, api_version=version) as sim:
@@ -635,6 +662,7 @@ async def test_cross_site_requests(tmp_path, http, version, status):
 
 @pytest.mark.parametrize("version, sig, temp_left", [
     (NEW, signal.SIGINT, False), (OLD, signal.SIGINT, True), (NEW, signal.SIGTERM, True)])
+@pytest.mark.real_processes
 async def test_temp_folder_at_shutdown(tmp_path, http, version, sig, temp_left):
     handle = launch_simulator(tmp_path, api_version=version)
     wait_ready(handle, 20)

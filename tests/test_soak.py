@@ -11,7 +11,10 @@ from tests.soak.__main__ import soak
 from tests.soak.checks import render
 from tests.soak.faults import KINDS
 
+pytestmark = pytest.mark.e2e
 
+
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 async def test_short_seeded_soak_loses_nothing(tmp_path):
     report = await soak(seconds=52, seed=11, rps=2.0, folder=tmp_path, gap=4.0)

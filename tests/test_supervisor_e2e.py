@@ -33,6 +33,7 @@ def alive(pid: int | None) -> bool:
         return False
 
 
+@pytest.mark.e2e
 def test_ready_serves_and_rejects_without_token(tmp_path, comfy_api):
     with start_daemon(tmp_path, "--step-seconds", "0.01") as worker:
         status, body = worker.generate({"input": {"workflow_json": TINY}})
@@ -84,6 +85,7 @@ def test_ready_serves_and_rejects_without_token(tmp_path, comfy_api):
                 f"{line!r} in the daemon's log")
 
 
+@pytest.mark.e2e
 def test_comfyui_killed_during_request_gives_502_then_recovers(tmp_path, comfy_api):
     with start_daemon(tmp_path, "--step-seconds", "0.05") as worker:
         pid = worker.child_pid("comfyui")
@@ -112,6 +114,7 @@ def test_comfyui_killed_during_request_gives_502_then_recovers(tmp_path, comfy_a
         assert "SIGKILL" in snap["last_exit"]["description"]
 
 
+@pytest.mark.e2e
 def test_sigstopped_comfyui_is_detected_and_restarted(tmp_path, comfy_api):
     with start_daemon(tmp_path, "--step-seconds", "0.01") as worker:
         pid = worker.child_pid("comfyui")
@@ -125,6 +128,7 @@ def test_sigstopped_comfyui_is_detected_and_restarted(tmp_path, comfy_api):
         assert not alive(pid)
 
 
+@pytest.mark.e2e
 def test_crash_at_start_backs_off_then_fails_and_rests(tmp_path, comfy_api):
     env = {"SUPERVISOR_CRASH_LOOP_COUNT": "3", "SUPERVISOR_CRASH_LOOP_WINDOW": "60",
            "SUPERVISOR_FAILED_COOLDOWN": "300"}
@@ -147,6 +151,7 @@ def test_crash_at_start_backs_off_then_fails_and_rests(tmp_path, comfy_api):
         assert worker.status()["children"]["comfyui"]["restarts"] == restarts
 
 
+@pytest.mark.e2e
 def test_killed_wrapper_is_restarted(tmp_path):
     with start_daemon(tmp_path, "--step-seconds", "0.01") as worker:
         pid = worker.child_pid("wrapper")
@@ -156,6 +161,7 @@ def test_killed_wrapper_is_restarted(tmp_path):
         assert worker.generate({"input": {"workflow_json": TINY}})[0] == 200
 
 
+@pytest.mark.e2e
 def test_sigterm_stops_cleanly_with_no_child_left(tmp_path):
     with start_daemon(tmp_path, "--step-seconds", "0.01", stop=False) as worker:
         pids = [worker.child_pid("comfyui"), worker.child_pid("wrapper")]
@@ -166,6 +172,7 @@ def test_sigterm_stops_cleanly_with_no_child_left(tmp_path):
         assert not worker.admin_socket.exists()
 
 
+@pytest.mark.e2e
 def test_sigkilled_supervisor_leaves_no_child(tmp_path):
     with start_daemon(tmp_path, "--step-seconds", "0.01", stop=False) as worker:
         pids = [worker.child_pid("comfyui"), worker.child_pid("wrapper")]
@@ -174,6 +181,7 @@ def test_sigkilled_supervisor_leaves_no_child(tmp_path):
         wait_until(lambda: not any(alive(p) for p in pids), 10, "children to die with it")
 
 
+@pytest.mark.e2e
 def test_sd_notify_messages_arrive_in_order(tmp_path):
     path = tmp_path / "notify.sock"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -215,6 +223,7 @@ def test_stop_stages_fit_in_the_units_timeout():
     assert stop_budget(load_settings(None, environ={})) < unit_timeout_stop_sec()
 
 
+@pytest.mark.e2e
 def test_comfyui_listening_publicly_is_refused(tmp_path):
     env = dict(os.environ, COMFYUI_COMMAND='["python", "main.py", "--listen"]',
                WORKER_AUTH_TOKEN="x", WORKER_STATE_DIR=str(tmp_path), GPU_REQUIRED="false")
@@ -224,6 +233,7 @@ def test_comfyui_listening_publicly_is_refused(tmp_path):
     assert "listens on 0.0.0.0" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.e2e
 def test_no_auth_configured_refuses_to_start(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("WORKER_AUTH_TOKEN", "UNSECURED",
                                                             "REPORT_ADDR")}
@@ -234,6 +244,8 @@ def test_no_auth_configured_refuses_to_start(tmp_path):
     assert "WORKER_AUTH_TOKEN" in proc.stderr and "UNSECURED=true" in proc.stderr
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_sigterm_lets_the_request_in_flight_finish_then_second_sigterm_is_immediate(tmp_path):
     with start_daemon(tmp_path, "--step-seconds", "0.05", stop=False,
                       extra_env={"WORKER_DRAIN_TIMEOUT": "20"}) as worker:
@@ -261,6 +273,7 @@ def test_sigterm_lets_the_request_in_flight_finish_then_second_sigterm_is_immedi
         thread.join(30)
 
 
+@pytest.mark.e2e
 def test_drain_and_resume_from_the_command_line(tmp_path):
     with start_daemon(tmp_path, "--step-seconds", "0.01") as worker:
         command = [sys.executable, "-m", "supervisor.commands.cli", "drain", "--socket",
@@ -276,6 +289,7 @@ def test_drain_and_resume_from_the_command_line(tmp_path):
         assert oct(worker.admin_socket.stat().st_mode & 0o777) == "0o660"
 
 
+@pytest.mark.e2e
 def test_tls_on_the_public_port(tmp_path):
     import datetime
     import ssl

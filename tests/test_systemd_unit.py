@@ -64,6 +64,7 @@ def short_tmp():
         yield Path(name)
 
 
+@pytest.mark.real_processes
 def test_systemd_analyze_verify_accepts_the_unit(short_tmp):
     rc, output = _verify(_verifiable_copy(UNIT_PATH.read_text(), short_tmp))
     # verify exits 0 even for unknown keys or bad values (it only warns), so any line
@@ -72,6 +73,7 @@ def test_systemd_analyze_verify_accepts_the_unit(short_tmp):
     assert rc == 0 and not about_unit, output
 
 
+@pytest.mark.real_processes
 def test_verify_check_catches_a_broken_unit(short_tmp):
     # Proves the test above can fail: the same check on a unit with two mistakes.
     broken = UNIT_PATH.read_text().replace("KillMode=mixed", "KillMode=mixed\nRestart=sometimes\nWatchdogSecs=60")
@@ -79,6 +81,7 @@ def test_verify_check_catches_a_broken_unit(short_tmp):
     assert "WatchdogSecs" in output and "sometimes" in output
 
 
+@pytest.mark.real_processes
 def test_verify_notices_the_real_exec_path_is_missing_here(short_tmp):
     if Path(REAL_EXEC).exists():
         pytest.skip(f"{REAL_EXEC} exists on this host")

@@ -40,6 +40,8 @@ from tests.support.fake_autoscaler import (
 )
 from tests.support.procs import free_port, http_status, start_worker, wait_until
 
+pytestmark = pytest.mark.e2e
+
 WORKLOAD = 100.0          # autoscaler.workload's default, the SDK's DEFAULT_WORKLOAD
 STEP = 0.05               # simulator seconds per sampler step
 STEPS = 10                # one request: about STEPS x STEP seconds

@@ -48,7 +48,7 @@ class Moto:
     def start(self) -> None:
         log = open(self.folder / "moto.log", "wb")
         self.process = procs.popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
-                                         "-p", str(self.port)], stdout=log, stderr=log)
+                                    "-p", str(self.port)], stdout=log, stderr=log)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:
