@@ -157,6 +157,21 @@ def test_config_check_refuses_a_shared_database_and_warns_of_other_collisions(tm
     assert not collisions(load_settings(good, environ={}))
 
 
+def test_config_check_passes_a_shared_database_when_only_one_gpu_is_named(tmp_path):
+    """comfyui.gpus naming one GPU runs one instance whatever the host has: nothing to share."""
+    from supervisor.commands.cli import main
+
+    one = tmp_path / "one.toml"
+    one.write_text('[comfyui]\ngpus = [0]\ncommand = ["python", "main.py", "--port", "{port}", '
+                   '"--base-directory", "/b"]\n')
+    result = CliRunner().invoke(main, ["config", "check", str(one)])
+    assert result.exit_code == 0 and "warning" not in result.output, result.output
+    # Two GPUs named: two instances on one database, refused as before.
+    one.write_text(one.read_text().replace("gpus = [0]", "gpus = [0, 1]"))
+    result = CliRunner().invoke(main, ["config", "check", str(one)])
+    assert result.exit_code == 2 and "would share ComfyUI's SQLite database" in result.output
+
+
 def test_the_worker_passes_only_flags_this_comfyui_knows():
     from api.comfy.flags import FLAGS_0_3_64, FLAGS_NEWEST, ComfyFlags
 

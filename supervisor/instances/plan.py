@@ -412,9 +412,11 @@ def refusals(plans: Sequence[InstancePlan], flags: ComfyFlags | None = None) -> 
 
 
 def _check_plans(settings: Any) -> list[InstancePlan] | None:
-    """Instances 0 and 1 on two made-up GPUs, so a plan is judged without NVML; None when the
-    command is not a template (one instance only: nothing can collide)."""
-    if not uses_placeholders(settings):
+    """Instances 0 and 1 on two made-up GPUs, so a plan is judged without NVML; None when only
+    one instance can run (the command is not a template, or comfyui.gpus names one GPU):
+    nothing can collide."""
+    selection = settings.comfyui.gpus
+    if not uses_placeholders(settings) or (selection != "all" and len(selection) < 2):
         return None
     fake = [GpuSlot(0, "GPU-check-0", "check"), GpuSlot(1, "GPU-check-1", "check")]
     return plan_instances(settings, fake, _known_without_asking(settings))
