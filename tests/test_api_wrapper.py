@@ -197,6 +197,8 @@ def test_node_failure_at_run_time_is_422_with_node_details(stack):
     assert answer["status"] == "failed"
     assert answer["error"]["node_id"] == "2" and answer["error"]["node_type"] == "SaveImage"
     assert "SaveImage" in answer["message"]
+    # Its folder, made while the prompt ran so that outputs need only be linked, is gone again.
+    assert answer["id"] and not (sim.output_dir / answer["id"]).exists()
 
 
 def test_unknown_result_is_404(stack):

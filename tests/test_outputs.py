@@ -61,3 +61,13 @@ def test_an_output_on_another_file_system_is_copied(tmp_path):
         copied = Path(entry["local_path"])
         assert copied.read_bytes() == b"bytes"
         assert copied.stat().st_ino != (Path(other) / "x.png").stat().st_ino
+
+
+def test_a_folder_made_while_the_prompt_ran_takes_the_links(tmp_path):
+    outputs = [output(tmp_path, "b_00001_.png", b"one"), output(tmp_path, "b_00001_.png", b"two",
+                                                                  subfolder="sub")]
+    (tmp_path / "req").mkdir()
+    entries = link_outputs(outputs, tmp_path, "req", made=True)
+    assert [e["filename"] for e in entries] == ["b_00001_.png", "b_00001__1.png"]
+    assert [Path(e["local_path"]).read_bytes() for e in entries] == [b"one", b"two"]
+    assert Path(entries[0]["local_path"]).parent == (tmp_path / "req").resolve()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,20 @@ class OutputDelivery:
         if self._guide is not None:
             self.folder = await self._guide.learn()
 
+    def prepare(self, job: Job) -> None:
+        """While its prompt runs: make the request's folder now, so that the answer waits only
+        for the links at the end (the mkdir was the dearest of the calls linking takes). Empty
+        until then; the finisher removes it when nothing came. A folder that exists already, or
+        cannot be made, is left to the linking, as before."""
+        if job.folder_made is not None:
+            return
+        folder = self.folder.path / job.id
+        try:
+            os.mkdir(folder)
+        except OSError:
+            return
+        job.folder_made = folder
+
     async def deliver(self, job: Job, result: PromptResult) -> int:
         """Fill `job.output`; the number of files whose upload failed (they stay on disk)."""
         entries = await self._collect(job, result)
@@ -60,7 +75,8 @@ class OutputDelivery:
         writing = self.retention.guard.writing() if self.retention else contextlib.nullcontext()
         folder = self.folder
         async with writing:
-            entries = link_outputs(result.outputs, folder.path, job.id)
+            entries = link_outputs(result.outputs, folder.path, job.id,
+                                   made=job.folder_made == folder.path / job.id)
             if entries is not None:
                 return entries
             # Copies, or files not where the folder says (fetched first).

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
+import os
 
 from api.contract.result import JobStatus, now_ms
 from api.wrapper.background import Background
@@ -53,6 +55,10 @@ class Finisher:
             job.model_leases = []
         if job.generated_at_ms is None and job.started_at_ms:
             job.generated_at_ms = job.completed_at_ms
+        if job.folder_made is not None and not job.output:
+            with contextlib.suppress(OSError):  # made while it ran, and nothing came into it
+                os.rmdir(job.folder_made)
+            job.folder_made = None
         if job.listeners:
             job.publish({"event": "final_result", "request_id": job.id,
                          "status": "final_result", "result": job.result(),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from api.contract.request import GenerateRequest
@@ -34,6 +35,7 @@ class Job:
     cancel_requested: bool = False
     prepared: asyncio.Future | None = None   # the graph, once inputs are uploaded
     persisting: asyncio.Task | None = None   # the write of its "queued" record
+    folder_made: Path | None = None          # its output folder, made (empty) while it ran
     done: asyncio.Event = field(default_factory=asyncio.Event)
     listeners: list[asyncio.Queue] = field(default_factory=list)
 

@@ -42,7 +42,7 @@ def missing(outputs: list[Any], output_dir: Path) -> list[int]:
 INLINE_LINKS = 8
 
 
-def link_outputs(outputs: list[Any], output_dir: Path, request_id: str
+def link_outputs(outputs: list[Any], output_dir: Path, request_id: str, *, made: bool = False
                  ) -> list[dict[str, Any]] | None:
     """The usual case, done where it is asked: every output is a file on the request folder's
     own file system, so each is one hard link (no data is read or written: a few metadata
@@ -52,19 +52,23 @@ def link_outputs(outputs: list[Any], output_dir: Path, request_id: str
     A trip to a thread costs two wake-ups; on a busy 2-core host that was most of what the
     wrapper added to a small request (see tests/perf/wrapper_latency.py). In the usual case
     the folder is new, so nothing in it is asked for: one mkdir and one link per file, the
-    link itself saying whether the file is there and on the same device."""
+    link itself saying whether the file is there and on the same device. `made`: the caller
+    made the folder (empty) while the prompt ran (`OutputDelivery.prepare`), so not even the
+    mkdir is left."""
     if len(outputs) > INLINE_LINKS:
         return None
     if not outputs:
         return []
     folder = output_dir / request_id
-    try:
-        os.mkdir(folder)
-        fresh = True  # made just now: empty, and not a link to somewhere else
-    except FileExistsError:
-        fresh = False
-    except OSError:
-        return None
+    fresh = made  # made by us: empty, and not a link to somewhere else
+    if not made:
+        try:
+            os.mkdir(folder)
+            fresh = True
+        except FileExistsError:
+            pass
+        except OSError:
+            return None
     try:
         real = _real_folder(output_dir) / request_id if fresh else folder.resolve()
     except OSError:

@@ -158,6 +158,7 @@ class Runner:
         if job.cancel_requested:  # cancelled while it was being submitted
             self._background.spawn(self.stop_current(job), f"stop-{job.id}")
         self._prefetcher.kick(True)  # the next one may queue behind it now
+        self._delivery.prepare(job)  # while ComfyUI runs it, not while its client waits
 
     def _publish_progress(self, job: Job) -> None:
         job.publish({"event": "progress", **status_event(job, self._queue),
