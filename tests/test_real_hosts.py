@@ -269,6 +269,12 @@ def test_folders_hidden_in_a_script_are_read_from_the_running_comfyui(tmp_path):
         events = [e["event"] for e in worker.status()["events"]]
         assert any("set comfyui.models_dir" in e and str(real_base / "models") in e
                    for e in events), events
+        # The disk guard watches the folders ComfyUI really writes to, not the guess.
+        watched = wait_until(lambda: (lambda paths: paths if str(real_base / "output") in paths
+                                      else None)([p for fs in worker.status()["disk"]["filesystems"]
+                                                  for p in fs["paths"].values()]),
+                             30, "the disk guard to watch the real output folder")
+        assert not any(p.startswith(str(checkout)) for p in watched), watched
         log = worker.log()
         assert f"ComfyUI's output folder is {real_base / 'output'} (from --base-directory in " \
                f"ComfyUI's running command (pid {comfy_pid}), then output/), not " \

@@ -216,12 +216,18 @@ class DiskGuard:
         self.on_change: Callable[[], None] | None = None
         self._task: asyncio.Task | None = None
 
-    def watch(self, watched: Sequence[Watched], freer: Freer | None = None) -> None:
+    def watch(self, watched: Sequence[Watched] | Callable[[], Sequence[Watched]],
+              freer: Freer | None = None) -> None:
         """What to watch, and whom to ask for space (the daemon knows both once its instances
-        are planned)."""
-        self.watched = tuple(watched)
+        are planned). A callable is asked before every sample: an instance's folders can move
+        once its running ComfyUI shows where they really are."""
+        self._source = watched if callable(watched) else (lambda fixed=tuple(watched): fixed)
         self.freer = freer
-        self._several = len({w.instance for w in watched if w.instance is not None}) > 1
+        self._refresh()
+
+    def _refresh(self) -> None:
+        self.watched = tuple(self._source())
+        self._several = len({w.instance for w in self.watched if w.instance is not None}) > 1
 
     # --- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -265,6 +271,7 @@ class DiskGuard:
                 self.on_change()
 
     async def _sample(self) -> list[Filesystem]:
+        self._refresh()
         found, self._root = await asyncio.to_thread(self._sample_blocking)
         return [Filesystem(fs.room, fs.holds, self.thresholds.level(fs.room)) for fs in found]
 

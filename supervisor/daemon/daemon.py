@@ -243,9 +243,10 @@ class Daemon:
         await self.provisioner.close()
 
     async def _start_disk_guard(self) -> None:
-        """Watch the folders of the planned instances; their wrappers' retention frees space."""
+        """Watch the folders of the instances (their plans' folders until the running ComfyUI
+        shows its own); their wrappers' retention frees space."""
         instances = self.fleet.instances
-        self.disk.watch(watched_folders([i.plan for i in instances], self.settings),
+        self.disk.watch(lambda: watched_folders([i.plan for i in instances], self.settings),
                         WrapperRetention({i.number: i.wrapper_url for i in instances},
                                          lambda: self.session))
         await self.disk.start()
