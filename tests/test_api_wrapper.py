@@ -13,6 +13,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
 
 from simulator.testing import start_simulator
@@ -115,6 +116,22 @@ def test_workflow_json_random_int_placeholder_and_two_outputs(stack):
     assert any(n.startswith("run-") and n.split("-")[1].split("_")[0].isdigit() for n in names)
     sub = [o for o in body["output"] if o["subfolder"]]
     assert sub and sub[0]["subfolder"] == "sub/dir"
+
+
+def test_each_prompts_socket_to_comfyui_is_closed_once_its_client_is_answered(stack):
+    sim, wrapper = stack
+    port = int(sim.url.rsplit(":", 1)[1])
+
+    def to_comfyui() -> int:
+        return sum(1 for c in psutil.Process(wrapper.process.pid).net_connections("tcp")
+                   if c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED)
+
+    for n in range(5):
+        status, body = generate(wrapper, {"input": {"workflow_json": tiny_workflow(f"s{n}", 64, 48)}})
+        assert status == 200, body
+    # One WebSocket per prompt, closed after its answer: what stays is the HTTP keep-alive
+    # connection (and perhaps the last prompt's socket, closing), not one per prompt.
+    wait_until(lambda: to_comfyui() <= 2, 5, "the prompts' sockets to close")
 
 
 def test_base64_outputs_on_request_header(stack):

@@ -289,6 +289,7 @@ class WsProxy:
         self.upstream_port = upstream_port
         self.requests: list[str] = []
         self.ws_connections = 0
+        self.ws_open = 0  # WebSocket connections not closed yet
         self.action: str | None = None
         self.trigger = b'"execution_start"'
         self.fired = asyncio.Event()
@@ -348,29 +349,34 @@ class WsProxy:
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, upstream: asyncio.StreamWriter
     ) -> None:
         websocket, stalled, buffer = False, False, b""
-        while data := await reader.read(65536):
-            if not websocket:
-                start = data.find(b"HTTP/1.1 101")
-                if start < 0:
-                    writer.write(data)
-                    await writer.drain()
-                    continue
-                end = data.index(b"\r\n\r\n", start) + 4
-                writer.write(data[:end])
-                websocket, data = True, data[end:]
-                self.ws_connections += 1
-            frames, buffer = _split_frames(buffer + data)
-            for frame in frames:
-                if stalled:
-                    continue
-                writer.write(frame)
-                if self.action and not self.fired.is_set() and self.trigger in frame:
-                    self.fired.set()
-                    if self.action == "cut":
+        try:
+            while data := await reader.read(65536):
+                if not websocket:
+                    start = data.find(b"HTTP/1.1 101")
+                    if start < 0:
+                        writer.write(data)
                         await writer.drain()
-                        return  # _serve resets both sides
-                    stalled = True
-            await writer.drain()
+                        continue
+                    end = data.index(b"\r\n\r\n", start) + 4
+                    writer.write(data[:end])
+                    websocket, data = True, data[end:]
+                    self.ws_connections += 1
+                    self.ws_open += 1
+                frames, buffer = _split_frames(buffer + data)
+                for frame in frames:
+                    if stalled:
+                        continue
+                    writer.write(frame)
+                    if self.action and not self.fired.is_set() and self.trigger in frame:
+                        self.fired.set()
+                        if self.action == "cut":
+                            await writer.drain()
+                            return  # _serve resets both sides
+                        stalled = True
+                await writer.drain()
+        finally:
+            if websocket:
+                self.ws_open -= 1
 
 
 # --------------------------------------------------------------------------- tests: both targets
@@ -419,6 +425,30 @@ async def test_happy_path_returns_on_the_final_frame_without_polling(comfy_targe
     assert proxy.count("POST /prompt") == 1
     assert proxy.count("GET /history/") == 1
     assert proxy.count("GET /queue") == 0
+
+
+@pytest.mark.real_processes
+async def test_a_finished_prompts_socket_closes_when_its_owner_says_so(comfy_target: Target) -> None:
+    async with WsProxy(comfy_target.port) as proxy:
+        async with ComfyClient(proxy.url, output_dir=comfy_target.output_dir, timeouts=NO_POLL,
+                               defer_closes=True) as client:
+            for _ in range(2):
+                result = await bounded(client.run_prompt(image_graph()))
+                assert result.status is PromptStatus.SUCCESS
+            await asyncio.sleep(0.3)  # time enough for a close in the background
+            assert proxy.ws_open == 2  # each waits for the owner (the wrapper: its answer)
+            client.close_deferred()
+            await bounded(_until(lambda: proxy.ws_open == 0))
+        # Without defer_closes a finished prompt's socket closes by itself.
+        async with make_client(comfy_target, NO_POLL, url=proxy.url) as client:
+            await bounded(client.run_prompt(image_graph()))
+            await bounded(_until(lambda: proxy.ws_open == 0))
+            assert proxy.ws_connections == 3
+
+
+async def _until(condition: Any) -> None:
+    while not condition():
+        await asyncio.sleep(0.01)
 
 
 @pytest.mark.real_processes

@@ -95,6 +95,11 @@ _PLACE_OF_JOB = {JobState.PENDING: PromptPlace.QUEUED, JobState.IN_PROGRESS: Pro
                  JobState.CANCELLED: PromptPlace.DONE}
 
 
+#: With ``defer_closes``, more finished prompts' sockets than this are closed without waiting
+#: for the owner.
+_MAX_DEFERRED_CLOSES = 16
+
+
 def new_prompt_id() -> str:
     """A prompt id every ComfyUI accepts: a canonical UUID (lowercase, hyphenated)."""
     return str(uuid.uuid4())
@@ -107,6 +112,11 @@ class ComfyClient:
     when given, every :class:`OutputFile` gets an absolute ``local_path``.
     One aiohttp session is used for everything; pass ``session`` to share yours
     (it is then not closed by :meth:`close`).
+
+    A prompt's WebSocket is closed in the background once its result is known. With
+    ``defer_closes`` its owner says when, by calling :meth:`close_deferred`: a server that
+    answers its own client from another task than the one that ran the prompt (the wrapper)
+    does so once the answer is written, so the close handshake never runs before it.
     """
 
     def __init__(
@@ -117,6 +127,7 @@ class ComfyClient:
         temp_dir: Path | None = None,
         session: aiohttp.ClientSession | None = None,
         timeouts: ClientTimeouts = ClientTimeouts(),
+        defer_closes: bool = False,
     ) -> None:
         base_url = base_url.rstrip("/")
         if not base_url.startswith(("http://", "https://")):
@@ -130,6 +141,8 @@ class ComfyClient:
         self._owns_session = session is None
         self._sockets: set[aiohttp.ClientWebSocketResponse[bool]] = set()
         self._closing: set[asyncio.Task[None]] = set()  # sockets closing in the background
+        self._defer_closes = defer_closes
+        self._deferred: list[aiohttp.ClientWebSocketResponse[bool]] = []  # done, not closing yet
         self._closed = False
         # What this ComfyUI can do, learned once per ComfyUI start (forgotten when it is lost).
         self._capabilities: Capabilities | None = None
@@ -146,6 +159,7 @@ class ComfyClient:
     async def close(self) -> None:
         """Close open WebSockets and the session (if this client made it)."""
         self._closed = True
+        self.close_deferred()
         for ws in list(self._sockets):
             await ws.close()
         self._sockets.clear()
@@ -604,10 +618,25 @@ class ComfyClient:
         return ws, early
 
     def _close_ws_later(self, ws: aiohttp.ClientWebSocketResponse[bool] | None) -> None:
-        """Close ``ws`` in a task of its own (:meth:`close` waits for it)."""
+        """Close ``ws`` in a task of its own (:meth:`close` waits for it); with
+        ``defer_closes``, once :meth:`close_deferred` is called (or a few are waiting)."""
         if ws is None:
             return
         self._sockets.discard(ws)
+        if self._defer_closes:
+            self._deferred.append(ws)
+            if len(self._deferred) > _MAX_DEFERRED_CLOSES:  # an owner that forgot: no pile-up
+                self.close_deferred()
+            return
+        self._start_closing(ws)
+
+    def close_deferred(self) -> None:
+        """Start closing the WebSockets of the prompts that finished (see ``defer_closes``)."""
+        deferred, self._deferred = self._deferred, []
+        for ws in deferred:
+            self._start_closing(ws)
+
+    def _start_closing(self, ws: aiohttp.ClientWebSocketResponse[bool]) -> None:
         task = asyncio.get_running_loop().create_task(self._close_ws(ws))
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)

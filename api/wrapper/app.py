@@ -98,9 +98,11 @@ class WrapperRuntime:
         folders = comfy_folders.from_settings(s)
         output = folders.output
         self.session = aiohttp.ClientSession()
+        # Prompts' sockets close once their client is answered (Finisher: after_answer).
         self.client = ComfyClient(s.comfyui.url, output_dir=output.path,
                                   timeouts=ClientTimeouts(ws_idle=s.api.ws_idle_timeout,
-                                                          submit=s.api.submit_timeout))
+                                                          submit=s.api.submit_timeout),
+                                  defer_closes=True)
         self.uploader = S3Uploader(max_parallel=s.s3.max_parallel, retries=s.s3.retries,
                                    presign_expiry=s.s3.presign_expiry)
         self.metrics = WrapperMetrics()
@@ -167,7 +169,8 @@ class WrapperRuntime:
             delivery=delivery,
             finisher=Finisher(store, background, active, webhooks=self.webhooks,
                               webhook_defaults=defaults.webhook, metrics=self.metrics,
-                              model_urls=model_urls, retention=retention))
+                              model_urls=model_urls, retention=retention,
+                              after_answer=client.close_deferred))
         return GenerationService(parts, queue_size=s.api.queue_size, defaults=defaults)
 
     def _model_urls(self) -> "ModelUrlResolver | None":

@@ -9,6 +9,7 @@ import collections
 import contextlib
 import logging
 import os
+from typing import Callable
 
 from api.contract.result import JobStatus, now_ms
 from api.wrapper.background import Background
@@ -29,7 +30,8 @@ class Finisher:
                  webhooks: WebhookDispatcher | None, webhook_defaults: WebhookSettings,
                  metrics: WrapperMetrics | None = None,
                  model_urls: ModelUrlResolver | None = None,
-                 retention: Retention | None = None):
+                 retention: Retention | None = None,
+                 after_answer: Callable[[], None] | None = None):
         self._store = store
         self._background = background
         self._active = active  # the jobs accepted and not finished, by id
@@ -38,6 +40,8 @@ class Finisher:
         self._metrics = metrics
         self._model_urls = model_urls
         self._retention = retention
+        #: Work that may wait until the client is answered (the ComfyClient's socket closes).
+        self._after_answer = after_answer
         self.served: collections.Counter[str] = collections.Counter()  # by final status
 
     def finish(self, job: Job, outcome: Outcome) -> None:
@@ -67,6 +71,9 @@ class Finisher:
         self._background.spawn(self._settle(job), f"persist-final-{job.id}")
 
     async def _settle(self, job: Job) -> None:
+        # This task's first step runs after the waiting client's, which wrote the answer.
+        if self._after_answer is not None:
+            self._after_answer()
         status = job.status
         self.served[status.value] += 1
         if self._metrics:
