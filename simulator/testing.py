@@ -80,6 +80,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _default_signals() -> None:
+    """In the child before exec: the signals a test stops it with act as on a terminal, whatever the
+    test run inherited (a shell's background job ignores SIGINT and SIGQUIT, and an ignored signal
+    stays ignored across exec)."""
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGQUIT, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, ())
+
+
 def stop_process(process: subprocess.Popen[bytes], grace: float = STOP_GRACE_SECONDS) -> int | None:
     if process.poll() is not None:
         return process.returncode
@@ -134,7 +143,8 @@ def launch_simulator(tmp_path: os.PathLike[str] | str, *args: str, env: Mapping[
     # The package must import even when the test runs from another working directory.
     child_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_REPO_ROOT), child_env.get("PYTHONPATH", "")) if p)
     with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=child_env, cwd=str(base))
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=child_env, cwd=str(base),
+                                   preexec_fn=_default_signals)
     return SimulatorHandle(url=f"http://127.0.0.1:{port}", port=port, process=process, base_dir=base,
                            output_dir=base / "output", input_dir=base / "input", temp_dir=base / "temp",
                            log_path=log_path, api_version=version)

@@ -16,6 +16,7 @@ import pytest
 from tests.support import procs
 from tests.support.procs import ROOT, get_json, start_daemon, wait_until
 from tests.support.systemd_unit import unit_timeout_stop_sec
+from tests.support.timing import allowance
 from tests.support.workflows import TINY
 
 
@@ -104,7 +105,7 @@ def test_comfyui_killed_during_request_gives_502_then_recovers(tmp_path, comfy_a
         status, body = result["answer"]
         assert status == 502, body
         assert "ComfyUI" in (body.get("error") or body.get("message", ""))
-        assert result["at"] - killed < 1.5
+        assert result["at"] - killed < allowance(1.5)
         wait_until(lambda: get_json(worker.url + "/health")[0] == 200, 30, "ready again")
         assert worker.child_pid("comfyui") != pid
         status, body = worker.generate({"input": {"workflow_json": TINY}})
@@ -170,6 +171,48 @@ def test_sigterm_stops_cleanly_with_no_child_left(tmp_path):
         assert worker.process.wait(30) == 0
         assert not any(alive(p) for p in pids)
         assert not worker.admin_socket.exists()
+
+
+# Starts the daemon the way a shell's background job under nohup would (SIGINT, SIGQUIT and
+# SIGHUP ignored), with SIGUSR1 (the wrapper's "ComfyUI died") blocked as well.
+INHERITED_SIGNALS = """
+import os, signal, sys
+for signum in (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP):
+    signal.signal(signum, signal.SIG_IGN)
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+os.execv(sys.argv[1], sys.argv[1:])
+"""
+
+
+def signal_sets(pid: int) -> dict[str, set[int]]:
+    """The kernel's view of a process: which signals it ignores, blocks and catches."""
+    fields = dict(line.split(":\t", 1) for line in open(f"/proc/{pid}/status").read().splitlines()
+                  if ":\t" in line)
+    bits = {name: int(fields[name], 16) for name in ("SigIgn", "SigBlk", "SigCgt")}
+    return {name: {n for n in range(1, 65) if value >> (n - 1) & 1} for name, value in bits.items()}
+
+
+@pytest.mark.e2e
+def test_children_start_with_default_signals_whatever_the_daemon_inherited(tmp_path):
+    with start_daemon(tmp_path, "--step-seconds", "0.01", stop=False,
+                      launcher=[sys.executable, "-c", INHERITED_SIGNALS]) as worker:
+        inherited = signal_sets(worker.process.pid)
+        assert {signal.SIGQUIT, signal.SIGHUP} <= inherited["SigIgn"]  # the launcher did its part
+        assert signal.SIGUSR1 in inherited["SigBlk"]
+        comfy, wrapper = worker.child_pid("comfyui"), worker.child_pid("wrapper")
+        for pid in (comfy, wrapper):
+            seen = signal_sets(pid)
+            assert not seen["SigIgn"] & set(procs.STOP_SIGNALS), seen
+            assert not seen["SigBlk"], seen
+        assert signal.SIGUSR1 in signal_sets(wrapper)["SigCgt"]  # "ComfyUI died" reaches it
+        # Ctrl-C's signal stops ComfyUI (the daemon starts a new one), then the daemon itself.
+        os.kill(comfy, signal.SIGINT)
+        wait_until(lambda: worker.child_pid("comfyui") not in (None, comfy), 30, "a new ComfyUI")
+        wait_until(lambda: get_json(worker.url + "/health")[0] == 200, 30, "ready again")
+        pids = [worker.child_pid("comfyui"), worker.child_pid("wrapper")]
+        worker.process.send_signal(signal.SIGINT)
+        assert worker.process.wait(30) == 0
+        assert not any(alive(p) for p in pids)
 
 
 @pytest.mark.e2e

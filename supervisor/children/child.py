@@ -31,7 +31,9 @@ set by a tiny exec wrapper (``python -I -S -c ...``, about 30 ms) rather than
 deadlock when other threads (NVML and boto3 calls run in threads) hold locks.  The
 wrapper also checks that its parent is still the supervisor after ``prctl`` (the
 parent may die in between) and then ``exec``s the real command, so the child's pid is
-the command's pid.  Limits:
+the command's pid.  The same wrapper gives every child default signal dispositions and an
+empty signal mask whatever the supervisor inherited: an ignored or blocked signal survives
+exec, and a shell's background job ignores SIGINT and SIGQUIT, ``nohup`` SIGHUP.  Limits:
 
 * The death signal reaches only the direct child.  Grandchildren in the same group
   are reparented and keep running unless something kills the group; under systemd,
@@ -203,19 +205,26 @@ class _Intent(Enum):
 
 Listener = Callable[["ChildProcess", ChildState, ChildState, str], None]
 
-# Runs before the real command: ask the kernel for SIGKILL when the parent dies, make
-# sure the parent did not die before that took effect, then become the command.
-_PDEATHSIG_WRAPPER = """\
-import ctypes, os, signal, sys
-try:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(1, int(signal.SIGKILL), 0, 0, 0) != 0:  # 1 = PR_SET_PDEATHSIG
-        raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
-except Exception as exc:
-    sys.stderr.write("comfy-worker: PR_SET_PDEATHSIG not set (%s); this child may outlive"
-                     " a killed supervisor\\n" % (exc,))
-if os.getppid() != int(sys.argv[1]):
-    os.kill(os.getpid(), signal.SIGKILL)
+# Runs before the real command: default signal dispositions and an empty mask; if argv[1]
+# names the parent (0: do not), ask the kernel for SIGKILL when the parent dies and make
+# sure the parent did not die before that took effect; then become the command.
+_EXEC_WRAPPER = """\
+import os, signal, sys
+for name in ("SIGINT", "SIGTERM", "SIGQUIT", "SIGHUP", "SIGPIPE", "SIGXFSZ"):
+    signal.signal(getattr(signal, name), signal.SIG_DFL)  # the last two: Python ignores them
+signal.pthread_sigmask(signal.SIG_SETMASK, ())
+parent = int(sys.argv[1])
+if parent:
+    import ctypes
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(1, int(signal.SIGKILL), 0, 0, 0) != 0:  # 1 = PR_SET_PDEATHSIG
+            raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+    except Exception as exc:
+        sys.stderr.write("comfy-worker: PR_SET_PDEATHSIG not set (%s); this child may outlive"
+                         " a killed supervisor\\n" % (exc,))
+    if os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGKILL)
 try:
     os.execvp(sys.argv[2], sys.argv[2:])
 except OSError as exc:
@@ -225,12 +234,15 @@ except OSError as exc:
 """
 
 
+def _exec_wrapped(argv: list[str], parent: int) -> list[str]:
+    return [sys.executable, "-I", "-S", "-c", _EXEC_WRAPPER, str(parent), *argv]
+
+
 def dies_with_parent(argv: list[str]) -> list[str]:
-    """``argv`` run through the exec wrapper that sets PR_SET_PDEATHSIG (Linux; elsewhere
-    ``argv`` as is), for any process the supervisor starts that must not outlive it."""
-    if not sys.platform.startswith("linux"):
-        return list(argv)
-    return [sys.executable, "-I", "-S", "-c", _PDEATHSIG_WRAPPER, str(os.getpid()), *argv]
+    """``argv`` run through the exec wrapper, for any process the supervisor starts that must
+    not outlive it: PR_SET_PDEATHSIG (Linux), and default signal dispositions and an empty
+    signal mask whatever the supervisor inherited."""
+    return _exec_wrapped(argv, os.getpid() if sys.platform.startswith("linux") else 0)
 
 
 def _signal_name(signum: int) -> str:
@@ -599,8 +611,7 @@ class ChildProcess:
         strip_notify_env(env)
         self._check_command(env)
         argv = list(spec.command)
-        if spec.kill_on_parent_death:
-            argv = dies_with_parent(argv)
+        argv = dies_with_parent(argv) if spec.kill_on_parent_death else _exec_wrapped(argv, 0)
         return await asyncio.create_subprocess_exec(
             *argv,
             stdin=asyncio.subprocess.DEVNULL,

@@ -164,10 +164,11 @@ def simulator_command(port: int, base: Path, *extra: str) -> str:
 def start_daemon(tmp_path: Path, *sim_args: str, wait_ready: bool = True, token: str = "t0ken",
                  extra_env: dict | None = None, stop: bool = True,
                  port: int | None = None, comfy_port: int | None = None,
-                 wrapper_port: int | None = None) -> Iterator[Daemon]:
+                 wrapper_port: int | None = None, launcher: Sequence[str] = ()) -> Iterator[Daemon]:
     """The whole worker as a subprocess (`comfy-worker run`) with the simulator as ComfyUI.
 
-    `extra_env` overrides the test defaults; a value of None removes the variable."""
+    `extra_env` overrides the test defaults; a value of None removes the variable. `launcher`
+    is a command the daemon is started through (it must exec its arguments)."""
     comfy_port, wrapper_port = comfy_port or free_port(), wrapper_port or free_port()
     metrics_port = free_port()
     public_port = port or free_port()
@@ -192,7 +193,7 @@ def start_daemon(tmp_path: Path, *sim_args: str, wait_ready: bool = True, token:
             env[name] = str(value)
     log_path = tmp_path / "daemon.log"
     with open(log_path, "ab") as log:
-        process = popen([sys.executable, "-m", "supervisor.commands.cli", "run"], cwd=ROOT,
+        process = popen([*launcher, sys.executable, "-m", "supervisor.commands.cli", "run"], cwd=ROOT,
                         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     daemon = Daemon(process, f"http://127.0.0.1:{public_port}", log_path,
                     tmp_path / "admin.sock", f"http://127.0.0.1:{comfy_port}", state,
