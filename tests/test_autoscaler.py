@@ -35,6 +35,7 @@ from tests.support.fake_autoscaler import (
     sign,
 )
 from tests.support.net import free_port
+from tests.support.timing import allowance
 
 WORKER_URL = "http://203.0.113.7:41234"
 
@@ -444,7 +445,7 @@ async def test_state_change_is_reported_at_once_and_loadtime_in_every_report(
         changed_at = loop.time()
         reporter.set_state(loadtime=12.5, max_perf=25.0)
         ready = await fake_autoscaler.wait_for_status(lambda r: r["loadtime"] > 0, timeout=2.0)
-        assert loop.time() - changed_at < 1.0   # not the 30 s cadence
+        assert loop.time() - changed_at < allowance(1.0)   # not the 30 s cadence
         assert (ready["loadtime"], ready["max_perf"]) == (12.5, 25.0)
         assert await reporter.report_now()
         assert fake_autoscaler.statuses[-1]["loadtime"] == 12.5   # in every report, as the SDK
@@ -552,7 +553,7 @@ async def test_stop_is_bounded_when_the_autoscaler_is_unreachable(session, fake_
     loop = asyncio.get_running_loop()
     started = loop.time()
     await reporter.stop(flush_timeout=0.5)
-    assert loop.time() - started < 1.5
+    assert loop.time() - started < allowance(1.5)
 
 
 async def test_final_flush_on_stop_delivers_last_counts(session, fake_autoscaler):

@@ -7,13 +7,14 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from tests.support.bench import NOMINAL, STEP_SECONDS, bench_env, settled
+from tests.support.bench import NOMINAL, NOT_JUDGED, STEP_SECONDS, bench_env, full_speed, settled
 from tests.support.procs import start_daemon
 
 pytestmark = pytest.mark.e2e
 
 
 def test_node_25_percent_slow_is_flagged_and_refused(tmp_path):
+    # Expected: the nominal time, the least a run can take; a busy machine only adds to the ratio.
     with start_daemon(tmp_path, "--step-seconds", str(STEP_SECONDS), "--slow-factor", "1.25",
                       wait_ready=False, extra_env=bench_env()) as worker:
         status, body = settled(worker)
@@ -25,16 +26,22 @@ def test_node_25_percent_slow_is_flagged_and_refused(tmp_path):
         assert answer[0] == 503 and "slower than expected" in answer[1]["reason"]
 
 
+@pytest.mark.slow  # two daemons: the reference, then the slow node
 def test_node_10_percent_slow_passes_and_reports_max_perf(tmp_path):
-    with start_daemon(tmp_path, "--step-seconds", str(STEP_SECONDS), "--slow-factor", "1.10",
-                      wait_ready=False, extra_env=bench_env()) as worker:
+    # Expected: what this machine took a moment ago at full speed (the reference table's role).
+    reference = full_speed(tmp_path / "reference")
+    assert reference["status"] == "no_reference", reference
+    (tmp_path / "slow").mkdir()
+    with start_daemon(tmp_path / "slow", "--step-seconds", str(STEP_SECONDS), "--slow-factor",
+                      "1.10", wait_ready=False,
+                      extra_env=bench_env(BENCHMARK_EXPECTED_SECONDS=str(reference["seconds"]))) as worker:
         status, body = settled(worker)
         assert status == 200 and body["state"] == "ready", body
         bench = worker.status()["benchmark"]
         assert bench["status"] == "pass"
-        assert 1.05 < bench["ratio"] < 1.2
+        assert 1.05 < bench["ratio"] < 1.2, (bench["seconds"], reference["seconds"])
         assert abs(bench["max_perf"] - 1 / bench["seconds"]) < 1e-6
-        assert abs(bench["its"] - 1 / (STEP_SECONDS * 1.10)) / bench["its"] < 0.15
+        assert abs(reference["its"] / bench["its"] - 1.10) < 0.1, (bench["its"], reference["its"])
 
 
 def test_report_action_serves_while_degraded(tmp_path):
@@ -93,14 +100,16 @@ def test_cached_result_is_reused_after_restart_and_rerun_after_change(tmp_path):
 def test_benchmark_command_reruns_through_the_daemon(tmp_path, monkeypatch):
     from supervisor.commands.cli import main
 
+    # Speed is not what this is about (the rerun is): nothing to compare with, no verdict on it.
     with start_daemon(tmp_path, "--step-seconds", "0.02", wait_ready=False,
-                      extra_env=bench_env(BENCHMARK_EXPECTED_SECONDS="0.6")) as worker:
+                      extra_env=bench_env(**NOT_JUDGED)) as worker:
         assert settled(worker)[0] == 200
         monkeypatch.setenv("WORKER_ADMIN_SOCKET", str(worker.admin_socket))
         result = CliRunner().invoke(main, ["benchmark", "--json"])
         assert result.exit_code == 0, result.output
         report = json.loads(result.output)
-        assert report["status"] == "pass" and report["from_cache"] is False
+        assert report["status"] == "no_reference" and report["from_cache"] is False
+        assert report["seconds"] > 0
         result = CliRunner().invoke(main, ["benchmark"])
         assert result.exit_code == 0
-        assert "pass" in result.output.lower() and "it/s" in result.output
+        assert "no_reference" in result.output and "it/s" in result.output

@@ -51,6 +51,7 @@ from supervisor.gpu import fake
 from supervisor.gpu.nvml import AsyncNvmlReader, NvmlReader
 from supervisor.gpu.sampler import GpuSampler
 from tests.support.procs import start_wrapper
+from tests.support.timing import allowance
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -386,7 +387,7 @@ async def test_failed_run_and_timeout_are_errors_with_the_reason(comfy, sim):
     started = time.monotonic()
     report = await run_benchmark(comfy, params(run_timeout=0.5))
     assert report.status is BenchmarkStatus.ERROR and "longer than 0.5 s" in report.error
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < allowance(5)
     # The timed-out prompt was interrupted, so ComfyUI is free again soon.
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:

@@ -56,6 +56,7 @@ from api.comfy import (
 from api.comfy.models import parse_node_outputs
 from tests.support.comfy_modes import API_VERSIONS
 from tests.support.net import free_port
+from tests.support.timing import allowance, slowness
 
 # A client bug tends to show as a hang: fail in a minute, not at the global timeout.
 pytestmark = pytest.mark.timeout(60)
@@ -419,7 +420,7 @@ async def test_happy_path_returns_on_the_final_frame_without_polling(comfy_targe
             result = await bounded(client.run_prompt(image_graph(), on_event=lambda event: None))
             elapsed = time.monotonic() - started
     assert result.status is PromptStatus.SUCCESS
-    assert elapsed < 5.0
+    assert elapsed < allowance(5.0)
     # One WebSocket, one POST, one history read after the final frame; no /queue polls.
     assert proxy.ws_connections == 1
     assert proxy.count("POST /prompt") == 1
@@ -579,7 +580,7 @@ async def test_interrupt_stops_the_running_prompt(comfy_target: Target) -> None:
         assert result.interrupted_node is not None
         assert result.outputs == []
         # It stops at the next node or step, not at the end of the graph (several seconds).
-        assert time.monotonic() - interrupted[0] < 3.0
+        assert time.monotonic() - interrupted[0] < allowance(3.0)
         assert result.prompt_id not in await client.queue()
 
 
@@ -604,7 +605,7 @@ async def test_cancel_removes_a_queued_prompt_which_then_vanishes(comfy_target: 
                 await asyncio.wait_for(waiting, 10)
             assert caught.value.prompt_id == queued_id
             # Noticed by the first poll after ws_idle, not by waiting for the blocker.
-            assert time.monotonic() - started < FAST.ws_idle + 2.0
+            assert time.monotonic() - started < FAST.ws_idle + allowance(2.0)
         finally:
             await client.cancel(blocker.prompt_id)
         blocked = await client.wait(blocker.prompt_id)
@@ -745,7 +746,7 @@ async def test_nothing_listening_is_unreachable_at_once() -> None:
             await client.probe(2.0)
         with pytest.raises(ComfyUnreachable):
             await client.queue()
-    assert time.monotonic() - started < 2.0
+    assert time.monotonic() - started < allowance(2.0)
 
 
 async def test_probe_of_a_server_that_never_answers_times_out() -> None:
@@ -762,7 +763,7 @@ async def test_probe_of_a_server_that_never_answers_times_out() -> None:
             with pytest.raises(ComfyUnreachable) as caught:
                 await client.probe(0.5)
             assert "/system_stats" in caught.value.reason
-            assert time.monotonic() - started < 1.5
+            assert time.monotonic() - started < allowance(1.5)
     finally:
         for writer in accepted:
             writer.transport.abort()
@@ -809,11 +810,12 @@ async def test_progress_events_carry_its_sim_only(sim_target: Target) -> None:
     assert {event.max for event in progress} == {20}
     assert progress[0].its_per_second is None  # one step gives no rate yet
     rates = [event.its_per_second for event in progress[5:]]
-    assert all(rate is not None and 10 < rate < 60 for rate in rates), rates  # 50 it/s nominal
+    floor = 10 / slowness()  # 50 it/s nominal; a busy machine oversleeps each step
+    assert all(rate is not None and floor < rate < 60 for rate in rates), rates
     assert progress[-1].elapsed >= progress[5].elapsed > 0
     assert result.sampling.steps == 20
-    assert result.sampling.its is not None and 10 < result.sampling.its < 60
-    assert 0.2 < result.sampling.seconds < 2.0
+    assert result.sampling.its is not None and floor < result.sampling.its < 60
+    assert 0.2 < result.sampling.seconds < allowance(2.0)
 
 
 @pytest.mark.real_processes
@@ -844,7 +846,7 @@ async def test_comfyui_killed_mid_prompt_raises_lost_within_a_second_sim_only(si
         with pytest.raises(ComfyLost) as caught:
             await bounded(client.run_prompt(sampler_graph(steps=200), on_event=kill_when_sampling))
     took = time.monotonic() - killed[0]
-    assert FAST.lost_after * 0.9 <= took < FAST.lost_after + 1.0
+    assert FAST.lost_after * 0.9 <= took < FAST.lost_after + allowance(1.0)
     assert caught.value.prompt_id is not None
 
 
@@ -855,7 +857,7 @@ async def test_crash_knob_during_prompt_raises_lost_sim_only(sim_target: Target)
         started = time.monotonic()
         with pytest.raises(ComfyLost):
             await bounded(client.run_prompt(image_graph()))
-    assert time.monotonic() - started < FAST.lost_after + 2.0
+    assert time.monotonic() - started < FAST.lost_after + allowance(2.0)
 
 
 @pytest.mark.real_processes
@@ -869,11 +871,11 @@ async def test_hung_comfyui_fails_probe_and_prompt_sim_only(sim_target: Target) 
         with pytest.raises(ComfyLost):
             await bounded(client.run_prompt(image_graph()))
         # ws_idle, then a poll that times out (request), then lost_after.
-        assert time.monotonic() - started < hung.ws_idle + hung.request + hung.lost_after + 1.5
+        assert time.monotonic() - started < hung.ws_idle + hung.request + hung.lost_after + allowance(1.5)
         started = time.monotonic()
         with pytest.raises(ComfyUnreachable):
             await client.probe(0.5)
-        assert time.monotonic() - started < 1.5
+        assert time.monotonic() - started < allowance(1.5)
 
 
 # --------------------------------------------------------------------------- what ComfyUI is

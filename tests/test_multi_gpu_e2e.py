@@ -21,6 +21,7 @@ import pytest
 from click.testing import CliRunner
 
 from supervisor.commands.health_cli import health
+from tests.support.bench import NOT_JUDGED
 from tests.support.comfy_modes import NEWEST
 from tests.support.fake_autoscaler import ThreadedAutoscaler, autoscaler_env
 from tests.support.procs import (
@@ -31,11 +32,13 @@ from tests.support.procs import (
     start_multi,
     wait_until,
 )
+from tests.support.timing import allowance
 from tests.support.workflows import sampler_graph
 
 pytestmark = pytest.mark.e2e
 
 GPUS = 4
+SIMULATED_GPU = "NVIDIA Simulated GPU"  # a model no reference table knows
 STEP_SECONDS = 0.1
 
 
@@ -80,11 +83,13 @@ def concurrently(worker, bodies: list[dict], timeout: float = 120) -> list[tuple
 @pytest.mark.slow
 def test_four_gpus_four_instances_run_requests_side_by_side_and_a_crash_stays_local(tmp_path,
                                                                                    comfy_api):
-    # 10 steps of 0.1 s: what the simulator takes, so every instance passes. Assets on: the
-    # newest ComfyUI then locks each instance's database, and a shared one would stop the second.
+    # A GPU model no reference table knows and no figure of our own: the identical siblings,
+    # benchmarked side by side, judge each other (a fixed figure cannot know how busy the shared
+    # machine is). Assets on: the newest ComfyUI then locks each instance's database, and a
+    # shared one would stop the second.
     with start_multi(tmp_path, GPUS, "--step-seconds", str(STEP_SECONDS), wait_ready=False,
-                     extra_env=bench_env(BENCHMARK_EXPECTED_SECONDS="1.0",
-                                         COMFYUI_ASSETS="on")) as worker:
+                     gpu_name=SIMULATED_GPU,
+                     extra_env=bench_env(**NOT_JUDGED, COMFYUI_ASSETS="on")) as worker:
         body = wait_until(lambda: ready_instances(worker), 180, "four ready instances")
         assert body["state"] == "ready", body
         status = worker.status()
@@ -109,7 +114,8 @@ def test_four_gpus_four_instances_run_requests_side_by_side_and_a_crash_stays_lo
             assert all(d.with_name("comfyui.db.lock").exists() for d in databases)
         assert status["max_perf"] > 3 * instances[0]["benchmark"]["max_perf"]
 
-        # 8 requests of ~1 s each: two rounds of four, not eight one after another.
+        # 8 requests of ~1 s each: two rounds of four (a quarter of one after another), not
+        # eight one after another or four rounds of two (half).
         began = time.monotonic()
         answers = concurrently(worker, [text2image(10) for _ in range(8)])
         elapsed = time.monotonic() - began
@@ -117,7 +123,10 @@ def test_four_gpus_four_instances_run_requests_side_by_side_and_a_crash_stays_lo
         served = [a[1]["served_by"]["instance"] for a in answers]
         assert sorted(served) == [0, 0, 1, 1, 2, 2, 3, 3], served
         assert all(a[1]["served_by"]["gpu_uuid"].startswith("GPU-") for a in answers)
-        assert elapsed < 4.5, f"8 x 1 s requests on 4 instances took {elapsed:.1f} s"
+        # Against one after another, measured in this run: the sum of their generation times.
+        one_by_one = sum(a[1]["timings"]["generation_ms"] for a in answers) / 1000
+        assert elapsed < 0.4 * one_by_one, \
+            f"8 requests on 4 instances took {elapsed:.1f} s, one after another {one_by_one:.1f} s"
 
         # kill -9 one instance's ComfyUI mid-request, two requests on each instance: the one it
         # runs fails at once, the one queued behind it moves on, every other completes.
@@ -146,7 +155,7 @@ def test_four_gpus_four_instances_run_requests_side_by_side_and_a_crash_stays_lo
         failed = [r for r in results if r[0] == 502]
         assert len(failed) == 1, [(r[0], r[1].get("error")) for r in results]
         assert "instance 1" in failed[0][1]["error"] and "SIGKILL" in failed[0][1]["error"]
-        assert failed[0][2] - killed_at < 1.0, "the 502 came late"
+        assert failed[0][2] - killed_at < allowance(1.0), "the 502 came late"
         assert [r[0] for r in results].count(200) == count - 1, [r[:2] for r in results]
         assert "request moved off instance 1" in worker.log()
         # Only instance 1 restarted; the worker is back to ready with it.
@@ -243,7 +252,7 @@ def test_gpu_slower_than_its_identical_siblings_is_refused(tmp_path):
     # One at a time (benchmark.sequential): four simulators sharing two busy cores would
     # otherwise blur a 30% difference.
     with start_multi(tmp_path, GPUS, "--step-seconds", "0.2", wait_ready=False,
-                     gpu_name="NVIDIA Simulated GPU",
+                     gpu_name=SIMULATED_GPU,
                      extra_env={**bench_env(BENCHMARK_SEQUENTIAL="true"),
                                 "SIM_SLOW": "2=1.3"}) as worker:
         def settled():
@@ -309,12 +318,12 @@ def test_the_autoscaler_sees_one_worker_with_the_sum_of_the_instances_max_perf(t
         fake = scaler.new()
         port = free_port()
         env = {**autoscaler_env(fake.url, port), "WORKER_AUTH_TOKEN": None,
-               **bench_env(BENCHMARK_EXPECTED_SECONDS="1.0")}
+               **bench_env(**NOT_JUDGED)}  # the siblings judge each other, as above
         with start_multi(tmp_path, GPUS, "--step-seconds", str(STEP_SECONDS), port=port,
-                         wait_ready=False, extra_env=env) as worker:
+                         wait_ready=False, gpu_name=SIMULATED_GPU, extra_env=env) as worker:
             wait_until(lambda: ready_instances(worker), 180, "four ready instances")
             each = [i["benchmark"]["max_perf"] for i in worker.status()["instances"]]
-            assert all(0.5 < figure < 1.5 for figure in each), each
+            assert all(1 / allowance(2.0) < figure < 1.5 for figure in each), each  # 1/seconds
             def reporting(figure: float):
                 # In the workload unit: requests per second x 100 (autoscaler.workload).
                 last = fake.statuses[-1] if fake.statuses else {}
@@ -323,7 +332,7 @@ def test_the_autoscaler_sees_one_worker_with_the_sum_of_the_instances_max_perf(t
             report = wait_until(lambda: reporting(sum(each)), 20, "max_perf of four instances")
             assert report["error_msg"] == ""
             # One instance out: its share leaves max_perf; the worker still serves.
-            fake_gpus(tmp_path / "gpus.json", GPUS, None, **{"0": {
+            fake_gpus(tmp_path / "gpus.json", GPUS, SIMULATED_GPU, **{"0": {
                 "temperature_c": 91, "clock_event_reasons": ["hw_thermal_slowdown"]}})
             report = wait_until(lambda: reporting(sum(each[1:])), 20, "max_perf without 0")
             assert report["error_msg"] == ""

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from supervisor.sdnotify import SystemdNotifier, strip_notify_env
+from tests.support.timing import allowance
 
 
 @pytest.fixture
@@ -110,7 +111,7 @@ def test_a_full_socket_does_not_block(receiver, notifier):
     n = notifier({"NOTIFY_SOCKET": path})
     started = time.monotonic()
     results = [n.status(f"update {i}") for i in range(5000)]
-    assert time.monotonic() - started < 2.0
+    assert time.monotonic() - started < allowance(2.0)
     assert results[0] is True and False in results
 
 

@@ -23,6 +23,7 @@ from simulator.testing import (
     stop_process,
     wait_ready,
 )
+from tests.support.timing import allowance
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -375,7 +376,7 @@ async def test_interrupt_stops_the_running_prompt_at_the_next_step(sim, http, kn
         stopped_after = time.monotonic() - asked
     progress = [e["data"]["value"] for e in events if e["type"] == "progress"]
     assert len(progress) >= 3 and progress[-1] < 200
-    assert stopped_after < 1.0
+    assert stopped_after < allowance(1.0)
     types = [e["type"] for e in events]
     assert types[-3:] == ["execution_interrupted", "status", "executing"]
     interrupted = events[-3]["data"]
@@ -567,7 +568,7 @@ async def test_hang_during_prompt_stops_answering_until_sigterm(tmp_path, http):
             # Stopped while the socket is open: a polite close would wait for the hung server.
             started = time.monotonic()
             assert await asyncio.to_thread(hanging.stop) == -signal.SIGTERM
-            assert time.monotonic() - started < 2.0
+            assert time.monotonic() - started < allowance(2.0)
 
 
 def test_comfyui_command_line_flags_become_knobs():

@@ -13,6 +13,7 @@ without anyone keeping a list.
 
 from __future__ import annotations
 
+import inspect
 import subprocess
 from collections.abc import Iterator
 
@@ -64,14 +65,22 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """For `pytest -n N --dist loadgroup` (make test): the tests of a module that share a
-    module-scoped fixture (one daemon, one moto server for the module) stay on one worker, so it
-    starts once; every other test goes wherever a worker is free."""
+    """For `pytest -n N --dist loadgroup` (make test): the tests that share one instance of a
+    module-scoped fixture holding something (a generator fixture: a daemon, a moto server for the
+    module) stay on one worker, so it starts once; every other test goes wherever a worker is
+    free. A module-scoped parameter (a ComfyUI version) makes one group per value."""
     for item in items:
         info = getattr(item, "_fixtureinfo", None)
-        defs = info.name2fixturedefs.values() if info is not None else ()
-        if any(d.scope in ("module", "package", "class") for chain in defs for d in chain):
-            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::", 1)[0]))
+        if info is None:
+            continue
+        shared = [chain[-1] for chain in info.name2fixturedefs.values()
+                  if chain and chain[-1].scope in ("module", "package", "class")]
+        if not any(inspect.isgeneratorfunction(d.func) for d in shared):
+            continue
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        values = [f"{d.argname}={params[d.argname]}" for d in shared if d.argname in params]
+        group = item.nodeid.split("::", 1)[0] + (f"[{','.join(sorted(values))}]" if values else "")
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.hookimpl(hookwrapper=True)
