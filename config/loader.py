@@ -8,6 +8,7 @@ All problems are collected and raised together as one `SettingsError`.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 import re
 import sys
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from config.settings import BY_NAME, SETTINGS, Setting
+from config.settings import BY_NAME, SECTION_DOCS, SETTINGS, Setting
 from config.types import InvalidValue
 
 if sys.version_info >= (3, 11):
@@ -259,8 +260,6 @@ def _cross_checks(values: dict[str, Any], sources: dict[str, Source]) -> list[st
 
 
 def _loopback(host: str) -> bool:
-    import ipaddress
-
     if host == "localhost":
         return True
     try:
@@ -276,8 +275,6 @@ def check_file(path: str | os.PathLike[str]) -> Settings:
 
 def render_example() -> str:
     """The documented example file, generated from the declarations."""
-    from config.settings import SECTION_DOCS
-
     lines = [
         "# comfy-worker settings: every key, with its default.",
         "# Precedence: defaults < this file < environment variables < request fields (s3, webhook).",
@@ -298,8 +295,6 @@ def render_example() -> str:
 
 def render_settings_docs() -> str:
     """docs/settings.md: every setting as one table per section, generated from the declarations."""
-    from config.settings import SECTION_DOCS
-
     sections = list(dict.fromkeys(setting.section for setting in SETTINGS))
 
     def cell(text: str) -> str:

@@ -38,7 +38,6 @@ def test_a_bounded_long_run_keeps_everything_flat():
         a, b = first[process], last[process]
         assert b["fds"] <= a["fds"] + 4, (process, a, b)
         assert b["threads"] <= a["threads"] + 3, (process, a, b)
-        if a["tasks"] is not None:
-            assert b["tasks"] <= a["tasks"] + 3, (process, a, b)
+        assert a["tasks"] is not None and b["tasks"] <= a["tasks"] + 3, (process, a, b)
         # A leak of 10 kB a request would be 9 MB here.
         assert b["rss_mb"] - a["rss_mb"] < 8, (process, a, b)

@@ -383,6 +383,7 @@ class Downloader:
 
     def _s3_blocking(self, source: S3Source, transfer: _Transfer, part: Path,
                      progress: FileProgress) -> None:
+        # boto3 costs ~10 MB of memory: loaded only when a model comes from S3.
         import boto3
         from boto3.s3.transfer import TransferConfig
         from botocore.config import Config

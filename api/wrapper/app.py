@@ -178,6 +178,7 @@ class WrapperRuntime:
         m = self.settings.models
         if not m.allow_request_urls:
             return None
+        # The model store's parts are loaded only on a wrapper that lets requests name models.
         from api.host.netcheck import GuardedResolver, check_url
         from api.modelstore.cache import UrlCache
         from api.modelstore.download import READ_BUFSIZE, Downloader

@@ -10,6 +10,7 @@ the input is rewritten to the cached file's stable name before the prompt is que
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,8 +127,6 @@ class ModelUrlResolver:
 
     async def resolve(self, graph: dict[str, Any], refs: list[ModelRef]) -> list[Lease]:
         """Fetch every ref (at once), rewrite the graph; on failure release what was taken."""
-        import asyncio
-
         async def one(ref: ModelRef) -> Lease:
             shown = redact_url(ref.url)
             try:

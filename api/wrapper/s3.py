@@ -283,6 +283,7 @@ class S3Uploader:
         return self._transfer_config_cache
 
     def _make_client(self, settings: S3Settings) -> BaseClient:
+        # boto3 (~10 MB) is loaded with the first upload, not at start (see the imports above).
         import boto3
         from botocore.config import Config
 

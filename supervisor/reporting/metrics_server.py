@@ -24,6 +24,9 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
 from supervisor.reporting.metrics import WorkerMetrics
 
@@ -122,10 +125,6 @@ class MetricsServer:
 def merge_labelled(texts: list[tuple[str, dict[str, str]]]) -> bytes:
     """Prometheus texts from several processes as one: each sample gets its process's labels,
     the families of the same name become one."""
-    from prometheus_client import CollectorRegistry, generate_latest
-    from prometheus_client.parser import text_string_to_metric_families
-    from prometheus_client.samples import Sample
-
     merged: dict[str, Any] = {}
     for text, labels in texts:
         for family in text_string_to_metric_families(text):

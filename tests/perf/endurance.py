@@ -129,7 +129,7 @@ async def snapshot(stack: Stack, session: aiohttp.ClientSession, served: int) ->
                 "input_files": in_files, "result_files": results, "spool_files": spool}
 
     figures = await asyncio.to_thread(measure)
-    figures["daemon"]["tasks"] = (status.get("process") or {}).get("asyncio_tasks")
+    figures["daemon"]["tasks"] = status["worker"].get("asyncio_tasks")
     figures["wrapper"]["tasks"] = wrapper.get("asyncio_tasks")
     figures["served"] = served
     figures["at"] = time.time()
