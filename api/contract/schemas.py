@@ -356,6 +356,12 @@ SERVED_BY: Schema = {
 
 
 def answer_schemas() -> dict[str, Schema]:
+    """What the API answers: results, health, and the stream's events."""
+    return {**_result_schemas(), **_health_schemas(), **_stream_schemas()}
+
+
+def _result_schemas() -> dict[str, Schema]:
+    """A request's result, its outputs and timings."""
     return {
         "Result": {
             "type": "object", "additionalProperties": False,
@@ -408,6 +414,12 @@ def answer_schemas() -> dict[str, Schema]:
             "properties": {key: {"type": kind, "description": doc}
                            for key, (kind, doc) in TIMINGS.items()},
         },
+    }
+
+
+def _health_schemas() -> dict[str, Schema]:
+    """Errors, the wrapper's and the worker's health, the queue, the modifiers."""
+    return {
         "Error": {
             "type": "object", "additionalProperties": False, "required": ["error"],
             "description": "Why the request was refused, in words.",
@@ -477,6 +489,12 @@ def answer_schemas() -> dict[str, Schema]:
             "properties": {"alive": {"type": "boolean"}, "reason": {"type": "string"}},
         },
         # Server-sent events of /generate/stream: each `data:` line is one of these.
+    }
+
+
+def _stream_schemas() -> dict[str, Schema]:
+    """The events of /generate/stream."""
+    return {
         "StreamStatus": {
             "type": "object", "required": ["request_id", "status", "message", "timestamp",
                                            "elapsed_time", "queue_position"],
