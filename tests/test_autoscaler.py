@@ -677,3 +677,31 @@ async def test_ready_only_once_the_key_is_here_then_loadtime_in_every_report(fak
         assert fake_autoscaler.statuses[-1]["error_msg"] == "ComfyUI failed: crash loop"
     finally:
         await link.stop()
+
+
+def test_the_autoscaler_settings_may_come_from_the_file_alone(tmp_path):
+    """An operator who writes the autoscaler's settings in the file (config check accepts
+    them, config show shows them) gets them used: only the port Vast maps comes from the
+    environment; the environment still wins where it says something."""
+    from config import load_settings
+    from supervisor.daemon.wiring import WiringError, build_components
+
+    path = tmp_path / "worker.toml"
+    path.write_text('[autoscaler]\nreport_addr = "http://autoscaler.test"\n'
+                    'container_id = "42"\nmaster_token = "from-the-file"\n'
+                    'public_ipaddr = "203.0.113.7"\n')
+    environ = {"VAST_TCP_PORT_3000": "40123"}
+    settings = load_settings(path, environ=environ)
+    env = build_components(settings, environ)["autoscaler"].env
+    assert (env.container_id, env.master_token, env.public_url) == \
+        (42, "from-the-file", "http://203.0.113.7:40123")
+    environ = {**environ, "MASTER_TOKEN": "from-the-environment"}
+    env = build_components(load_settings(path, environ=environ), environ)["autoscaler"].env
+    assert env.master_token == "from-the-environment"
+    # What neither says is named both ways.
+    path.write_text('[autoscaler]\nreport_addr = "http://autoscaler.test"\n')
+    with pytest.raises(WiringError) as info:
+        build_components(load_settings(path, environ={}), {})
+    assert "CONTAINER_ID, PUBLIC_IPADDR, VAST_TCP_PORT_3000" in str(info.value)
+    assert "autoscaler.container_id, autoscaler.public_ipaddr in the configuration file" in \
+        str(info.value)

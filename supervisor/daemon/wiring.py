@@ -11,7 +11,7 @@ from api.comfy import folders as comfy_folders
 from api.comfy.folders import GUESS
 from api.modelstore import ManifestError, load_manifest
 from api.modelstore.store import build_store
-from config import Settings
+from config import BY_NAME, Settings
 from supervisor.checks.bench import BenchmarkSuite
 from supervisor.checks.provisioning import Provisioner
 from supervisor.daemon.parts import Autoscaler
@@ -33,16 +33,41 @@ class Components(TypedDict, total=False):
     benchmark: BenchmarkSuite
 
 
+#: The settings the autoscaler's environment (`AutoscalerEnv`, read by the variables' names
+#: as Vast sets them) may come from: what the file says fills a variable the environment lacks.
+AUTOSCALER_SETTINGS = ("autoscaler.report_addr", "autoscaler.container_id",
+                       "autoscaler.master_token", "autoscaler.public_ipaddr", "worker.use_ssl",
+                       "worker.unsecured")
+
+
+def autoscaler_environ(settings: Settings, environ: dict[str, str]) -> dict[str, str]:
+    """`environ` with the autoscaler's variables it lacks taken from the settings."""
+    merged = dict(environ)
+    for name in AUTOSCALER_SETTINGS:
+        setting = BY_NAME[name]
+        value = getattr(getattr(settings, setting.section), setting.key)
+        text = ("true" if value else "false") if isinstance(value, bool) else str(value)
+        if text:
+            merged.setdefault(setting.env[0], text)
+    return merged
+
+
 def _autoscaler(settings: Settings, environ: dict[str, str]) -> Autoscaler | None:
     # Imported only in autoscaler mode: it brings in `cryptography`.
-    from supervisor.autoscaler import AutoscalerEnv, AutoscalerEnvError
+    from supervisor.autoscaler import AutoscalerEnv, AutoscalerEnvError, MissingEnvironment
     from supervisor.autoscaler.link import AutoscalerLink, with_ssl
 
-    environ.setdefault("REPORT_ADDR", settings.autoscaler.report_addr)
     try:
-        env = AutoscalerEnv.from_environ(environ, settings.worker.port)
+        env = AutoscalerEnv.from_environ(autoscaler_environ(settings, environ),
+                                         settings.worker.port)
     except AutoscalerEnvError as exc:
-        raise WiringError(f"autoscaler mode (REPORT_ADDR is set): {exc}") from None
+        hint = ""
+        if isinstance(exc, MissingEnvironment):
+            named = [s.name for s in (BY_NAME[n] for n in AUTOSCALER_SETTINGS)
+                     if s.env[0] in exc.missing]
+            if named:
+                hint = f" (or set {', '.join(named)} in the configuration file)"
+        raise WiringError(f"autoscaler mode (REPORT_ADDR is set): {exc}{hint}") from None
     if env is None:
         return None
     # The public URL's scheme follows what the public port serves (USE_SSL or the file).
