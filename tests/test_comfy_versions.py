@@ -217,3 +217,15 @@ def test_the_watcher_reads_the_queue_from_the_jobs_api_where_comfyui_has_it(tmp_
         source, activity = asyncio.run(watched(sim.url))
     assert source == ("GET /api/jobs" if comfy_api == "0.38.1" else "GET /queue")
     assert activity.seconds_since_progress is not None
+
+
+def test_a_flag_its_help_lacks_is_fatal_for_main_py_and_maybe_a_start_scripts_own():
+    from supervisor.instances.instance import _unknown_flags_warning
+
+    direct = _unknown_flags_warning(["venv/bin/python", "main.py", "--comfy-base", "B"],
+                                    ["--comfy-base"])
+    assert direct.endswith("it will exit 2; remove it from comfyui.command")
+    script = _unknown_flags_warning(["/opt/start-comfyui.sh", "--comfy-base", "B"],
+                                    ["--comfy-base"])
+    assert "unless start-comfyui.sh takes it itself, ComfyUI will exit 2" in script
+    assert "it will exit 2;" not in script

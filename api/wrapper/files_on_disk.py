@@ -25,15 +25,18 @@ logger = logging.getLogger(__name__)
 Key = tuple[int, int]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class FileInfo:
-    path: Path
+    """One file; its path as a string (a pass holds one per file on disk: a `Path` would be
+    several times the size)."""
+
+    path: str
     key: Key
     size: int
     mtime: float
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestFolder:
     """``<output>/<request_id>/`` and the files in it."""
 
@@ -68,10 +71,10 @@ def _info(entry: os.DirEntry) -> FileInfo | None:
         return None
     if not stat.S_ISREG(st.st_mode):
         return None
-    return FileInfo(Path(entry.path), (st.st_dev, st.st_ino), st.st_size, st.st_mtime)
+    return FileInfo(entry.path, (st.st_dev, st.st_ino), st.st_size, st.st_mtime)
 
 
-def _walk(folder: Path) -> Iterable[FileInfo]:
+def _walk(folder: str) -> Iterable[FileInfo]:
     """Every regular file under `folder` (symlinks are not followed, nor listed)."""
     stack = [folder]
     while stack:
@@ -80,7 +83,7 @@ def _walk(folder: Path) -> Iterable[FileInfo]:
             with os.scandir(current) as entries:
                 for entry in entries:
                     if entry.is_dir(follow_symlinks=False):
-                        stack.append(Path(entry.path))
+                        stack.append(entry.path)
                     else:
                         info = _info(entry)
                         if info is not None:
@@ -120,13 +123,13 @@ def scan_outputs(folder: Path, is_request: Callable[[str], bool]) -> OutputInven
                     request.mtime = entry.stat(follow_symlinks=False).st_mtime
                 except OSError:
                     continue
-                for info in _walk(request.path):
+                for info in _walk(entry.path):
                     request.files.append(info)
                     request.mtime = max(request.mtime, info.mtime)
                     count(info)
                 inventory.requests[entry.name] = request
                 continue
-            infos: Iterable[FileInfo] = _walk(Path(entry.path))
+            infos: Iterable[FileInfo] = _walk(entry.path)
         else:
             info = _info(entry)
             infos = [info] if info is not None else []
@@ -157,7 +160,7 @@ def files_named(folder: Path, names: Iterable[str]) -> list[FileInfo]:
         except OSError:
             continue
         if stat.S_ISREG(st.st_mode):
-            found.append(FileInfo(path, (st.st_dev, st.st_ino), st.st_size, st.st_mtime))
+            found.append(FileInfo(str(path), (st.st_dev, st.st_ino), st.st_size, st.st_mtime))
     return found
 
 

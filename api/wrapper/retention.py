@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import re
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -374,7 +375,7 @@ class Retention:
         """An image uploaded into ComfyUI's input folder for `request_id`."""
         if self.policy.enabled and self.policy.inputs == "finished":
             # Its size is read when it is deleted.
-            self._inputs.setdefault(request_id, []).append(FileInfo(path, (0, 0), 0, 0.0))
+            self._inputs.setdefault(request_id, []).append(FileInfo(str(path), (0, 0), 0, 0.0))
 
     def finished(self, request_id: str, outputs: list[dict[str, Any]]) -> None:
         """The request ended; `outputs` are its result's entries (with `url` once uploaded)."""
@@ -413,7 +414,7 @@ class Retention:
             return
         found = await asyncio.to_thread(list_top, folder)
         for info in found:
-            match = _INPUT_NAME.match(info.path.name)
+            match = _INPUT_NAME.match(os.path.basename(info.path))
             if match and self.lifecycle.known(match["id"]):
                 self._inputs.setdefault(match["id"], []).append(info)
 

@@ -20,7 +20,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, Sequence
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -338,10 +338,7 @@ class Instance:
         flags = self.plan.flags
         unknown = flags.unknown_in(self.plan.comfyui.command) if flags else []
         if unknown and self.number == 0:
-            logger.warning("comfyui.command passes %s, which this ComfyUI does not know (its "
-                           "--help lists no such flag): it will exit 2; remove %s from "
-                           "comfyui.command", ", ".join(unknown),
-                           "it" if len(unknown) == 1 else "them")
+            logger.warning("%s", _unknown_flags_warning(self.plan.comfyui.command, unknown))
         if self.plan.make_dirs:
             await asyncio.to_thread(_make_dirs, self.plan.make_dirs)
         self.comfyui.add_listener(self._on_comfyui_change)
@@ -429,3 +426,16 @@ class Instance:
             "assets": self.plan.assets.to_dict(),
             "in_flight": in_flight, "served": self.served,
         }
+
+
+def _unknown_flags_warning(command: Sequence[str], unknown: Sequence[str]) -> str:
+    """What to say of flags in comfyui.command that ComfyUI's --help does not list: ComfyUI
+    exits 2 on them when the command is ComfyUI's own main.py; a start script may take them
+    itself."""
+    them = "it" if len(unknown) == 1 else "them"
+    head = (f"comfyui.command passes {', '.join(unknown)}, which this ComfyUI does not know "
+            "(its --help lists no such flag)")
+    if any(Path(arg).name == "main.py" for arg in command):
+        return f"{head}: it will exit 2; remove {them} from comfyui.command"
+    return (f"{head}: unless {Path(command[0]).name} takes {them} itself, ComfyUI will exit 2 "
+            f"(then remove {them} from comfyui.command)")
