@@ -17,7 +17,7 @@ from api.comfy import ExecutionFailure, PromptResult, PromptStatus
 from api.contract.result import HTTP_FOR_FAILURE, FailureKind
 from api.host.disk import format_bytes
 from api.wrapper import outcomes
-from api.wrapper.files_on_disk import scan_outputs
+from api.wrapper.files_on_disk import FolderCache, scan_outputs
 from api.wrapper.retention import (
     FileGuard,
     Retention,
@@ -314,8 +314,36 @@ def test_choose_outputs_is_pure_and_counts_the_cap_in_unique_bytes(tmp_path):
     choice = choose_outputs(inventory, RetentionPolicy(outputs_max_bytes=MB), needed=set(),
                             readable=lambda rid: True, uploaded=set(), now=time.time())
     assert [c.request_id for c in choice.outputs] == ["a"] and choice.estimate == MB
-    assert {p.path.name for p in choice.outputs[0].files} == {"a.png"}
+    assert {Path(p.path).name for p in choice.outputs[0].files} == {"a.png"}
     assert len(choice.outputs[0].files) == 2  # the link and ComfyUI's original
+
+
+def test_a_walk_opens_only_the_request_folders_that_changed_since_the_last(tmp_path):
+    out = tmp_path / "output"
+    out.mkdir()
+    for rid in ("a", "b", "c"):
+        output(out, rid, f"{rid}.png", 1000, age=60)
+    output(out, "fresh", "fresh.png", 1000)  # changed a moment ago: walked again next time
+    cache = FolderCache()
+    first = scan_outputs(out, lambda name: len(name) > 0, cache)
+    assert first.files == 8 and len(cache) == 3
+    # A file slipped into "a" with its folder's time put back: the cached listing is used,
+    # so the walk did not open "a" again. "b" changed as a folder does: walked, seen.
+    before = os.stat(out / "a")
+    (out / "a" / "sneaked.png").write_bytes(b"x" * 10)
+    os.utime(out / "a", ns=(before.st_atime_ns, before.st_mtime_ns))
+    (out / "b" / "b2.png").write_bytes(b"y" * 10)
+    (out / "fresh" / "fresh2.png").write_bytes(b"z" * 10)
+    for gone in (out / "c" / "c.png", out / "c.png"):
+        gone.unlink()
+    (out / "c").rmdir()
+    second = scan_outputs(out, lambda name: len(name) > 0, cache)
+    names = {rid: sorted(Path(f.path).name for f in r.files) for rid, r in second.requests.items()}
+    assert names == {"a": ["a.png"], "b": ["b.png", "b2.png"], "fresh": ["fresh.png", "fresh2.png"]}
+    assert len(cache) == 1  # "c" is forgotten; "b" and "fresh" changed within the settle time
+    # Without the cache every folder is read.
+    assert "sneaked.png" in {Path(f.path).name for f in
+                             scan_outputs(out, lambda name: True).requests["a"].files}
 
 
 @pytest.mark.parametrize("count, text", [(0, "0 B"), (999, "999 B"), (2_100_000_000, "2.1 GB"),

@@ -94,12 +94,61 @@ def _walk(folder: str) -> Iterable[FileInfo]:
             logger.warning("retention: cannot read %s: %s", current, exc)
 
 
-def scan_outputs(folder: Path, is_request: Callable[[str], bool]) -> OutputInventory:
+class FolderCache:
+    """What earlier walks found in request folders that have not changed since.
+
+    A finished request's folder is written once (its links) and then only deleted, so a pass
+    need not open it again while its modification time stays the same: the walk reads the
+    output folder's top level (one directory) and only the request folders that are new or
+    changed. That keeps a pass's cost, and the memory it churns through, near what the
+    folder's top level holds, however many requests' files are kept. A folder changed within
+    `SETTLE_NS` of the walk is not cached (a file system's clock is coarse: a link made in
+    the same tick would leave the time as it was), nor one with folders inside.
+    Bounded by the request folders on disk: each walk forgets those it did not find."""
+
+    SETTLE_NS = 2_000_000_000
+
+    def __init__(self) -> None:
+        self._folders: dict[str, tuple[int, RequestFolder]] = {}
+
+    def get(self, path: str, mtime_ns: int) -> RequestFolder | None:
+        found = self._folders.get(path)
+        if found is None or found[0] == mtime_ns:
+            return found[1] if found is not None else None
+        del self._folders[path]  # changed since: walked again
+        return None
+
+    def put(self, path: str, mtime_ns: int, request: RequestFolder) -> None:
+        if time.time_ns() - mtime_ns >= self.SETTLE_NS:
+            self._folders[path] = (mtime_ns, request)
+
+    def keep_only(self, paths: Iterable[str]) -> None:
+        paths = set(paths)
+        self._folders = {k: v for k, v in self._folders.items() if k in paths}
+
+    def __len__(self) -> int:
+        return len(self._folders)
+
+
+def _request_folder(entry: os.DirEntry, st: os.stat_result) -> tuple[RequestFolder, bool]:
+    """A request's folder as a walk finds it, and whether it holds no folder (cacheable)."""
+    request = RequestFolder(entry.name, Path(entry.path), mtime=st.st_mtime)
+    flat = True
+    for info in _walk(entry.path):
+        request.files.append(info)
+        request.mtime = max(request.mtime, info.mtime)
+        flat = flat and os.path.dirname(info.path) == entry.path
+    return request, flat
+
+
+def scan_outputs(folder: Path, is_request: Callable[[str], bool],
+                 cache: FolderCache | None = None) -> OutputInventory:
     """Blocking: walk the output folder. A folder directly under it whose name
-    `is_request` accepts is that request's; everything else is ComfyUI's."""
+    `is_request` accepts is that request's; everything else is ComfyUI's. With `cache`,
+    request folders unchanged since an earlier walk are not opened again."""
     inventory = OutputInventory(folder)
     try:
-        top = list(os.scandir(folder))
+        top = os.scandir(folder)  # read as it goes: a listing of the whole folder is not kept
     except FileNotFoundError:
         inventory.exists = False
         return inventory
@@ -107,6 +156,15 @@ def scan_outputs(folder: Path, is_request: Callable[[str], bool]) -> OutputInven
         logger.warning("retention: cannot read the output folder %s: %s", folder, exc)
         inventory.exists = False
         return inventory
+    with top:
+        _scan_top(top, inventory, is_request, cache)
+    if cache is not None:
+        cache.keep_only(str(r.path) for r in inventory.requests.values())
+    return inventory
+
+
+def _scan_top(top: Iterable[os.DirEntry], inventory: OutputInventory,
+              is_request: Callable[[str], bool], cache: FolderCache | None) -> None:
     seen: set[Key] = set()
 
     def count(info: FileInfo) -> None:
@@ -118,14 +176,16 @@ def scan_outputs(folder: Path, is_request: Callable[[str], bool]) -> OutputInven
     for entry in top:
         if entry.is_dir(follow_symlinks=False):
             if is_request(entry.name):
-                request = RequestFolder(entry.name, Path(entry.path))
                 try:
-                    request.mtime = entry.stat(follow_symlinks=False).st_mtime
+                    st = entry.stat(follow_symlinks=False)
                 except OSError:
                     continue
-                for info in _walk(entry.path):
-                    request.files.append(info)
-                    request.mtime = max(request.mtime, info.mtime)
+                request = cache.get(entry.path, st.st_mtime_ns) if cache is not None else None
+                if request is None:
+                    request, flat = _request_folder(entry, st)
+                    if cache is not None and flat:
+                        cache.put(entry.path, st.st_mtime_ns, request)
+                for info in request.files:
                     count(info)
                 inventory.requests[entry.name] = request
                 continue
@@ -136,7 +196,6 @@ def scan_outputs(folder: Path, is_request: Callable[[str], bool]) -> OutputInven
         for info in infos:
             inventory.others.setdefault(info.key, []).append(info)
             count(info)
-    return inventory
 
 
 def old_files(folder: Path, max_age: float, now: float | None = None) -> list[FileInfo]:

@@ -37,6 +37,7 @@ from typing import Any, Literal, Protocol
 from api.host.disk import format_bytes
 from api.wrapper.files_on_disk import (
     FileInfo,
+    FolderCache,
     OutputInventory,
     Removed,
     list_top,
@@ -357,6 +358,7 @@ class Retention:
         self.policy = policy
         self.lifecycle = lifecycle
         self.guard = FileGuard()
+        self._folders = FolderCache()  # request folders unchanged since the last walk
         self._output_folder = output_folder
         self._input_folder = input_folder
         self._temp_folder = temp_folder
@@ -436,7 +438,7 @@ class Retention:
         needed = self.lifecycle.needed()
         before = (set(self._finished), set(self._uploaded))
         known = self._is_request
-        inventory = await asyncio.to_thread(scan_outputs, folder, known)
+        inventory = await asyncio.to_thread(scan_outputs, folder, known, self._folders)
         choice = choose_outputs(inventory, self.policy, needed=needed,
                                 readable=self.lifecycle.readable, uploaded=self._uploaded,
                                 now=time.time(), want_bytes=want_bytes)
