@@ -129,6 +129,18 @@ def start_wrapper(workdir: Path, comfy_url: str, output_dir: Path,
         yield started
 
 
+@contextlib.contextmanager
+def start_floor(workdir: Path, name: str, module: str, *args: str) -> Iterator[Service]:
+    """One of the bare aiohttp hops (`tests.perf.bare_proxy`, `tests.perf.bare_forward`) that
+    measure the floor of a Python HTTP hop on this machine, on a free port."""
+    port = free_port()
+    service = launch(name, [sys.executable, "-m", module, *args, "--port", str(port)],
+                     clean_env(), workdir / f"{module.rsplit('.', 1)[-1]}.log",
+                     f"http://127.0.0.1:{port}")
+    with serving(service, lambda: http_status(service.url + "/health") == 200, 30) as started:
+        yield started
+
+
 def install_stop_signals() -> None:
     """SIGTERM/SIGHUP end the script through its ``finally`` blocks, so no child is left behind."""
     def handler(signum: int, _frame: Any) -> None:

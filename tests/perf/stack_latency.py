@@ -62,6 +62,7 @@ from tests.perf.common import (
     run_script,
     run_window,
     serving,
+    start_floor,
     table,
     timed,
     tiny_graph,
@@ -434,19 +435,12 @@ def main(argv: list[str] | None = None) -> int:
         note(f"starting `comfy-worker run` with the simulator (work folder {workdir})")
         with start_stack(workdir, args) as stack, contextlib.ExitStack() as floor:
             if not args.no_floor:
-                stack.floor = floor.enter_context(start_bare_forward(workdir, stack.wrapper_url))
+                stack.floor = floor.enter_context(start_floor(
+                    workdir, "the bare forwarder", "tests.perf.bare_forward", "--wrapper-url",
+                    stack.wrapper_url))
             return run_bounded(measure(args, stack), args.time_limit)
 
     return run_script("stack_latency", args, body, render)
-
-@contextlib.contextmanager
-def start_bare_forward(workdir: Path, wrapper_url: str) -> Iterator[Service]:
-    port = free_port()
-    service = launch("the bare forwarder", [sys.executable, "-m", "tests.perf.bare_forward",
-                                            "--wrapper-url", wrapper_url, "--port", str(port)],
-                     clean_env(), workdir / "bare-forward.log", f"http://127.0.0.1:{port}")
-    with serving(service, lambda: http_status(service.url + "/health") == 200, 30) as started:
-        yield started
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import asyncio
 import contextlib
 import sys
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Iterator
+from typing import Any, Awaitable, Callable
 
 import aiohttp
 
@@ -37,16 +37,11 @@ from simulator.testing import SimulatorStartError, start_simulator
 from tests.perf.common import (
     Counter,
     PerfError,
-    Service,
     Summary,
     back_to_back_round,
-    clean_env,
     common_arguments,
     cpu_per_request,
-    free_port,
     gap_figures,
-    http_status,
-    launch,
     note,
     percentile,
     post_generate,
@@ -54,7 +49,7 @@ from tests.perf.common import (
     run_script,
     run_window,
     run_windows,
-    serving,
+    start_floor,
     start_wrapper,
     table,
     timed,
@@ -260,21 +255,13 @@ def main(argv: list[str] | None = None) -> int:
                 start_wrapper(workdir, sim.url, sim.output_dir) as wrapper, \
                 contextlib.ExitStack() as floor:
             floor_url = None if args.no_floor else floor.enter_context(
-                start_bare_proxy(workdir, sim.url)).url
+                start_floor(workdir, "the bare proxy", "tests.perf.bare_proxy", "--comfy-url",
+                            sim.url)).url
             pids = {"wrapper": wrapper.process.pid, "comfyui": sim.process.pid}
             return run_bounded(measure(args, sim.url, sim.output_dir, wrapper.url, pids,
                                        floor_url), args.time_limit)
 
     return run_script("wrapper_latency", args, body, render, (SimulatorStartError,))
-
-@contextlib.contextmanager
-def start_bare_proxy(workdir: Path, comfy_url: str) -> Iterator[Service]:
-    port = free_port()
-    service = launch("the bare proxy", [sys.executable, "-m", "tests.perf.bare_proxy",
-                                        "--comfy-url", comfy_url, "--port", str(port)],
-                     clean_env(), workdir / "bare-proxy.log", f"http://127.0.0.1:{port}")
-    with serving(service, lambda: http_status(service.url + "/health") == 200, 30) as started:
-        yield started
 
 
 if __name__ == "__main__":
