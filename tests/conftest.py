@@ -8,7 +8,7 @@ import logging
 import pytest
 
 pytest_plugins = ["tests.support.tiers", "tests.support.moto_server", "tests.support.fake_autoscaler",
-                  "tests.support.comfy_modes"]
+                  "tests.support.comfy_modes", "tests.support.timeouts"]
 
 
 @pytest.fixture(autouse=True)
