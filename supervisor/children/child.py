@@ -279,6 +279,7 @@ class ChildProcess:
         self._reason = "not started"
         self._stranger_logged: str | None = None
         self._listeners: list[Listener] = []
+        self._exit_listeners: list[Callable[["ChildProcess"], None]] = []
         self._log = ChildLog(spec.name, spec.log_path, max_bytes=spec.log_max_bytes,
                              backups=spec.log_backups, tail_lines=spec.tail_lines)
         self._proc: asyncio.subprocess.Process | None = None
@@ -369,6 +370,12 @@ class ChildProcess:
         """Call ``listener(child, old, new, reason)`` on each state change.  Listeners
         run synchronously inside the change; they must be quick and not raise."""
         self._listeners.append(listener)
+
+    def on_exit(self, listener: Callable[["ChildProcess"], None]) -> None:
+        """Call ``listener(child)`` the moment the process is seen to have exited, before its
+        reason is worked out (its last output, who holds its port: that can take a while) and
+        so before the state changes. Synchronous; it must be quick and not raise."""
+        self._exit_listeners.append(listener)
 
     def remove_listener(self, listener: Listener) -> None:
         with contextlib.suppress(ValueError):
@@ -565,6 +572,11 @@ class ChildProcess:
             if not exited.done():
                 await self._terminate(proc, exited)
             returncode = await exited
+            for listener in self._exit_listeners:
+                try:
+                    listener(self)
+                except Exception:  # a listener's bug must not stop the supervision
+                    logger.exception("%s: exit listener failed", self.name)
         except asyncio.CancelledError:
             for task in (exited, reader):
                 task.cancel()

@@ -225,7 +225,6 @@ class Instance:
                            reason: str) -> None:
         if new in (ChildState.RESTARTING, ChildState.FAILED, ChildState.STOPPED) and \
                 old in (ChildState.READY, ChildState.UNHEALTHY):
-            self._tell_wrapper_comfyui_lost()
             self.host.comfyui_lost(self, reason)
         if new in (ChildState.RESTARTING, ChildState.FAILED):
             self.host.event(child.name, f"{old.value} -> {new.value}: {reason}")
@@ -342,6 +341,9 @@ class Instance:
         if self.plan.make_dirs:
             await asyncio.to_thread(_make_dirs, self.plan.make_dirs)
         self.comfyui.add_listener(self._on_comfyui_change)
+        # The wrapper is told at the exit itself, not once the reason is known: a stranger may
+        # take the port meanwhile.
+        self.comfyui.on_exit(lambda _child: self._tell_wrapper_comfyui_lost())
         self.wrapper.add_listener(self._on_wrapper_change)
         await self.comfyui.start()
         await self.wrapper.start()
