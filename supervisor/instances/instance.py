@@ -242,6 +242,10 @@ class Instance:
                 self._tasks.append(self._folders_task)
         self.host.instance_changed(self)
 
+    def _comfyui_exited(self, child: ChildProcess) -> None:
+        if child.state in (ChildState.READY, ChildState.UNHEALTHY):
+            self._tell_wrapper_comfyui_lost()
+
     def _tell_wrapper_comfyui_lost(self) -> None:
         """Our own wrapper gets SIGUSR1 (see api/wrapper/app.py): it then submits nothing until the
         process on ComfyUI's port is ours again. Another wrapper gets no signal it may not know."""
@@ -342,8 +346,9 @@ class Instance:
             await asyncio.to_thread(_make_dirs, self.plan.make_dirs)
         self.comfyui.add_listener(self._on_comfyui_change)
         # The wrapper is told at the exit itself, not once the reason is known: a stranger may
-        # take the port meanwhile.
-        self.comfyui.on_exit(lambda _child: self._tell_wrapper_comfyui_lost())
+        # take the port meanwhile. Only a ComfyUI that served is news: one that failed to start
+        # was never the wrapper's.
+        self.comfyui.on_exit(self._comfyui_exited)
         self.wrapper.add_listener(self._on_wrapper_change)
         await self.comfyui.start()
         await self.wrapper.start()
