@@ -123,6 +123,12 @@ class ComfyFlags:
                 "disable_assets": self.knows("--disable-assets")}
 
 
+def main_scripts(argv: list[str] | tuple[str, ...]) -> list[str]:
+    """The arguments of a command line that name ComfyUI's own entry point, main.py (none: a
+    start script or another program runs it, and may take options of its own)."""
+    return [arg for arg in argv if Path(arg).name == "main.py"]
+
+
 def parse_help(text: str) -> frozenset[str]:
     """The flags an argparse ``--help`` (or usage error) lists; empty when it lists none of
     ComfyUI's essential ones (a start script's own help, or no help at all)."""

@@ -22,6 +22,7 @@ from typing import Any
 import click
 import psutil
 
+from api.comfy.flags import main_scripts
 from config import Settings
 from supervisor.commands import app
 from supervisor.commands.admin_socket import ask, locate
@@ -109,7 +110,7 @@ def _looks_like_comfyui(proc: psutil.Process, cmdline: list[str], command: list[
     # configured command is compared from its second word on.
     if len(command) > 1 and cmdline[1:len(command)] == command[1:]:
         return True
-    scripts = [arg for arg in cmdline[1:] if Path(arg).name == "main.py"]
+    scripts = main_scripts(cmdline[1:])
     if not scripts or cwd is None:
         return False
     for script in scripts:

@@ -29,6 +29,7 @@ from api.comfy import ComfyClient
 from api.comfy import folders as comfy_folders
 from api.comfy.capabilities import Capabilities
 from api.comfy.failures import startup_failures
+from api.comfy.flags import main_scripts
 from api.comfy.folders import guessed
 from api.host.ports import local_port
 from api.host.processes import process_tree
@@ -442,7 +443,7 @@ def _unknown_flags_warning(command: Sequence[str], unknown: Sequence[str]) -> st
     them = "it" if len(unknown) == 1 else "them"
     head = (f"comfyui.command passes {', '.join(unknown)}, which this ComfyUI does not know "
             "(its --help lists no such flag)")
-    if any(Path(arg).name == "main.py" for arg in command):
+    if main_scripts(list(command)):
         return f"{head}: it will exit 2; remove {them} from comfyui.command"
     return (f"{head}: unless {Path(command[0]).name} takes {them} itself, ComfyUI will exit 2 "
             f"(then remove {them} from comfyui.command)")
